@@ -1,0 +1,1 @@
+//! QEMU guest agent protocol (placeholder).
