@@ -1,1 +1,44 @@
-//! placeholder
+//! # domkit-core
+//!
+//! The uniform model of domkit, shared by every backend and free of backend types:
+//! - [`DomainState`] with a typed reason per state, and [`ControlState`];
+//! - [`DomainEvent`] / [`EventKind`]: uniform lifecycle events with identity, sequence
+//!   number and timestamp;
+//! - [`Lifecycle`]: the backend-independent state machine both drivers feed with
+//!   [`Observation`]s and [`Intent`]s (pure), and [`LifecycleCell`] (its shared runtime form);
+//! - [`DomainConfig`] with lifecycle policies and validation;
+//! - the [`Driver`] / [`Domain`] traits and their option types;
+//! - [`Error`].
+//!
+//! The normative description is `docs/semantics.md`; tests cite its sections.
+
+#![warn(missing_docs)]
+
+pub mod cell;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod lifecycle;
+pub mod state;
+pub mod traits;
+
+pub use cell::{EventStream, IntentGuard, LifecycleCell};
+pub use config::{
+    Accel, Boot, Channel, ChannelKind, ConfigError, Console, ConsoleKind, Disk, DiskFormat,
+    DomainConfig, LifecycleAction, LifecyclePolicies, Nic, NicBackend, QemuSettings,
+    XenGuestType, XenSettings,
+};
+pub use error::{Error, Operation, Result};
+pub use event::{
+    CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,
+    ShutdownRequester, StartedDetail, StoppedDetail, SuspendedDetail,
+};
+pub use lifecycle::{Creation, Intent, Lifecycle, Observation, Outcome, PolicyAction, StopCause};
+pub use state::{
+    BlockedReason, ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason,
+    RunningReason, ShuttingDownReason, ShutoffReason,
+};
+pub use traits::{
+    Capabilities, Domain, DomainInfo, Driver, PmSuspendTarget, RestoreOptions, ShutdownMode,
+    ShutdownOptions, ShutdownOutcome, ShutdownWait, StartOptions,
+};

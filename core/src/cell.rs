@@ -1,0 +1,197 @@
+//! Runtime glue shared by the drivers: a [`Lifecycle`] behind a lock, with its events
+//! published to subscribers and its state watchable, so operations can wait for a state.
+
+use crate::event::DomainEvent;
+use crate::lifecycle::{Intent, Lifecycle, Observation, PolicyAction};
+use crate::state::{ControlState, DomainState};
+use crate::{Error, Operation, Result};
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+
+/// How many events a subscriber may fall behind before it loses some (it can tell: the
+/// sequence numbers jump and [`EventStream::lost`] counts them).
+pub const EVENT_BUFFER: usize = 1024;
+
+/// A stream of uniform events (of one domain, or of all domains of a driver).
+///
+/// A subscriber that falls more than [`EVENT_BUFFER`] events behind skips the oldest; the
+/// number skipped is in [`EventStream::lost`], and the per-domain `seq` shows the gap.
+pub struct EventStream {
+    inner: BroadcastStream<DomainEvent>,
+    lost: Arc<AtomicU64>,
+}
+
+impl EventStream {
+    /// Wrap a broadcast receiver.
+    pub fn new(rx: broadcast::Receiver<DomainEvent>) -> Self {
+        EventStream {
+            inner: BroadcastStream::new(rx),
+            lost: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// How many events this subscriber lost by lagging.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("lost", &self.lost())
+            .finish()
+    }
+}
+
+impl Stream for EventStream {
+    type Item = DomainEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DomainEvent>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(ev))) => return Poll::Ready(Some(ev)),
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                    self.lost.fetch_add(n, Ordering::Relaxed);
+                    continue;
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A [`Lifecycle`] shared between a domain's operations and its event task.
+///
+/// Locking: a plain mutex held only for the pure state-machine step, never across an await.
+#[derive(Debug)]
+pub struct LifecycleCell {
+    inner: Mutex<Lifecycle>,
+    events: broadcast::Sender<DomainEvent>,
+    driver_events: Option<broadcast::Sender<DomainEvent>>,
+    state_tx: watch::Sender<DomainState>,
+}
+
+impl LifecycleCell {
+    /// Wrap `lifecycle`; events are also sent to `driver_events` (the driver-wide stream).
+    pub fn new(lifecycle: Lifecycle, driver_events: Option<broadcast::Sender<DomainEvent>>) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (state_tx, _) = watch::channel(lifecycle.state());
+        LifecycleCell {
+            inner: Mutex::new(lifecycle),
+            events,
+            driver_events,
+            state_tx,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lifecycle> {
+        // A panic while holding the lock cannot leave the pure state machine half-updated in
+        // a way worse than its last step, so recover the guard.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the lifecycle under the lock (for reads and intent handling).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Lifecycle) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> DomainState {
+        self.lock().state()
+    }
+
+    /// The control-channel state.
+    pub fn control(&self) -> ControlState {
+        self.lock().control().clone()
+    }
+
+    /// Set the control-channel state.
+    pub fn set_control(&self, control: ControlState) {
+        self.lock().set_control(control);
+    }
+
+    /// Apply an observation now, publish its events, and return the policy action.
+    pub fn observe(&self, obs: Observation) -> Option<PolicyAction> {
+        let (outcome, state) = {
+            let mut lc = self.lock();
+            let outcome = lc.observe(obs, SystemTime::now());
+            (outcome, lc.state())
+        };
+        self.state_tx.send_replace(state);
+        for ev in outcome.events {
+            self.publish(ev);
+        }
+        outcome.action
+    }
+
+    /// Publish an event produced outside `observe` (e.g. `Defined`).
+    pub fn publish(&self, ev: DomainEvent) {
+        tracing::debug!(domain = %ev.domain.name, seq = ev.seq, event = %ev.kind, "domain event");
+        if let Some(d) = &self.driver_events {
+            let _ = d.send(ev.clone());
+        }
+        let _ = self.events.send(ev);
+    }
+
+    /// Subscribe to this domain's events (from now on).
+    pub fn subscribe(&self) -> EventStream {
+        EventStream::new(self.events.subscribe())
+    }
+
+    /// Stash `intent` until the returned guard is dropped.
+    pub fn intent(&self, intent: Intent) -> IntentGuard<'_> {
+        self.lock().set_intent(intent);
+        IntentGuard { cell: self, intent }
+    }
+
+    /// Wait until the state satisfies `pred`, at most `timeout`.
+    pub async fn wait_for(
+        &self,
+        operation: Operation,
+        timeout: Duration,
+        pred: impl Fn(&DomainState) -> bool,
+    ) -> Result<DomainState> {
+        let mut rx = self.state_tx.subscribe();
+        let wait = async {
+            loop {
+                let current = *rx.borrow_and_update();
+                if pred(&current) {
+                    return Ok(current);
+                }
+                if rx.changed().await.is_err() {
+                    return Err(());
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(())) | Err(_) => Err(Error::Timeout {
+                operation,
+                after: timeout,
+                hint: format!("the domain is still {}", self.state()),
+            }),
+        }
+    }
+}
+
+/// Keeps an [`Intent`] stashed in a [`LifecycleCell`]; clears it on drop.
+#[derive(Debug)]
+pub struct IntentGuard<'a> {
+    cell: &'a LifecycleCell,
+    intent: Intent,
+}
+
+impl Drop for IntentGuard<'_> {
+    fn drop(&mut self) {
+        self.cell.lock().clear_intent(self.intent);
+    }
+}

@@ -1,0 +1,156 @@
+//! The one error type of domkit's public API. Every message says what was wrong or what to do.
+
+use crate::config::ConfigError;
+use crate::DomainState;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// An operation of the public API, named in errors and capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Define a domain.
+    Define,
+    /// Undefine a domain.
+    Undefine,
+    /// Start a domain.
+    Start,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Graceful shutdown.
+    Shutdown,
+    /// Graceful reboot.
+    Reboot,
+    /// Hard reset.
+    Reset,
+    /// Hard stop.
+    Destroy,
+    /// Save to a file.
+    Save,
+    /// Restore from a file.
+    Restore,
+    /// Power-management suspend.
+    PmSuspend,
+    /// Power-management wakeup.
+    PmWakeup,
+    /// Read the state.
+    State,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+/// domkit's error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No such domain (or other named object).
+    #[error("{what} not found: check the name/uuid (list domains to see what exists)")]
+    NotFound {
+        /// What was looked up, e.g. `domain "web1"`.
+        what: String,
+    },
+    /// A domain with this name or uuid already exists.
+    #[error("{what} already exists: pick another name/uuid or undefine the old one")]
+    AlreadyExists {
+        /// What clashed.
+        what: String,
+    },
+    /// The domain config is invalid.
+    #[error("invalid domain config: {0}")]
+    InvalidConfig(#[from] ConfigError),
+    /// The operation is not allowed in the domain's current state.
+    #[error("cannot {operation} a domain that is {current}")]
+    InvalidState {
+        /// The state the domain was in.
+        current: DomainState,
+        /// The operation refused.
+        operation: Operation,
+    },
+    /// The backend does not support the operation (never a silent `Ok`).
+    #[error("{operation} is not supported by the {backend} backend: {reason}")]
+    Unsupported {
+        /// The operation.
+        operation: Operation,
+        /// The backend's name (`qemu`, `libxl`).
+        backend: String,
+        /// Why, and what to use instead if anything.
+        reason: String,
+    },
+    /// The operation did not finish in time.
+    #[error("{operation} timed out after {after:?}{}", hint_suffix(.hint))]
+    Timeout {
+        /// The operation.
+        operation: Operation,
+        /// How long was waited.
+        after: Duration,
+        /// What to do about it (may be empty).
+        hint: String,
+    },
+    /// The backend failed the operation.
+    #[error("{backend} backend: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What the backend said, with context.
+        message: String,
+    },
+    /// The domain's control channel (monitor / hypervisor context) is broken.
+    #[error("control channel to domain {domain} is broken: {reason}")]
+    ControlBroken {
+        /// The domain.
+        domain: String,
+        /// What broke.
+        reason: String,
+    },
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, e.g. `creating save file /x/y`.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer spoke the protocol wrongly (malformed bytes, unexpected reply).
+    #[error("protocol error: {message}")]
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+fn hint_suffix(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!(": {hint}")
+    }
+}
+
+impl Error {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A `NotFound` for a domain name.
+    pub fn domain_not_found(name: &str) -> Self {
+        Error::NotFound {
+            what: format!("domain {name:?}"),
+        }
+    }
+}
+
+/// domkit's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
