@@ -82,7 +82,10 @@ pub struct LifecycleCell {
 
 impl LifecycleCell {
     /// Wrap `lifecycle`; events are also sent to `driver_events` (the driver-wide stream).
-    pub fn new(lifecycle: Lifecycle, driver_events: Option<broadcast::Sender<DomainEvent>>) -> Self {
+    pub fn new(
+        lifecycle: Lifecycle,
+        driver_events: Option<broadcast::Sender<DomainEvent>>,
+    ) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (state_tx, _) = watch::channel(lifecycle.state());
         LifecycleCell {

@@ -25,8 +25,8 @@ pub mod traits;
 pub use cell::{EventStream, IntentGuard, LifecycleCell};
 pub use config::{
     Accel, Boot, Channel, ChannelKind, ConfigError, Console, ConsoleKind, Disk, DiskFormat,
-    DomainConfig, LifecycleAction, LifecyclePolicies, Nic, NicBackend, QemuSettings,
-    XenGuestType, XenSettings,
+    DomainConfig, LifecycleAction, LifecyclePolicies, Nic, NicBackend, QemuSettings, XenGuestType,
+    XenSettings,
 };
 pub use error::{Error, Operation, Result};
 pub use event::{
@@ -36,7 +36,7 @@ pub use event::{
 pub use lifecycle::{Creation, Intent, Lifecycle, Observation, Outcome, PolicyAction, StopCause};
 pub use state::{
     BlockedReason, ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason,
-    RunningReason, ShuttingDownReason, ShutoffReason,
+    RunningReason, ShutoffReason, ShuttingDownReason,
 };
 pub use traits::{
     Capabilities, Domain, DomainInfo, Driver, PmSuspendTarget, RestoreOptions, ShutdownMode,

@@ -17,12 +17,12 @@
 
 use crate::config::{LifecycleAction, LifecyclePolicies};
 use crate::event::{
-    unix_micros, CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail,
-    ResumedDetail, ShutdownRequester, StartedDetail, StoppedDetail, SuspendedDetail,
+    unix_micros, CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,
+    ShutdownRequester, StartedDetail, StoppedDetail, SuspendedDetail,
 };
 use crate::state::{
     ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason, RunningReason,
-    ShuttingDownReason, ShutoffReason,
+    ShutoffReason, ShuttingDownReason,
 };
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -331,9 +331,7 @@ impl Lifecycle {
                 let (reason, detail) = match (self.intent, cause) {
                     (Some(Intent::Save), _) => (PausedReason::Save, SuspendedDetail::Saving),
                     (_, StopCause::IoError) => (PausedReason::IoError, SuspendedDetail::IoError),
-                    (_, StopCause::Watchdog) => {
-                        (PausedReason::Watchdog, SuspendedDetail::Watchdog)
-                    }
+                    (_, StopCause::Watchdog) => (PausedReason::Watchdog, SuspendedDetail::Watchdog),
                     (Some(Intent::Pause), _) => (PausedReason::User, SuspendedDetail::Paused),
                     // A host reboot/reset may stop the vCPUs transiently: not a pause.
                     (Some(Intent::Reboot | Intent::Reset), _) => return None,
@@ -380,7 +378,10 @@ impl Lifecycle {
                 if !self.state.is_active() || self.pending_end.is_some() {
                     return None; // gone, or already ending: a repeated report
                 }
-                if matches!(self.state, S::Crashed(_) | S::Paused(PausedReason::ShuttingDown)) {
+                if matches!(
+                    self.state,
+                    S::Crashed(_) | S::Paused(PausedReason::ShuttingDown)
+                ) {
                     return None; // preserved: the guest is not running to power off
                 }
                 if self.intent == Some(Intent::Reboot) {
@@ -423,7 +424,10 @@ impl Lifecycle {
                 if !self.state.is_active() || self.pending_end.is_some() {
                     return None;
                 }
-                if matches!(self.state, S::Crashed(_) | S::Paused(PausedReason::ShuttingDown)) {
+                if matches!(
+                    self.state,
+                    S::Crashed(_) | S::Paused(PausedReason::ShuttingDown)
+                ) {
                     return None;
                 }
                 let host_requested = matches!(self.intent, Some(Intent::Reboot | Intent::Reset))
@@ -523,9 +527,7 @@ impl Lifecycle {
                     (Some(Intent::Save), _) => ShutoffReason::Saved,
                     (_, Some(end)) => end,
                     (Some(Intent::Destroy), None) => ShutoffReason::Destroyed,
-                    (Some(Intent::Shutdown), None)
-                        if matches!(self.state, S::ShuttingDown(_)) =>
-                    {
+                    (Some(Intent::Shutdown), None) if matches!(self.state, S::ShuttingDown(_)) => {
                         ShutoffReason::Shutdown
                     }
                     _ => unexplained,
