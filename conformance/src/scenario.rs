@@ -1,0 +1,295 @@
+//! Scenario machinery: the per-scenario context (which cleans up every domain it defined),
+//! the exact event checker, and results.
+
+use crate::backend::{GuestOptions, TestBackend};
+use domkit_core::{
+    Domain, DomainEvent, DomainState, Driver, Error, EventKind, EventStream, Operation,
+};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a test guest may take to boot far enough to act (TCG on a loaded machine).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for an event that an operation or the guest triggers.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long "nothing more happens" is watched for after a scenario's last expected event.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// Why a scenario did not pass.
+#[derive(Debug, Clone)]
+pub enum Stop {
+    /// The first divergence from the expected behaviour.
+    Fail(String),
+    /// The backend said the operation is unsupported (a gap, never a pass).
+    Unsupported(String),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unsupported { .. } => Stop::Unsupported(e.to_string()),
+            other => Stop::Fail(format!("unexpected error: {other}")),
+        }
+    }
+}
+
+/// A scenario step's result.
+pub type Step<T = ()> = Result<T, Stop>;
+
+/// Fail with a message.
+pub fn fail<T>(msg: impl Into<String>) -> Step<T> {
+    Err(Stop::Fail(msg.into()))
+}
+
+/// Check a condition.
+pub fn check(cond: bool, msg: impl FnOnce() -> String) -> Step {
+    if cond {
+        Ok(())
+    } else {
+        Err(Stop::Fail(msg()))
+    }
+}
+
+/// Turn a hook error into a failure.
+pub fn hook<T>(what: &str, r: Result<T, String>) -> Step<T> {
+    r.map_err(|e| Stop::Fail(format!("{what}: {e}")))
+}
+
+/// A scenario result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Behaved as specified.
+    Pass,
+    /// Diverged.
+    Fail,
+    /// The backend does not support what the scenario needs (a gap).
+    Unsupported,
+}
+
+/// One scenario's report line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioReport {
+    /// Scenario name.
+    pub name: String,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// The first divergence, or the unsupported reason.
+    pub detail: String,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// A scenario: a name, what it checks, and its body (precondition, operations, expected
+/// states and events).
+pub struct Scenario<B: TestBackend> {
+    /// Name (stable; used by `--only`).
+    pub name: &'static str,
+    /// What it checks, with the `docs/semantics.md` sections.
+    pub about: &'static str,
+    /// The body.
+    pub run: for<'a> fn(&'a ScenarioCtx<'a, B>) -> BoxFuture<'a, Step>,
+}
+
+/// Per-scenario context: the backend plus bookkeeping for cleanup.
+pub struct ScenarioCtx<'a, B: TestBackend> {
+    /// The backend.
+    pub backend: &'a B,
+    prefix: String,
+    defined: Mutex<Vec<String>>,
+}
+
+impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
+    /// A context whose domain names start with `prefix`.
+    pub fn new(backend: &'a B, prefix: String) -> Self {
+        ScenarioCtx {
+            backend,
+            prefix,
+            defined: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &B::Driver {
+        self.backend.driver()
+    }
+
+    /// Define a test guest named `<prefix>-<suffix>` and subscribe to its events before
+    /// anything happens to it (so the watch sees `Started` onwards).
+    pub async fn define(
+        &self,
+        suffix: &str,
+        options: GuestOptions,
+    ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
+        let name = format!("{}-{suffix}", self.prefix);
+        let config = self.backend.guest_config(&name, options);
+        let domain = self.driver().define(config).await?;
+        self.defined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name);
+        let watch = EventWatch::new(domain.subscribe());
+        Ok((domain, watch))
+    }
+
+    /// Define and start (running), check `Started(Booted)`, and wait for the guest to be
+    /// ready.
+    pub async fn boot(
+        &self,
+        suffix: &str,
+        options: GuestOptions,
+    ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
+        let (domain, mut watch) = self.define(suffix, options).await?;
+        domain.start(Default::default()).await?;
+        watch
+            .expect(&[EventKind::Started(domkit_core::StartedDetail::Booted)])
+            .await?;
+        expect_state(&domain, |s| s.is_running(), "running after start")?;
+        hook(
+            "waiting for the guest to be ready",
+            self.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        Ok((domain, watch))
+    }
+
+    /// Destroy and undefine every domain this scenario defined.
+    pub async fn cleanup(&self) -> Vec<String> {
+        let names = std::mem::take(&mut *self.defined.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut problems = Vec::new();
+        for name in names {
+            match self.driver().lookup_by_name(&name).await {
+                Ok(d) => {
+                    if let Err(e) = d.destroy().await {
+                        problems.push(format!("destroy {name}: {e}"));
+                    }
+                    if let Err(e) = self.driver().undefine(&name).await {
+                        problems.push(format!("undefine {name}: {e}"));
+                    }
+                }
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => problems.push(format!("lookup {name}: {e}")),
+            }
+        }
+        problems
+    }
+}
+
+/// Check the domain's current state.
+pub fn expect_state<D: Domain>(
+    domain: &D,
+    pred: impl Fn(&DomainState) -> bool,
+    what: &str,
+) -> Step {
+    let s = domain.state();
+    check(pred(&s), || format!("expected {what}, state is {s}"))
+}
+
+/// Check the domain's state is exactly `want`.
+pub fn expect_exact_state<D: Domain>(domain: &D, want: DomainState) -> Step {
+    let s = domain.state();
+    check(s == want, || format!("expected state {want}, got {s}"))
+}
+
+/// Check that `r` is an error of the given kind.
+pub fn expect_err<T: std::fmt::Debug>(
+    r: domkit_core::Result<T>,
+    what: &str,
+    pred: impl Fn(&Error) -> bool,
+) -> Step {
+    match r {
+        Ok(v) => fail(format!("expected {what}, got Ok({v:?})")),
+        Err(e) if pred(&e) => Ok(()),
+        Err(e) => fail(format!("expected {what}, got error: {e}")),
+    }
+}
+
+/// Check an `InvalidState` error for `op`.
+pub fn is_invalid_state(op: Operation) -> impl Fn(&Error) -> bool {
+    move |e| matches!(e, Error::InvalidState { operation, .. } if *operation == op)
+}
+
+/// Reads a domain's events and checks them exactly: kinds in order, and sequence numbers
+/// contiguous (no event lost, none duplicated).
+pub struct EventWatch {
+    stream: EventStream,
+    last_seq: Option<u64>,
+    /// Every event seen, for failure messages.
+    pub seen: Vec<DomainEvent>,
+}
+
+impl EventWatch {
+    /// Watch `stream`.
+    pub fn new(stream: EventStream) -> Self {
+        EventWatch {
+            stream,
+            last_seq: None,
+            seen: Vec::new(),
+        }
+    }
+
+    async fn next(&mut self, timeout: Duration) -> Option<DomainEvent> {
+        match tokio::time::timeout(timeout, self.stream.next()).await {
+            Ok(Some(ev)) => {
+                self.seen.push(ev.clone());
+                Some(ev)
+            }
+            _ => None,
+        }
+    }
+
+    fn kinds(evs: &[DomainEvent]) -> String {
+        let v: Vec<String> = evs.iter().map(|e| e.kind.to_string()).collect();
+        format!("[{}]", v.join(", "))
+    }
+
+    /// The next events must be exactly `want`, in order, with contiguous sequence numbers.
+    pub async fn expect(&mut self, want: &[EventKind]) -> Step {
+        self.expect_within(want, EVENT_TIMEOUT).await
+    }
+
+    /// As [`EventWatch::expect`] with a timeout per event.
+    pub async fn expect_within(&mut self, want: &[EventKind], timeout: Duration) -> Step {
+        let mut got = Vec::new();
+        for w in want {
+            let Some(ev) = self.next(timeout).await else {
+                return fail(format!(
+                    "expected events {want:?}, got {} then nothing for {timeout:?}",
+                    Self::kinds(&got)
+                ));
+            };
+            if let Some(last) = self.last_seq {
+                if ev.seq != last + 1 {
+                    return fail(format!(
+                        "event seq jumped from {last} to {} ({} lost or reordered)",
+                        ev.seq, ev.kind
+                    ));
+                }
+            }
+            self.last_seq = Some(ev.seq);
+            let ok = ev.kind == *w;
+            got.push(ev);
+            if !ok {
+                return fail(format!(
+                    "expected events {:?}, got {}",
+                    want.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                    Self::kinds(&got)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// No event may arrive for `quiet`.
+    pub async fn expect_quiet(&mut self, quiet: Duration) -> Step {
+        match self.next(quiet).await {
+            None => Ok(()),
+            Some(ev) => fail(format!(
+                "unexpected extra event {} (seq {})",
+                ev.kind, ev.seq
+            )),
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The scenarios: written once, generic over [`TestBackend`]. Each checks the uniform states
+//! and the exact event sequence (`docs/semantics.md` sections in `about`).
+
+use crate::backend::{GuestAction, GuestOptions, TestBackend};
+use crate::scenario::*;
+use domkit_core::{
+    CrashedDetail, CrashedReason, Domain, DomainState, Driver, Error, EventKind, LifecycleAction,
+    LifecyclePolicies, Operation, PausedReason, PmSuspendTarget, PmSuspendedDetail,
+    PmSuspendedReason, RestoreOptions, ResumedDetail, RunningReason, ShutdownMode, ShutdownOptions,
+    ShutdownOutcome, ShutdownRequester, ShutdownWait, ShutoffReason, ShuttingDownReason,
+    StartOptions, StartedDetail, StoppedDetail, SuspendedDetail,
+};
+use std::time::Duration;
+
+use EventKind as E;
+
+macro_rules! scenario {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+}
+
+/// Every scenario, in the order they run.
+pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
+    vec![
+        scenario!(define_undefine, "define/undefine events, duplicates, invalid config (§2, §7)"),
+        scenario!(unknown_domain, "operations on an unknown domain -> not_found (§6.9)"),
+        scenario!(start_state_destroy, "start -> running(booted); destroy -> shutoff(destroyed); destroy again is a no-op (§4.1, §6.5)"),
+        scenario!(start_paused, "start paused -> started(booted), suspended(paused) (§2.1)"),
+        scenario!(pause_resume_twice, "pause/resume twice: idempotent, no duplicate events (§6.2)"),
+        scenario!(wrong_state, "operations in the wrong state (§6.1, §6.2, §6.6)"),
+        scenario!(shutdown_acknowledged, "shutdown awaited as acknowledged, then it completes (§6.3)"),
+        scenario!(shutdown_completed, "shutdown awaited as completed (§4.6, §6.3)"),
+        scenario!(shutdown_ignored_escalates, "a guest that ignores shutdown: timeout, then escalation to destroy (§6.3)"),
+        scenario!(host_reboot, "host reboot: stays running, exactly one rebooted (§4.6, §4.7, §6.4)"),
+        scenario!(host_reset, "hard reset: exactly one rebooted (§4.7, §6.4)"),
+        scenario!(guest_reboot, "guest-initiated reboot with on_reboot=restart (§4.7)"),
+        scenario!(guest_poweroff_destroy, "guest poweroff, on_poweroff=destroy (§4.6)"),
+        scenario!(guest_poweroff_restart, "guest poweroff, on_poweroff=restart (§4.6)"),
+        scenario!(guest_poweroff_preserve, "guest poweroff, on_poweroff=preserve (§4.6)"),
+        scenario!(save_restore, "save -> shutoff(saved), never pm_suspended -> restore -> running(restored), guest intact (§4.12, §6.6, §6.7)"),
+        scenario!(save_paused_restore_paused, "save of a paused domain -> restore keeps it paused (§6.7)"),
+        scenario!(save_unwritable, "save to an unwritable path -> error, domain unchanged, no file (§6.6)"),
+        scenario!(crash_destroy, "guest panic, on_crash=destroy (§4.8)"),
+        scenario!(crash_restart, "guest panic, on_crash=restart (§4.8)"),
+        scenario!(crash_preserve, "guest panic, on_crash=preserve (§4.8)"),
+        scenario!(killed_out_of_band, "backend domain killed out of band -> shutoff + stopped (§4.12, §10)"),
+        scenario!(two_domains_isolated, "two domains do not see each other's events (§2)"),
+        scenario!(pm_suspend_wakeup, "pm suspend to memory and wakeup (§4.9, §4.10, §6.8)"),
+    ]
+}
+
+fn with_policies(
+    on_poweroff: LifecycleAction,
+    on_reboot: LifecycleAction,
+    on_crash: LifecycleAction,
+) -> GuestOptions {
+    GuestOptions {
+        policies: LifecyclePolicies {
+            on_poweroff,
+            on_reboot,
+            on_crash,
+        },
+        ignore_shutdown: false,
+    }
+}
+
+fn shutdown_opts(
+    wait: ShutdownWait,
+    timeout: Duration,
+    destroy_on_timeout: bool,
+) -> ShutdownOptions {
+    ShutdownOptions {
+        mode: ShutdownMode::Default,
+        wait,
+        timeout,
+        destroy_on_timeout,
+    }
+}
+
+async fn define_undefine<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let mut all = crate::scenario::EventWatch::new(ctx.driver().subscribe());
+    let (domain, _watch) = ctx.define("a", GuestOptions::default()).await?;
+    all.expect(&[E::Defined]).await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Unknown))?;
+    let name = domain.id().name.clone();
+    let again = ctx.backend.guest_config(&name, GuestOptions::default());
+    expect_err(
+        ctx.driver().define(again).await.map(|_| ()),
+        "already_exists",
+        |e| matches!(e, Error::AlreadyExists { .. }),
+    )?;
+    let mut bad = ctx
+        .backend
+        .guest_config(&format!("{name}-bad"), GuestOptions::default());
+    bad.name = "../escape".into();
+    expect_err(
+        ctx.driver().define(bad).await.map(|_| ()),
+        "invalid_config",
+        |e| matches!(e, Error::InvalidConfig(_)),
+    )?;
+    let found = ctx.driver().lookup_by_uuid(domain.id().uuid).await?;
+    check(found.id() == domain.id(), || {
+        "lookup_by_uuid found another domain".into()
+    })?;
+    let listed = ctx.driver().list().await?;
+    check(listed.iter().any(|i| i.id == *domain.id()), || {
+        "list() does not show the defined domain".into()
+    })?;
+    ctx.driver().undefine(&name).await?;
+    all.expect(&[E::Undefined]).await?;
+    expect_err(
+        ctx.driver().lookup_by_name(&name).await.map(|_| ()),
+        "not_found",
+        |e| matches!(e, Error::NotFound { .. }),
+    )
+}
+
+async fn unknown_domain<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let nf = |e: &Error| matches!(e, Error::NotFound { .. });
+    expect_err(
+        ctx.driver()
+            .lookup_by_name("domkit-no-such-domain")
+            .await
+            .map(|_| ()),
+        "not_found",
+        nf,
+    )?;
+    expect_err(
+        ctx.driver()
+            .lookup_by_uuid(uuid::Uuid::new_v4())
+            .await
+            .map(|_| ()),
+        "not_found",
+        nf,
+    )?;
+    expect_err(
+        ctx.driver().undefine("domkit-no-such-domain").await,
+        "not_found",
+        nf,
+    )
+}
+
+async fn start_state_destroy<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+    let info = domain.info().await?;
+    check(
+        info.state.is_running() && info.backend_handle.is_some(),
+        || format!("info() while running: {info:?}"),
+    )?;
+    domain.destroy().await?;
+    watch
+        .expect(&[E::Stopped(StoppedDetail::Destroyed)])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Destroyed))?;
+    domain.destroy().await?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn start_paused<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.define("a", GuestOptions::default()).await?;
+    domain.start(StartOptions { paused: true }).await?;
+    watch
+        .expect(&[
+            E::Started(StartedDetail::Booted),
+            E::Suspended(SuspendedDetail::Paused),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Paused(PausedReason::User))?;
+    domain.resume().await?;
+    watch.expect(&[E::Resumed(ResumedDetail::Unpaused)]).await?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Unpaused))?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn pause_resume_twice<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    domain.pause().await?;
+    watch
+        .expect(&[E::Suspended(SuspendedDetail::Paused)])
+        .await?;
+    expect_exact_state(&domain, DomainState::Paused(PausedReason::User))?;
+    domain.pause().await?;
+    watch.expect_quiet(QUIET).await?;
+    domain.resume().await?;
+    watch.expect(&[E::Resumed(ResumedDetail::Unpaused)]).await?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Unpaused))?;
+    domain.resume().await?;
+    watch.expect_quiet(QUIET).await?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn wrong_state<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.define("a", GuestOptions::default()).await?;
+    let path = ctx
+        .backend
+        .scratch_dir()
+        .join(format!("{}.save", domain.id().name));
+    expect_err(
+        domain.pause().await,
+        "invalid_state(pause)",
+        is_invalid_state(Operation::Pause),
+    )?;
+    expect_err(
+        domain.resume().await,
+        "invalid_state(resume)",
+        is_invalid_state(Operation::Resume),
+    )?;
+    expect_err(
+        domain.save(&path).await,
+        "invalid_state(save)",
+        is_invalid_state(Operation::Save),
+    )?;
+    check(!path.exists(), || "a refused save left a file".into())?;
+    domain.destroy().await?; // destroy of a shut-off domain: no-op
+    watch.expect_quiet(QUIET).await?;
+    domain.start(StartOptions::default()).await?;
+    watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
+    expect_err(
+        domain.start(StartOptions::default()).await,
+        "invalid_state(start)",
+        is_invalid_state(Operation::Start),
+    )?;
+    expect_err(
+        ctx.driver().undefine(&domain.id().name).await,
+        "invalid_state(undefine)",
+        is_invalid_state(Operation::Undefine),
+    )?;
+    domain.resume().await?; // resume of a running domain: no-op
+    watch.expect_quiet(QUIET).await?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn shutdown_acknowledged<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let outcome = domain
+        .shutdown(shutdown_opts(
+            ShutdownWait::Acknowledged,
+            EVENT_TIMEOUT,
+            false,
+        ))
+        .await?;
+    check(outcome == ShutdownOutcome::Acknowledged, || {
+        format!("shutdown(acknowledged) returned {outcome:?}")
+    })?;
+    watch
+        .expect(&[E::ShutdownRequested(ShutdownRequester::Host)])
+        .await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Shutdown)]).await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Shutdown))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn shutdown_completed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let outcome = domain
+        .shutdown(shutdown_opts(ShutdownWait::Completed, EVENT_TIMEOUT, false))
+        .await?;
+    check(outcome == ShutdownOutcome::Completed, || {
+        format!("shutdown(completed) returned {outcome:?}")
+    })?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Shutdown))?;
+    watch
+        .expect(&[
+            E::ShutdownRequested(ShutdownRequester::Host),
+            E::Stopped(StoppedDetail::Shutdown),
+        ])
+        .await?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn shutdown_ignored_escalates<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let opts = GuestOptions {
+        ignore_shutdown: true,
+        ..Default::default()
+    };
+    let (domain, mut watch) = ctx.boot("a", opts).await?;
+    let r = domain
+        .shutdown(shutdown_opts(
+            ShutdownWait::Completed,
+            Duration::from_secs(5),
+            false,
+        ))
+        .await;
+    expect_err(r, "timeout", |e| matches!(e, Error::Timeout { .. }))?;
+    watch
+        .expect(&[E::ShutdownRequested(ShutdownRequester::Host)])
+        .await?;
+    expect_exact_state(&domain, DomainState::ShuttingDown(ShuttingDownReason::User))?;
+    let outcome = domain
+        .shutdown(shutdown_opts(
+            ShutdownWait::Completed,
+            Duration::from_secs(5),
+            true,
+        ))
+        .await?;
+    check(outcome == ShutdownOutcome::Destroyed, || {
+        format!("escalated shutdown returned {outcome:?}")
+    })?;
+    watch
+        .expect(&[E::Stopped(StoppedDetail::Destroyed)])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Destroyed))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn boot_id<B: TestBackend>(
+    ctx: &ScenarioCtx<'_, B>,
+    domain: &<B::Driver as Driver>::Domain,
+) -> Step<String> {
+    hook(
+        "reading the guest's boot id",
+        ctx.backend.guest_boot_id(domain).await,
+    )
+}
+
+async fn host_reboot<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let before = boot_id(ctx, &domain).await?;
+    domain.reboot(ShutdownMode::Default, BOOT_TIMEOUT).await?;
+    watch.expect(&[E::Rebooted]).await?;
+    expect_state(&domain, |s| s.is_running(), "running after reboot")?;
+    hook(
+        "guest ready after reboot",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    let after = boot_id(ctx, &domain).await?;
+    check(before != after, || {
+        "the guest did not really reboot (same boot id)".into()
+    })?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn host_reset<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    domain.reset().await?;
+    watch.expect(&[E::Rebooted]).await?;
+    expect_state(&domain, |s| s.is_running(), "running after reset")?;
+    hook(
+        "guest ready after reset",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn guest_reboot<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let before = boot_id(ctx, &domain).await?;
+    hook(
+        "guest reboot",
+        ctx.backend.guest_do(&domain, GuestAction::Reboot).await,
+    )?;
+    watch.expect(&[E::Rebooted]).await?;
+    hook(
+        "guest ready after reboot",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    expect_state(&domain, |s| s.is_running(), "running after a guest reboot")?;
+    let after = boot_id(ctx, &domain).await?;
+    check(before != after, || {
+        "the guest did not really reboot (same boot id)".into()
+    })?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn guest_poweroff_destroy<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    use LifecycleAction::*;
+    let (domain, mut watch) = ctx
+        .boot("a", with_policies(Destroy, Restart, Destroy))
+        .await?;
+    hook(
+        "guest poweroff",
+        ctx.backend.guest_do(&domain, GuestAction::Poweroff).await,
+    )?;
+    watch
+        .expect(&[
+            E::ShutdownRequested(ShutdownRequester::Guest),
+            E::Stopped(StoppedDetail::Shutdown),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Shutdown))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn guest_poweroff_restart<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    use LifecycleAction::*;
+    let (domain, mut watch) = ctx
+        .boot("a", with_policies(Restart, Restart, Destroy))
+        .await?;
+    hook(
+        "guest poweroff",
+        ctx.backend.guest_do(&domain, GuestAction::Poweroff).await,
+    )?;
+    watch
+        .expect(&[
+            E::ShutdownRequested(ShutdownRequester::Guest),
+            E::Stopped(StoppedDetail::Shutdown),
+            E::Started(StartedDetail::Booted),
+        ])
+        .await?;
+    hook(
+        "guest ready after restart",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn guest_poweroff_preserve<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    use LifecycleAction::*;
+    let (domain, mut watch) = ctx
+        .boot("a", with_policies(Preserve, Restart, Destroy))
+        .await?;
+    hook(
+        "guest poweroff",
+        ctx.backend.guest_do(&domain, GuestAction::Poweroff).await,
+    )?;
+    watch
+        .expect(&[
+            E::ShutdownRequested(ShutdownRequester::Guest),
+            E::Suspended(SuspendedDetail::Paused),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Paused(PausedReason::ShuttingDown))?;
+    watch.expect_quiet(QUIET).await?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn save_restore<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let before = boot_id(ctx, &domain).await?;
+    let path = ctx
+        .backend
+        .scratch_dir()
+        .join(format!("{}.save", domain.id().name));
+    let _ = std::fs::remove_file(&path);
+    domain.save(&path).await?;
+    watch
+        .expect(&[
+            E::Suspended(SuspendedDetail::Saving),
+            E::Stopped(StoppedDetail::Saved),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Saved))?;
+    check(path.is_file(), || {
+        format!("no save file at {}", path.display())
+    })?;
+    domain.restore(&path, RestoreOptions::default()).await?;
+    watch.expect(&[E::Started(StartedDetail::Restored)]).await?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Restored))?;
+    let after = boot_id(ctx, &domain).await?;
+    check(before == after, || {
+        format!("guest state not intact: boot id {before} before save, {after} after restore")
+    })?;
+    check(
+        !watch
+            .seen
+            .iter()
+            .any(|e| matches!(e.kind, E::PmSuspended(_))),
+        || "a save produced pm_suspended".into(),
+    )?;
+    let _ = std::fs::remove_file(&path);
+    watch.expect_quiet(QUIET).await
+}
+
+async fn save_paused_restore_paused<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let before = boot_id(ctx, &domain).await?;
+    domain.pause().await?;
+    watch
+        .expect(&[E::Suspended(SuspendedDetail::Paused)])
+        .await?;
+    let path = ctx
+        .backend
+        .scratch_dir()
+        .join(format!("{}.save", domain.id().name));
+    let _ = std::fs::remove_file(&path);
+    domain.save(&path).await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
+    domain.restore(&path, RestoreOptions::default()).await?;
+    watch
+        .expect(&[
+            E::Started(StartedDetail::Restored),
+            E::Suspended(SuspendedDetail::Paused),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Paused(PausedReason::User))?;
+    domain.resume().await?;
+    watch.expect(&[E::Resumed(ResumedDetail::Unpaused)]).await?;
+    let after = boot_id(ctx, &domain).await?;
+    check(before == after, || {
+        "guest state not intact across save/restore".into()
+    })?;
+    let _ = std::fs::remove_file(&path);
+    watch.expect_quiet(QUIET).await
+}
+
+async fn save_unwritable<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let path = ctx.backend.unwritable_path();
+    let r = domain.save(&path).await;
+    expect_err(r, "an error", |e| {
+        matches!(e, Error::Io { .. } | Error::Backend { .. })
+    })?;
+    check(!path.exists(), || "a failed save left a file".into())?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+    watch.expect_quiet(QUIET).await?;
+    domain.pause().await?; // still fully controllable
+    watch.expect(&[E::Suspended(SuspendedDetail::Paused)]).await
+}
+
+async fn crash<B: TestBackend>(
+    ctx: &ScenarioCtx<'_, B>,
+    on_crash: LifecycleAction,
+) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
+    let (domain, watch) = ctx
+        .boot(
+            "a",
+            with_policies(LifecycleAction::Destroy, LifecycleAction::Restart, on_crash),
+        )
+        .await?;
+    hook(
+        "guest panic",
+        ctx.backend.guest_do(&domain, GuestAction::Panic).await,
+    )?;
+    Ok((domain, watch))
+}
+
+async fn crash_destroy<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = crash(ctx, LifecycleAction::Destroy).await?;
+    watch
+        .expect(&[
+            E::Crashed(CrashedDetail::Panicked),
+            E::Stopped(StoppedDetail::Crashed),
+        ])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Crashed))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn crash_restart<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = crash(ctx, LifecycleAction::Restart).await?;
+    watch
+        .expect(&[
+            E::Crashed(CrashedDetail::Panicked),
+            E::Stopped(StoppedDetail::Crashed),
+            E::Started(StartedDetail::Booted),
+        ])
+        .await?;
+    hook(
+        "guest ready after restart",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+    watch.expect_quiet(QUIET).await
+}
+
+async fn crash_preserve<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = crash(ctx, LifecycleAction::Preserve).await?;
+    watch.expect(&[E::Crashed(CrashedDetail::Panicked)]).await?;
+    expect_exact_state(&domain, DomainState::Crashed(CrashedReason::Panicked))?;
+    watch.expect_quiet(QUIET).await?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn killed_out_of_band<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let reason = hook(
+        "out-of-band kill",
+        ctx.backend.kill_out_of_band(&domain).await,
+    )?;
+    check(
+        matches!(reason, ShutoffReason::Crashed | ShutoffReason::Destroyed),
+        || format!("§10 allows crashed or destroyed, backend documents {reason:?}"),
+    )?;
+    watch
+        .expect(&[E::Stopped(domkit_core::lifecycle::stopped_detail(reason))])
+        .await?;
+    expect_exact_state(&domain, DomainState::Shutoff(reason))?;
+    // the driver knows it is gone: it can be started again
+    domain.start(StartOptions::default()).await?;
+    watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
+    domain.destroy().await?;
+    watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
+}
+
+async fn two_domains_isolated<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (a, mut wa) = ctx.boot("a", GuestOptions::default()).await?;
+    let (b, mut wb) = ctx.boot("b", GuestOptions::default()).await?;
+    a.pause().await?;
+    wa.expect(&[E::Suspended(SuspendedDetail::Paused)]).await?;
+    wb.expect_quiet(QUIET).await?;
+    b.destroy().await?;
+    wb.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await?;
+    wa.expect_quiet(QUIET).await?;
+    check(
+        wa.seen.iter().all(|e| e.domain == *a.id()) && wb.seen.iter().all(|e| e.domain == *b.id()),
+        || "an event carried the other domain's identity".into(),
+    )?;
+    expect_exact_state(&a, DomainState::Paused(PausedReason::User))
+}
+
+async fn pm_suspend_wakeup<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    ctx.driver().capabilities().check(Operation::PmSuspend)?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    domain.pm_suspend(PmSuspendTarget::Memory).await?;
+    watch
+        .expect(&[E::PmSuspended(PmSuspendedDetail::Memory)])
+        .await?;
+    expect_exact_state(&domain, DomainState::PmSuspended(PmSuspendedReason::Memory))?;
+    domain.pm_wakeup().await?;
+    watch.expect(&[E::Started(StartedDetail::Wakeup)]).await?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Wakeup))?;
+    hook(
+        "guest answers after wakeup",
+        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+    )?;
+    watch.expect_quiet(QUIET).await
+}
