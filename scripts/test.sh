@@ -12,13 +12,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-log=$(mktemp -d)/test.log
+logdir=$(mktemp -d)
+log=$logdir/cargo.log      # cargo's own `test result:` lines are counted from here
+xenlog=$logdir/xen.log     # only the harness's `xen-host:` summary is counted from here
 fail=0
 stage() { printf '\n==== %s ====\n' "$*"; }
-run() { # run a stage command, tee its output into the log, remember failure
-  "$@" 2>&1 | tee -a "$log"
+run() { # run LOGFILE CMD...: tee the output into LOGFILE, remember failure
+  local into=$1; shift
+  "$@" 2>&1 | tee -a "$into"
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then echo "!!!! FAILED (rc=$rc): $*" | tee -a "$log"; fail=1; fi
+  if [ "$rc" -ne 0 ]; then echo "!!!! FAILED (rc=$rc): $*" | tee -a "$into"; fail=1; fi
   return 0
 }
 
@@ -32,7 +35,7 @@ export DOMKIT_GUEST_DIR="$guest_dir"
 echo "test guest: $DOMKIT_GUEST_DIR"
 
 stage "cargo test (core, QEMU driver, conformance on QEMU, CLI)"
-run cargo test --workspace --exclude libxenlight-sys --exclude domkit-libxl -- --test-threads=2
+run "$log" cargo test --workspace --exclude libxenlight-sys --exclude domkit-libxl -- --test-threads=2
 
 skipped=0
 if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then
@@ -40,16 +43,20 @@ if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then
   skipped=1
 else
   stage "cargo test (libxenlight-sys, domkit-libxl unit tests, on the host)"
-  run cargo test -p libxenlight-sys -p domkit-libxl
+  run "$log" cargo test -p libxenlight-sys -p domkit-libxl
   stage "libxl integration tests + conformance on libxl, inside a nested Xen host"
-  run bash xen-host/run-libxl-tests.sh
+  run "$xenlog" bash xen-host/run-libxl-tests.sh
 fi
 
 # Sum every runner's counts: cargo's `test result:` lines, and `xen-host:` lines.
 read -r passed failed ignored < <(awk '
   /test result:/ { for (i=1;i<=NF;i++) { if ($(i+1) ~ /^passed/) p+=$i; if ($(i+1) ~ /^failed/) f+=$i; if ($(i+1) ~ /^ignored/) g+=$i } }
-  /^xen-host: [0-9]+ passed, [0-9]+ failed/ { p+=$2; f+=$4 }
   END { print p+0, f+0, g+0 }' "$log")
+if [ -s "$xenlog" ]; then
+  read -r xp xf < <(awk '/^xen-host: [0-9]+ passed, [0-9]+ failed/ { p=$2; f=$4 } END { print p+0, f+0 }' "$xenlog")
+  passed=$((passed + xp)); failed=$((failed + xf))
+  grep -q '^xen-host: [0-9]* passed' "$xenlog" || { echo "the Xen host run printed no result line"; fail=1; }
+fi
 [ "$failed" -gt 0 ] && fail=1
 echo
 echo "(ignored on the host: $ignored tests that need a Xen dom0; they run inside the nested Xen host above)"
