@@ -144,12 +144,17 @@ if [ -n "$logfile" ]; then : >"$logfile" || die "cannot write --log $logfile"; f
 mkfifo "$tmp/fifo"
 # The reader strips the serial CRs and copies to stdout, our scan copy and the log file.
 if [ -n "$logfile" ]; then
-  sed -u 's/\r$//' <"$tmp/fifo" | tee -a "$serial" "$logfile" &
+  sed -u 's/\r*$//' <"$tmp/fifo" | tee -a "$serial" "$logfile" &
 else
-  sed -u 's/\r$//' <"$tmp/fifo" | tee -a "$serial" &
+  sed -u 's/\r*$//' <"$tmp/fifo" | tee -a "$serial" &
+fi
+# setpriv --pdeathsig: QEMU dies with this script even if the script is SIGKILLed.
+pdeath=()
+if command -v setpriv >/dev/null 2>&1 && setpriv --help 2>&1 | grep -q -- --pdeathsig; then
+  pdeath=(setpriv --pdeathsig KILL --)
 fi
 t0=$(date +%s)
-qemu-system-x86_64 -accel tcg -cpu qemu64 -m "$qmem" -smp "$smp" \
+"${pdeath[@]}" qemu-system-x86_64 -accel tcg -cpu qemu64 -m "$qmem" -smp "$smp" \
   -display none -monitor none -nodefaults -no-reboot -serial stdio \
   -kernel "$out/xen.elf" -append "$xen_cmd" \
   -initrd "$tmp/vmlinuz $dom0_cmd,$tmp/dom0.cpio" \
@@ -157,7 +162,7 @@ qemu-system-x86_64 -accel tcg -cpu qemu64 -m "$qmem" -smp "$smp" \
 qpid=$!
 
 result=
-ready=0 ready_s=
+ready=0 ready_s= hwm=0
 while :; do
   now=$(date +%s)
   el=$((now - t0))
@@ -171,6 +176,8 @@ while :; do
   if ! kill -0 "$qpid" 2>/dev/null; then
     break
   fi
+  h=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$qpid/status" 2>/dev/null || true)
+  [ -z "$h" ] || hwm=$h
   if grep -qE 'Hardware Dom0 crashed|Kernel panic - not syncing|Panic on CPU' "$serial"; then
     sleep 2
     echo "$me: dom0 or Xen crashed (see the serial log above)" >&2
@@ -209,7 +216,9 @@ if [ -z "$result" ]; then
   fi
   result=125
 fi
-echo "xen-host: exit $result, boot to READY ${ready_s:-never}s, total ${total}s"
+rs=never
+[ -z "$ready_s" ] || rs=${ready_s}s
+echo "xen-host: exit $result, boot to READY $rs, total ${total}s, qemu peak RSS $((hwm / 1024)) MiB"
 if grep -qE 'test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$serial"; then
   grep -oE 'test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$serial" |
     awk '{ p += $4; f += $6 } END { printf "xen-host: %d passed, %d failed\n", p, f }'
