@@ -52,10 +52,13 @@ kabi=${kpkg#linux-image-}
 
 pkgs=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils busybox-static "$kpkg")
 declare -A ver=()
-for p in "${pkgs[@]}"; do
-  v=$(apt-cache policy "$p" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
-  [ -n "$v" ] && [ "$v" != "(none)" ] || die "package $p not available (run apt-get update)"
+while read -r p v; do
   ver[$p]=$v
+done < <(apt-cache policy "${pkgs[@]}" 2>/dev/null |
+  awk '/^[^ \t].*:$/ { sub(/:$/, ""); p = $0 } $1 == "Candidate:" { print p, $2 }')
+for p in "${pkgs[@]}"; do
+  v=${ver[$p]:-}
+  [ -n "$v" ] && [ "$v" != "(none)" ] || die "package $p not available (run apt-get update)"
 done
 
 # Host libraries copied into the rootfs come from these host packages.
@@ -191,7 +194,7 @@ addlibs() {
     if grep -q 'not found' "$tmp/ldd.out"; then
       die "$(basename "$f") needs a library missing on the host: $(grep 'not found' "$tmp/ldd.out" | head -n1 | xargs) (run scripts/install-deps.sh)"
     fi
-    while IFS= read -r line; do
+    while read -r line; do
       case "$line" in
         *"=> /"*) lib=${line#*=> }; lib=${lib%% (*} ;;
         /*) lib=${line%% (*} ;;
@@ -214,7 +217,7 @@ addgccs() {
   cp -L "$g" "$dst"
 }
 mkcpio() { # tree, archive
-  (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$2"
+  (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) >"$2"
 }
 
 # ---- domU rootfs + initramfs ----

@@ -53,7 +53,7 @@ smp=${DOMKIT_XEN_SMP:-2}
 [[ $qmem =~ ^[0-9]+$ && $d0mem =~ ^[0-9]+$ && $smp =~ ^[0-9]+$ ]] || die "bad DOMKIT_XEN_* number"
 [ "$d0mem" -lt "$qmem" ] || die "DOMKIT_XEN_DOM0_MEM must be below DOMKIT_XEN_QEMU_MEM"
 
-for t in qemu-system-x86_64 cpio ldd mkfifo sed tee; do
+for t in qemu-system-x86_64 cpio ldd mkfifo sed tee flock; do
   command -v "$t" >/dev/null 2>&1 || die "missing host tool '$t' (run scripts/install-deps.sh)"
 done
 if [ "${DOMKIT_XEN_NO_BUILD:-0}" != 1 ]; then
@@ -130,9 +130,15 @@ printf '%s\n' "$@" >"$st/etc/domkit/cmd"
 if [ ${#envs[@]} -gt 0 ]; then printf '%s\n' "${envs[@]}" >"$st/etc/domkit/env"; else : >"$st/etc/domkit/env"; fi
 chmod 755 "$st/payload"
 # The kernel unpacks this archive over the base one: later entries win.
-(cd "$st" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$tmp/payload.cpio"
+(cd "$st" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) >"$tmp/payload.cpio"
+# A shared lock: build.sh (exclusive) does not replace the artifacts while we copy them.
+exec 9>>"$out/.lock"
+flock -s 9
 cat "$out/dom0-base.cpio" "$tmp/payload.cpio" >"$tmp/dom0.cpio"
-ln -s "$out/vmlinuz" "$tmp/vmlinuz"
+cp "$out/vmlinuz" "$tmp/vmlinuz"
+cp "$out/xen.elf" "$tmp/xen.elf"
+flock -u 9
+exec 9>&-
 echo "$me: payload: $nelf ELF file(s), $nlibs librar(ies); initramfs $(( $(stat -c %s "$tmp/dom0.cpio") / 1048576 )) MiB" >&2
 
 # ---- boot ----
@@ -156,7 +162,7 @@ fi
 t0=$(date +%s)
 "${pdeath[@]}" qemu-system-x86_64 -accel tcg -cpu qemu64 -m "$qmem" -smp "$smp" \
   -display none -monitor none -nodefaults -no-reboot -serial stdio \
-  -kernel "$out/xen.elf" -append "$xen_cmd" \
+  -kernel "$tmp/xen.elf" -append "$xen_cmd" \
   -initrd "$tmp/vmlinuz $dom0_cmd,$tmp/dom0.cpio" \
   </dev/null >"$tmp/fifo" 2>&1 &
 qpid=$!

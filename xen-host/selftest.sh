@@ -167,8 +167,12 @@ if create st; then
   if wait_for 60 gone st; then ok "xenstore poweroff: domain gone ($(since "$t"))"; else bad "xenstore poweroff"; fi
 fi
 
-# PV shutdown request
+# PV reboot request (xl reboot -> orderly_reboot -> /sbin/reboot), then PV shutdown request
 if create st; then
+  id=$(xl domid st); c0=$(nready st); t=$(now)
+  if xl reboot st >/dev/null 2>&1 && wait_for 120 newdomid st "$id" && wait_for 120 ready_more st "$c0"; then
+    ok "xl reboot: domid $id -> $(xl domid st), guest READY again ($(since "$t"))"
+  else bad "xl reboot"; fi
   t=$(now)
   if timeout 60 xl shutdown -w st >/dev/null 2>&1 && gone st; then ok "xl shutdown -w ($(since "$t"))"
   else bad "xl shutdown -w"; fi
