@@ -1,0 +1,255 @@
+//! [`QemuDriver`]: the QEMU implementation of domkit's [`Driver`] trait.
+//!
+//! It remembers domain configs (in memory), hands out [`QemuDomain`] handles, and owns the
+//! runtime root under which every domain gets its private directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use domkit_core::cell::EVENT_BUFFER;
+use domkit_core::{
+    Capabilities, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver, Error, EventStream,
+    Lifecycle, LifecycleCell, Result, ShutdownMode,
+};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::accel::AutoAccel;
+use crate::domain::QemuDomain;
+use crate::error::BACKEND;
+
+/// Options of a [`QemuDriver`].
+#[derive(Debug, Clone)]
+pub struct QemuDriverOptions {
+    /// Where the per-domain runtime directories go (created 0700 if missing). Default:
+    /// [`default_runtime_root`].
+    pub runtime_root: PathBuf,
+    /// What `accel = "auto"` means. Default: TCG.
+    pub auto_accel: AutoAccel,
+    /// How long QEMU may take from spawn to a negotiated monitor.
+    pub connect_timeout: Duration,
+    /// Timeout of one QMP command.
+    pub command_timeout: Duration,
+    /// How long a `quit` may take before the process is SIGKILLed.
+    pub destroy_timeout: Duration,
+    /// How long a save or restore migration may take.
+    pub migration_timeout: Duration,
+    /// How long the monitor may be closed while the process lives before the control
+    /// channel is declared broken (QEMU closes it just before exiting).
+    pub monitor_grace: Duration,
+}
+
+impl Default for QemuDriverOptions {
+    fn default() -> Self {
+        QemuDriverOptions {
+            runtime_root: default_runtime_root(),
+            auto_accel: AutoAccel::Tcg,
+            // Generous: TCG guests on a loaded, shared host are slow to do anything.
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(30),
+            destroy_timeout: Duration::from_secs(10),
+            migration_timeout: Duration::from_secs(300),
+            monitor_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+impl QemuDriverOptions {
+    /// Default options with another runtime root (tests use a temporary directory).
+    pub fn with_runtime_root(root: impl Into<PathBuf>) -> Self {
+        QemuDriverOptions {
+            runtime_root: root.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// `/run/domkit/qemu` for root, `$XDG_RUNTIME_DIR/domkit/qemu` otherwise, or
+/// `/tmp/domkit-<uid>/qemu` without `XDG_RUNTIME_DIR`.
+pub fn default_runtime_root() -> PathBuf {
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/domkit/qemu");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("domkit/qemu"),
+        _ => PathBuf::from(format!("/tmp/domkit-{uid}/qemu")),
+    }
+}
+
+/// The QEMU driver. Cheap to clone; all clones share the same domains.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    shared: Arc<DriverShared>,
+}
+
+#[derive(Debug)]
+struct DriverShared {
+    options: Arc<QemuDriverOptions>,
+    domains: Mutex<BTreeMap<String, QemuDomain>>,
+    events: broadcast::Sender<DomainEvent>,
+}
+
+impl DriverShared {
+    fn domains(&self) -> MutexGuard<'_, BTreeMap<String, QemuDomain>> {
+        // The map is only ever inserted into / removed from: a poisoned lock is still whole.
+        self.domains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for DriverShared {
+    fn drop(&mut self) {
+        // The last driver handle is gone: no QEMU may outlive it, and no runtime directory.
+        for domain in self.domains().values() {
+            domain.forget();
+        }
+    }
+}
+
+impl QemuDriver {
+    /// A driver with `options`. Creates the runtime root (0700) if missing.
+    pub fn new(options: QemuDriverOptions) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&options.runtime_root)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "creating the runtime root {} (set QemuDriverOptions::runtime_root to \
+                         a writable directory)",
+                        options.runtime_root.display()
+                    ),
+                    e,
+                )
+            })?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Ok(QemuDriver {
+            shared: Arc::new(DriverShared {
+                options: Arc::new(options),
+                domains: Mutex::new(BTreeMap::new()),
+                events,
+            }),
+        })
+    }
+
+    /// The runtime root.
+    pub fn runtime_root(&self) -> &Path {
+        &self.shared.options.runtime_root
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &QemuDriverOptions {
+        &self.shared.options
+    }
+
+    /// Destroy every active domain and forget every domain (removing their runtime
+    /// directories). Use before dropping the driver to end everything cleanly and wait for it.
+    pub async fn close(&self) -> Result<()> {
+        let domains: Vec<QemuDomain> = self.shared.domains().values().cloned().collect();
+        let mut first_error = None;
+        for domain in domains {
+            if let Err(e) = domain.destroy().await {
+                first_error.get_or_insert(e);
+            }
+            if let Err(e) = self.undefine(&domain.id().name).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[async_trait]
+impl Driver for QemuDriver {
+    type Domain = QemuDomain;
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: BACKEND.into(),
+            // Every operation exists; what does not (S4, paravirt shutdown) is a target or
+            // mode of one and is refused with Error::Unsupported and its reason.
+            unsupported: BTreeMap::new(),
+            shutdown_modes: vec![ShutdownMode::Default, ShutdownMode::Acpi, ShutdownMode::Agent],
+        }
+    }
+
+    async fn define(&self, mut config: DomainConfig) -> Result<QemuDomain> {
+        config.validate()?;
+        let uuid = *config.uuid.get_or_insert_with(Uuid::new_v4);
+        let domain = {
+            let mut domains = self.shared.domains();
+            if domains.contains_key(&config.name) {
+                return Err(Error::AlreadyExists {
+                    what: format!("domain {:?}", config.name),
+                });
+            }
+            if let Some(other) = domains.values().find(|d| d.id().uuid == uuid) {
+                return Err(Error::AlreadyExists {
+                    what: format!("uuid {uuid} (domain {:?})", other.id().name),
+                });
+            }
+            let id = DomainId {
+                name: config.name.clone(),
+                uuid,
+            };
+            let cell = LifecycleCell::new(
+                Lifecycle::new(id.clone(), config.policies()),
+                Some(self.shared.events.clone()),
+            );
+            let dir = self.shared.options.runtime_root.join(&config.name);
+            let domain = QemuDomain::new(id, config, cell, dir, self.shared.options.clone());
+            domains.insert(domain.id().name.clone(), domain.clone());
+            domain
+        };
+        let event = domain.cell().with(|lc| lc.defined(SystemTime::now()));
+        domain.cell().publish(event);
+        Ok(domain)
+    }
+
+    async fn undefine(&self, name: &str) -> Result<()> {
+        let domain = self.lookup_by_name(name).await?;
+        domain.ensure_inactive(domkit_core::Operation::Undefine)?;
+        self.shared.domains().remove(name);
+        domain.forget();
+        let event = domain.cell().with(|lc| lc.undefined(SystemTime::now()));
+        domain.cell().publish(event);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<DomainInfo>> {
+        let domains: Vec<QemuDomain> = self.shared.domains().values().cloned().collect();
+        Ok(domains.iter().map(QemuDomain::info_now).collect())
+    }
+
+    async fn lookup_by_name(&self, name: &str) -> Result<QemuDomain> {
+        self.shared
+            .domains()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::domain_not_found(name))
+    }
+
+    async fn lookup_by_uuid(&self, uuid: Uuid) -> Result<QemuDomain> {
+        self.shared
+            .domains()
+            .values()
+            .find(|d| d.id().uuid == uuid)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                what: format!("domain with uuid {uuid}"),
+            })
+    }
+
+    fn subscribe(&self) -> EventStream {
+        EventStream::new(self.shared.events.subscribe())
+    }
+}
