@@ -96,23 +96,34 @@ pub async fn probe_kvm_boot(binary: &Path, probe: &KvmProbe) -> bool {
     {
         return false;
     }
-    let Ok(dir) = tempfile::Builder::new().prefix("domkit-kvm-probe").tempdir() else {
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix("domkit-kvm-probe")
+        .tempdir()
+    else {
         return false;
     };
     let serial = dir.path().join("serial.log");
     let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(["-machine", "pc", "-accel", "kvm", "-m", "128", "-nodefaults"])
-        .args(["-no-user-config", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&probe.kernel)
-        .arg("-append")
-        .arg("console=ttyS0 panic=-1")
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "-machine",
+        "pc",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+    ])
+    .args(["-no-user-config", "-display", "none", "-no-reboot"])
+    .arg("-kernel")
+    .arg(&probe.kernel)
+    .arg("-append")
+    .arg("console=ttyS0 panic=-1")
+    .arg("-serial")
+    .arg(format!("file:{}", serial.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
     if let Some(initrd) = &probe.initrd {
         cmd.arg("-initrd").arg(initrd);
     }

@@ -114,7 +114,10 @@ pub fn build_argv(
         None => DEFAULT_BINARY.to_string(),
     };
     push(&[&binary]);
-    push(&["-name", &format!("guest={},debug-threads=on", opt(&config.name))]);
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", opt(&config.name)),
+    ]);
     if let Some(uuid) = config.uuid {
         push(&["-uuid", &uuid.to_string()]);
     }
@@ -140,8 +143,8 @@ pub fn build_argv(
     } else {
         &config.consoles[..]
     };
-    let needs_virtio_serial = !config.channels.is_empty()
-        || consoles.iter().any(|c| c.kind == ConsoleKind::Pv);
+    let needs_virtio_serial =
+        !config.channels.is_empty() || consoles.iter().any(|c| c.kind == ConsoleKind::Pv);
     if needs_virtio_serial {
         push(&["-device", "virtio-serial-pci,id=vser0"]);
     }
@@ -274,7 +277,11 @@ mod tests {
 
     fn config() -> DomainConfig {
         let mut c = DomainConfig::with_kernel("web1", 128, "/boot/vmlinuz".into());
-        c.uuid = Some("4c1e0a4e-8f1a-4a57-9a0e-6b8f0a1c2d3e".parse().expect("uuid"));
+        c.uuid = Some(
+            "4c1e0a4e-8f1a-4a57-9a0e-6b8f0a1c2d3e"
+                .parse()
+                .expect("uuid"),
+        );
         if let Boot::Kernel {
             initrd, cmdline, ..
         } = &mut c.boot
@@ -325,8 +332,7 @@ mod tests {
     fn monitor_is_a_client_socket_in_the_runtime_dir() {
         let argv = build_argv(&config(), AccelChoice::Kvm, &paths(), false).expect("argv");
         let chardevs = values(&argv, "-chardev");
-        assert!(chardevs
-            .contains(&"socket,id=mon0,path=/run/domkit/qemu/web1/qmp.sock,server=off"));
+        assert!(chardevs.contains(&"socket,id=mon0,path=/run/domkit/qemu/web1/qmp.sock,server=off"));
         assert_eq!(values(&argv, "-mon"), ["chardev=mon0,mode=control"]);
         assert_eq!(values(&argv, "-accel"), ["kvm"]);
     }
@@ -356,9 +362,8 @@ mod tests {
         let chardevs = values(&argv, "-chardev");
         assert!(chardevs.contains(&"file,id=console0,path=/run/domkit/qemu/web1/serial.log"));
         assert_eq!(values(&argv, "-serial"), ["chardev:console0"]);
-        assert!(chardevs.contains(
-            &"socket,id=chan0,path=/run/domkit/qemu/web1/agent.sock,server=on,wait=off"
-        ));
+        assert!(chardevs
+            .contains(&"socket,id=chan0,path=/run/domkit/qemu/web1/agent.sock,server=on,wait=off"));
         let devices = values(&argv, "-device");
         assert!(devices.contains(&"virtio-serial-pci,id=vser0"));
         assert!(devices.contains(

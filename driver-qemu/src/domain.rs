@@ -154,7 +154,13 @@ impl QemuDomain {
 
     /// The serial console log (console 0, unless the config gives it another path).
     pub fn serial_log(&self) -> PathBuf {
-        match self.inner.config.consoles.first().and_then(|c| c.log.clone()) {
+        match self
+            .inner
+            .config
+            .consoles
+            .first()
+            .and_then(|c| c.log.clone())
+        {
             Some(log) => log,
             None => self.inner.paths.console_log(0),
         }
@@ -278,7 +284,8 @@ impl QemuDomain {
         let auto_kvm = config.qemu.accel == domkit_core::Accel::Auto
             && crate::accel::auto_uses_kvm(&options.auto_accel, &binary).await;
         let accel = crate::accel::resolve(config.qemu.accel, auto_kvm);
-        let argv = build_argv(config, accel, &paths, incoming).map_err(|e| backend(e.to_string()))?;
+        let argv =
+            build_argv(config, accel, &paths, incoming).map_err(|e| backend(e.to_string()))?;
         let launch_options = LaunchOptions {
             connect_timeout: options.connect_timeout,
             qmp: QmpClientOptions {
@@ -325,7 +332,9 @@ impl QemuDomain {
     /// Tell the lifecycle the domain exists, unless its process died meanwhile (then the
     /// supervisor's `Gone` came first and was a no-op: repeat it now).
     fn created(&self, instance: &Instance, how: Creation, paused: bool) {
-        self.inner.cell.observe(Observation::Created { how, paused });
+        self.inner
+            .cell
+            .observe(Observation::Created { how, paused });
         if instance.has_ended() || self.instance().is_none() {
             self.inner.cell.observe(Observation::Gone {
                 unexplained: ShutoffReason::Crashed,
@@ -336,7 +345,9 @@ impl QemuDomain {
     /// Kill a half-started instance and report the failed creation.
     async fn abandon(&self, instance: &Instance) {
         instance.kill();
-        instance.wait_ended(self.inner.options.destroy_timeout).await;
+        instance
+            .wait_ended(self.inner.options.destroy_timeout)
+            .await;
         self.inner.cell.observe(Observation::CreateFailed);
     }
 
@@ -528,9 +539,8 @@ impl QemuDomain {
                 return Err(self.qmp_error(operation, "migrate", e));
             }
             self.wait_migration(qmp, &mut events, operation).await?;
-            temp.commit().map_err(|e| {
-                Error::io(format!("writing the save file {}", path.display()), e)
-            })
+            temp.commit()
+                .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e))
         }
         .await;
         match migrated {

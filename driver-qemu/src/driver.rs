@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use domkit_core::cell::EVENT_BUFFER;
 use domkit_core::{
-    Capabilities, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver, Error, EventStream,
-    Lifecycle, LifecycleCell, Result, ShutdownMode,
+    Capabilities, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver, Error,
+    EventStream, Lifecycle, LifecycleCell, Result, ShutdownMode,
 };
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -178,7 +178,11 @@ impl Driver for QemuDriver {
             // Every operation exists; what does not (S4, paravirt shutdown) is a target or
             // mode of one and is refused with Error::Unsupported and its reason.
             unsupported: BTreeMap::new(),
-            shutdown_modes: vec![ShutdownMode::Default, ShutdownMode::Acpi, ShutdownMode::Agent],
+            shutdown_modes: vec![
+                ShutdownMode::Default,
+                ShutdownMode::Acpi,
+                ShutdownMode::Agent,
+            ],
         }
     }
 

@@ -122,8 +122,9 @@ pub async fn launch(
             output,
         }))
     };
-    let io_failure =
-        |what: &str, e: io::Error, argv: &[String]| failure(format!("{what}: {e}"), None, String::new(), argv);
+    let io_failure = |what: &str, e: io::Error, argv: &[String]| {
+        failure(format!("{what}: {e}"), None, String::new(), argv)
+    };
 
     let _ = std::fs::remove_file(&paths.qmp_socket);
     let listener = UnixListener::bind(&paths.qmp_socket)
@@ -133,15 +134,20 @@ pub async fn launch(
     std::fs::set_permissions(&paths.qmp_socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| io_failure("cannot restrict the QMP socket", e, &argv))?;
 
-    let log = open_log(&paths.qemu_log)
-        .map_err(|e| io_failure("cannot open the QEMU log", e, &argv))?;
+    let log =
+        open_log(&paths.qemu_log).map_err(|e| io_failure("cannot open the QEMU log", e, &argv))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let log_err = log
         .try_clone()
         .map_err(|e| io_failure("cannot open the QEMU log", e, &argv))?;
 
     let Some((binary, args)) = argv.split_first() else {
-        return Err(failure("empty command line".into(), None, String::new(), &argv));
+        return Err(failure(
+            "empty command line".into(),
+            None,
+            String::new(),
+            &argv,
+        ));
     };
     let mut cmd = Command::new(binary);
     cmd.args(args)

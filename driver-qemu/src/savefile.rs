@@ -216,8 +216,8 @@ pub fn open_for_restore(path: &Path) -> io::Result<(File, SaveHeader)> {
         }
         filled += n;
     }
-    let (header, len) = parse_header(&buf[..filled])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let (header, len) =
+        parse_header(&buf[..filled]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     file.seek(SeekFrom::Start(len as u64))?;
     Ok((file, header))
 }
