@@ -7,11 +7,14 @@
 //! - [`backend::TestBackend`]: what a backend provides (driver, test guest, guest-side
 //!   actions, out-of-band kill);
 //! - [`scenarios`]: the scenarios, each checking uniform states and the exact event sequence;
-//! - [`runner`]: runs them and reports a table / JSON.
+//! - [`runner`]: runs them and reports a table / JSON;
+//! - `qemu` (feature `qemu`, default): the QEMU test backend.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "qemu")]
+pub mod qemu;
 pub mod runner;
 pub mod scenario;
 pub mod scenarios;

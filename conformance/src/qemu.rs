@@ -1,0 +1,197 @@
+//! The QEMU test backend: real `qemu-system-x86_64` (TCG) booting the repo's test guest
+//! (`scripts/build-test-guest.sh`), with guest-side actions through the real guest agent.
+
+use crate::backend::{GuestAction, GuestOptions, TestBackend};
+use async_trait::async_trait;
+use domkit_core::{
+    Accel, Boot, Channel, ChannelKind, DomainConfig, QemuSettings, ShutoffReason, XenSettings,
+};
+use domkit_qemu::agent::codec::GuestExecRequest;
+use domkit_qemu::{QemuDomain, QemuDriver, QemuDriverOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the test guest is: `$DOMKIT_GUEST_DIR`, else `~/.cache/domkit/guest`.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("DOMKIT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/domkit/guest")
+        })
+}
+
+/// The test guest's config (`name`, 128 MiB, 1 vCPU, serial console, guest agent, TCG).
+pub fn test_guest_config(dir: &Path, name: &str, options: GuestOptions) -> DomainConfig {
+    let mut cmdline = String::from("console=ttyS0 quiet");
+    if options.ignore_shutdown {
+        cmdline.push_str(" domkit.ignore_shutdown=1");
+    }
+    DomainConfig {
+        name: name.to_string(),
+        uuid: None,
+        vcpus: 1,
+        memory_mib: 128,
+        boot: Boot::Kernel {
+            kernel: dir.join("vmlinuz"),
+            initrd: Some(dir.join("initrd.img")),
+            cmdline,
+        },
+        disks: vec![],
+        nics: vec![],
+        consoles: vec![],
+        channels: vec![Channel {
+            kind: ChannelKind::GuestAgent,
+            name: None,
+        }],
+        on_poweroff: options.policies.on_poweroff,
+        on_reboot: options.policies.on_reboot,
+        on_crash: options.policies.on_crash,
+        qemu: QemuSettings {
+            binary: None,
+            accel: Accel::Tcg,
+            pvpanic: true,
+        },
+        xen: XenSettings::default(),
+    }
+}
+
+/// The QEMU backend under test.
+pub struct QemuTestBackend {
+    driver: QemuDriver,
+    guest: PathBuf,
+    scratch: tempfile::TempDir,
+    _runtime: tempfile::TempDir,
+}
+
+impl QemuTestBackend {
+    /// A driver with a private runtime root, and the test guest (which must have been built).
+    pub fn new() -> Result<Self, String> {
+        let guest = guest_dir();
+        for f in ["vmlinuz", "initrd.img"] {
+            if !guest.join(f).is_file() {
+                return Err(format!(
+                    "test guest missing: {} not found; run scripts/build-test-guest.sh (or set DOMKIT_GUEST_DIR)",
+                    guest.join(f).display()
+                ));
+            }
+        }
+        let runtime = tempfile::Builder::new()
+            .prefix("domkit-conf-run")
+            .tempdir()
+            .map_err(|e| format!("runtime dir: {e}"))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("domkit-conf-scratch")
+            .tempdir()
+            .map_err(|e| format!("scratch dir: {e}"))?;
+        let driver = QemuDriver::new(QemuDriverOptions::with_runtime_root(runtime.path()))
+            .map_err(|e| e.to_string())?;
+        Ok(QemuTestBackend {
+            driver,
+            guest,
+            scratch,
+            _runtime: runtime,
+        })
+    }
+
+    /// Run `/bin/sh -c script` in the guest; with `wait`, return its stdout.
+    async fn sh(&self, domain: &QemuDomain, script: &str, wait: bool) -> Result<String, String> {
+        let agent = domain.guest_agent().await.map_err(|e| e.to_string())?;
+        let pid = agent
+            .exec(&GuestExecRequest {
+                path: "/bin/sh".into(),
+                args: vec!["-c".into(), script.into()],
+                env: vec![],
+                input: None,
+                capture_output: wait,
+            })
+            .await
+            .map_err(|e| format!("guest-exec: {e}"))?;
+        if !wait {
+            return Ok(String::new());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = agent
+                .exec_status(pid)
+                .await
+                .map_err(|e| format!("guest-exec-status: {e}"))?;
+            if st.exited {
+                let out = st.out_data.unwrap_or_default();
+                return Ok(String::from_utf8_lossy(&out).trim().to_string());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{script:?} did not finish in the guest"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl TestBackend for QemuTestBackend {
+    type Driver = QemuDriver;
+
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn driver(&self) -> &QemuDriver {
+        &self.driver
+    }
+
+    fn guest_config(&self, name: &str, options: GuestOptions) -> DomainConfig {
+        test_guest_config(&self.guest, name, options)
+    }
+
+    async fn wait_guest_ready(&self, domain: &QemuDomain, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline {
+            match domain.guest_agent().await {
+                Ok(agent) => match agent.ping().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(format!("guest agent not answering after {timeout:?}: {last}"))
+    }
+
+    async fn guest_do(&self, domain: &QemuDomain, action: GuestAction) -> Result<(), String> {
+        // Detached with a short delay, so the agent's reply to guest-exec gets out first.
+        let script = match action {
+            GuestAction::Poweroff => "sleep 0.3; poweroff -f",
+            GuestAction::Reboot => "sleep 0.3; reboot -f",
+            GuestAction::Panic => "sleep 0.3; echo c > /proc/sysrq-trigger",
+        };
+        self.sh(domain, script, false).await.map(|_| ())
+    }
+
+    async fn guest_boot_id(&self, domain: &QemuDomain) -> Result<String, String> {
+        let id = self
+            .sh(domain, "cat /proc/sys/kernel/random/boot_id", true)
+            .await?;
+        if id.len() < 32 {
+            return Err(format!("unexpected boot id {id:?}"));
+        }
+        Ok(id)
+    }
+
+    async fn kill_out_of_band(&self, domain: &QemuDomain) -> Result<ShutoffReason, String> {
+        let pid = domain.pid().ok_or("the domain has no qemu process")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| format!("kill {pid}: {e}"))?;
+        // §10: the emulator process died under the guest: the virtual machine crashed.
+        Ok(ShutoffReason::Crashed)
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.scratch.path().to_path_buf()
+    }
+}
