@@ -157,7 +157,9 @@ impl TestBackend for QemuTestBackend {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Err(format!("guest agent not answering after {timeout:?}: {last}"))
+        Err(format!(
+            "guest agent not answering after {timeout:?}: {last}"
+        ))
     }
 
     async fn guest_do(&self, domain: &QemuDomain, action: GuestAction) -> Result<(), String> {

@@ -1,0 +1,473 @@
+//! `domkit`: the command-line tool.
+//!
+//! - `domkit demo`: the main job: a real VM lifecycle on the default backend, printing each
+//!   uniform event as it happens with timings.
+//! - `domkit run CONFIG`: run a domain from a TOML/JSON config in the foreground.
+//! - `domkit conformance`: run the conformance suite against a backend.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use domkit_conformance::{GuestOptions, SuiteReport, TestBackend};
+use domkit_core::{
+    Domain, DomainConfig, Driver, EventKind, ShutdownMode, ShutdownOptions, ShutdownWait,
+    ShutoffReason, StartOptions, StoppedDetail,
+};
+use domkit_examples::{ensure_test_guest, print_event};
+use futures::StreamExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Manage virtual machines on QEMU and Xen with one uniform lifecycle model.
+#[derive(Parser, Debug)]
+#[command(name = "domkit", version, about, long_about = None)]
+struct Cli {
+    /// Hypervisor connection: `qemu:///session` (default) or `libxl:///` (Xen, needs the
+    /// `libxl` feature and a dom0).
+    #[arg(long, short = 'c', global = true, default_value = "qemu:///session")]
+    connect: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot the test guest and walk its lifecycle (pause, resume, save, restore, reboot,
+    /// graceful shutdown), printing each uniform event with timings.
+    Demo {
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a domain from a TOML/JSON config and print its events until it stops.
+    /// SIGINT/SIGTERM request a graceful shutdown (destroy after --shutdown-timeout; a second
+    /// signal destroys at once). Exit status: 0 shut down or saved, 3 destroyed, 4 crashed,
+    /// 5 failed, 1 error, 2 usage.
+    Run {
+        /// The domain config (`.json` is JSON, anything else TOML).
+        config: PathBuf,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds a graceful shutdown may take before the domain is destroyed.
+        #[arg(long, default_value_t = 60)]
+        shutdown_timeout: u64,
+    },
+    /// Run the conformance suite against a backend and print the table; exits non-zero on
+    /// any failure.
+    Conformance {
+        /// Backend: `qemu` or `libxl` (default: from --connect).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Run only scenarios whose name contains PATTERN.
+        #[arg(long, value_name = "PATTERN")]
+        only: Option<String>,
+        /// List the scenarios and exit.
+        #[arg(long)]
+        list: bool,
+        /// Also write the report, with the command and date, to FILE (e.g.
+        /// docs/conformance/qemu.json, read by scripts/status-table.py).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backend {
+    Qemu,
+    Libxl,
+}
+
+fn parse_connect(uri: &str) -> Result<Backend, String> {
+    match uri {
+        "qemu:///session" | "qemu:///system" | "qemu" => Ok(Backend::Qemu),
+        "libxl:///" | "xen:///" | "libxl" | "xen" => Ok(Backend::Libxl),
+        other => Err(format!(
+            "unknown connection URI {other:?}: use qemu:///session or libxl:///"
+        )),
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("domkit: error: {msg}\nhint: see `domkit --help`");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let backend = match &cli.command {
+        Command::Conformance {
+            backend: Some(b), ..
+        } => parse_connect(b),
+        _ => parse_connect(&cli.connect),
+    };
+    let backend = match backend {
+        Ok(b) => b,
+        Err(e) => return usage_error(&e),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("domkit: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(backend, cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("domkit: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(backend: Backend, command: Command) -> anyhow::Result<u8> {
+    match backend {
+        Backend::Qemu => {
+            let make = || -> anyhow::Result<domkit_conformance::qemu::QemuTestBackend> {
+                ensure_test_guest()?;
+                domkit_conformance::qemu::QemuTestBackend::new().map_err(anyhow::Error::msg)
+            };
+            match command {
+                Command::Demo { json } => demo(&make()?, json).await,
+                Command::Run {
+                    config,
+                    paused,
+                    json,
+                    shutdown_timeout,
+                } => {
+                    let driver = domkit_qemu::QemuDriver::new(Default::default())?;
+                    run_config(&driver, config, paused, json, shutdown_timeout).await
+                }
+                Command::Conformance {
+                    json,
+                    only,
+                    list,
+                    record,
+                    ..
+                } => {
+                    if list {
+                        return Ok(list_scenarios::<domkit_conformance::qemu::QemuTestBackend>());
+                    }
+                    conformance(&make()?, json, only, record).await
+                }
+            }
+        }
+        Backend::Libxl => libxl_dispatch(command).await,
+    }
+}
+
+#[cfg(feature = "libxl")]
+async fn libxl_dispatch(command: Command) -> anyhow::Result<u8> {
+    use domkit_conformance::libxl::LibxlTestBackend;
+    let make = || LibxlTestBackend::new().map_err(anyhow::Error::msg);
+    match command {
+        Command::Demo { json } => demo(&make()?, json).await,
+        Command::Run {
+            config,
+            paused,
+            json,
+            shutdown_timeout,
+        } => {
+            let driver = domkit_libxl::LibxlDriver::new()?;
+            run_config(&driver, config, paused, json, shutdown_timeout).await
+        }
+        Command::Conformance {
+            json,
+            only,
+            list,
+            record,
+            ..
+        } => {
+            if list {
+                return Ok(list_scenarios::<LibxlTestBackend>());
+            }
+            conformance(&make()?, json, only, record).await
+        }
+    }
+}
+
+#[cfg(not(feature = "libxl"))]
+async fn libxl_dispatch(_command: Command) -> anyhow::Result<u8> {
+    anyhow::bail!(
+        "this domkit was built without the Xen backend\nhint: rebuild with \
+         `cargo build -p domkit-examples --features libxl` (needs libxen-dev: scripts/install-deps.sh xen)"
+    )
+}
+
+fn list_scenarios<B: TestBackend>() -> u8 {
+    for (name, about) in domkit_conformance::runner::list::<B>() {
+        println!("{name:<28} {about}");
+    }
+    0
+}
+
+/// Time one step of the demo and print it.
+async fn step<T, F>(name: &str, t0: Instant, json: bool, fut: F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = domkit_core::Result<T>>,
+{
+    let started = Instant::now();
+    let r = fut
+        .await
+        .with_context(|| format!("demo step `{name}` failed"))?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"step": name, "ms": (ms * 10.0).round() / 10.0, "elapsed_s": t0.elapsed().as_secs_f64()})
+        );
+    } else {
+        println!("== {name:<34} {ms:9.1} ms");
+    }
+    Ok(r)
+}
+
+async fn demo<B: TestBackend>(backend: &B, json: bool) -> anyhow::Result<u8> {
+    let t0 = Instant::now();
+    let driver = backend.driver();
+    let name = format!("domkit-demo-{}", std::process::id());
+    let domain = driver
+        .define(backend.guest_config(&name, GuestOptions::default()))
+        .await?;
+    if !json {
+        println!(
+            "domkit demo on the {} backend: domain {}",
+            backend.name(),
+            domain.id()
+        );
+    }
+    let mut events = domain.subscribe();
+    let printer = tokio::spawn(async move {
+        let mut n = 0u32;
+        while let Some(ev) = events.next().await {
+            print_event(&ev, t0, json);
+            n += 1;
+        }
+        n
+    });
+    let result = demo_steps(backend, &domain, t0, json).await;
+    if result.is_err() {
+        let _ = domain.destroy().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = driver.undefine(&name).await;
+    printer.abort();
+    result?;
+    let state = domain.state();
+    if !json {
+        println!(
+            "demo finished in {:.1} s; final state: {state}",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(0)
+}
+
+async fn demo_steps<B: TestBackend>(
+    backend: &B,
+    domain: &<B::Driver as Driver>::Domain,
+    t0: Instant,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ready = Duration::from_secs(180);
+    step("start", t0, json, domain.start(StartOptions::default())).await?;
+    step("wait for the guest to boot", t0, json, async {
+        backend
+            .wait_guest_ready(domain, ready)
+            .await
+            .map_err(|e| domkit_core::Error::Backend {
+                backend: backend.name().into(),
+                message: e,
+            })
+    })
+    .await?;
+    step("pause", t0, json, domain.pause()).await?;
+    step("resume", t0, json, domain.resume()).await?;
+    let save = backend.scratch_dir().join("demo.save");
+    step("save", t0, json, domain.save(&save)).await?;
+    let size = std::fs::metadata(&save).map(|m| m.len()).unwrap_or(0);
+    if !json {
+        println!(
+            "   save file: {} ({:.1} MiB)",
+            save.display(),
+            size as f64 / 1048576.0
+        );
+    }
+    step(
+        "restore",
+        t0,
+        json,
+        domain.restore(&save, Default::default()),
+    )
+    .await?;
+    let _ = std::fs::remove_file(&save);
+    step(
+        "reboot",
+        t0,
+        json,
+        domain.reboot(ShutdownMode::Default, ready),
+    )
+    .await?;
+    step("wait for the guest to boot again", t0, json, async {
+        backend
+            .wait_guest_ready(domain, ready)
+            .await
+            .map_err(|e| domkit_core::Error::Backend {
+                backend: backend.name().into(),
+                message: e,
+            })
+    })
+    .await?;
+    let outcome = step(
+        "graceful shutdown (wait: completed)",
+        t0,
+        json,
+        domain.shutdown(ShutdownOptions {
+            mode: ShutdownMode::Default,
+            wait: ShutdownWait::Completed,
+            timeout: Duration::from_secs(120),
+            destroy_on_timeout: true,
+        }),
+    )
+    .await?;
+    anyhow::ensure!(
+        domain.state() == domkit_core::DomainState::Shutoff(ShutoffReason::Shutdown),
+        "after shutdown ({outcome:?}) the domain is {}",
+        domain.state()
+    );
+    Ok(())
+}
+
+async fn run_config<D: Driver>(
+    driver: &D,
+    path: PathBuf,
+    paused: bool,
+    json: bool,
+    shutdown_timeout: u64,
+) -> anyhow::Result<u8> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let t0 = Instant::now();
+    let config = DomainConfig::load(&path)?;
+    let domain = driver.define(config).await?;
+    let mut events = domain.subscribe();
+    domain.start(StartOptions { paused }).await?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut signals = 0u32;
+    let code = loop {
+        tokio::select! {
+            ev = events.next() => {
+                let Some(ev) = ev else { break 1 };
+                print_event(&ev, t0, json);
+                if let EventKind::Stopped(detail) = ev.kind {
+                    if domain.state().is_shutoff() {
+                        break match detail {
+                            StoppedDetail::Shutdown | StoppedDetail::Saved => 0,
+                            StoppedDetail::Destroyed => 3,
+                            StoppedDetail::Crashed => 4,
+                            StoppedDetail::Failed => 5,
+                        };
+                    }
+                }
+            }
+            _ = async { tokio::select! { _ = sigint.recv() => (), _ = sigterm.recv() => () } } => {
+                signals += 1;
+                if signals == 1 {
+                    eprintln!("domkit: signal received: shutting down (destroy after {shutdown_timeout} s; signal again to destroy now)");
+                    let d = domain.clone();
+                    tokio::spawn(async move {
+                        let _ = d.shutdown(ShutdownOptions {
+                            mode: ShutdownMode::Default,
+                            wait: ShutdownWait::Completed,
+                            timeout: Duration::from_secs(shutdown_timeout),
+                            destroy_on_timeout: true,
+                        }).await;
+                    });
+                } else {
+                    eprintln!("domkit: second signal: destroying");
+                    domain.destroy().await?;
+                }
+            }
+        }
+    };
+    let name = domain.id().name.clone();
+    let _ = driver.undefine(&name).await;
+    Ok(code)
+}
+
+async fn conformance<B: TestBackend>(
+    backend: &B,
+    json: bool,
+    only: Option<String>,
+    record: Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    let report: SuiteReport = domkit_conformance::run(backend, only.as_deref()).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+        println!("{}", report.summary_line());
+    }
+    if let Some(path) = record {
+        let args: Vec<String> = std::env::args().collect();
+        let doc = serde_json::json!({
+            "backend": report.backend,
+            "command": args.join(" "),
+            "date": utc_date_now(),
+            "host": host_facts(),
+            "report": report,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.ok() { 0 } else { 1 })
+}
+
+/// `YYYY-MM-DD` (UTC) without a date crate.
+fn utc_date_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86400) as i64;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn host_facts() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let uname = nix::sys::utsname::uname()
+        .map(|u| {
+            format!(
+                "{} {}",
+                u.sysname().to_string_lossy(),
+                u.release().to_string_lossy()
+            )
+        })
+        .unwrap_or_default();
+    format!("{uname}, {cores} cores")
+}
