@@ -8,11 +8,14 @@
 //!   actions, out-of-band kill);
 //! - [`scenarios`]: the scenarios, each checking uniform states and the exact event sequence;
 //! - [`runner`]: runs them and reports a table / JSON;
-//! - `qemu` (feature `qemu`, default): the QEMU test backend.
+//! - `qemu` (feature `qemu`, default): the QEMU test backend;
+//! - `libxl` (feature `libxl`): the Xen test backend (inside a dom0).
 
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "libxl")]
+pub mod libxl;
 #[cfg(feature = "qemu")]
 pub mod qemu;
 pub mod runner;

@@ -1,0 +1,190 @@
+//! The libxl test backend: the real libxenlight toolstack of a Xen dom0 (in CI: the nested
+//! Xen 4.17 host of `xen-host/`), creating PV domUs from the harness's domU kernel and
+//! initramfs. Guest-side actions go through xenstore: dom0 writes
+//! `/local/domain/<domid>/data/domkit-action` (`poweroff`, `reboot`, `crash`, `report`), the
+//! guest acts on it (`xen-host/domu/init`); `report` makes it write its kernel boot id to
+//! `data/domkit-bootid`.
+
+use crate::backend::{GuestAction, GuestOptions, TestBackend};
+use async_trait::async_trait;
+use domkit_core::{Boot, DomainConfig, QemuSettings, ShutoffReason, XenGuestType, XenSettings};
+use domkit_libxl::{LibxlDomain, LibxlDriver};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// The libxl backend under test.
+pub struct LibxlTestBackend {
+    driver: LibxlDriver,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    scratch: tempfile::TempDir,
+}
+
+impl LibxlTestBackend {
+    /// Connect to the local libxl toolstack; the domU kernel and initramfs come from
+    /// `$DOMKIT_XEN_DOMU_KERNEL` / `$DOMKIT_XEN_DOMU_INITRD` (default `/domu/...`).
+    pub fn new() -> Result<Self, String> {
+        let kernel = env_path("DOMKIT_XEN_DOMU_KERNEL", "/domu/vmlinux");
+        let initrd = env_path("DOMKIT_XEN_DOMU_INITRD", "/domu/initrd.img");
+        for f in [&kernel, &initrd] {
+            if !f.is_file() {
+                return Err(format!(
+                    "domU image {} not found: run inside the Xen test host (xen-host/run-libxl-tests.sh)",
+                    f.display()
+                ));
+            }
+        }
+        let driver = LibxlDriver::new().map_err(|e| e.to_string())?;
+        let scratch = tempfile::Builder::new()
+            .prefix("domkit-conf-scratch")
+            .tempdir()
+            .map_err(|e| format!("scratch dir: {e}"))?;
+        Ok(LibxlTestBackend {
+            driver,
+            kernel,
+            initrd,
+            scratch,
+        })
+    }
+
+    fn domid(domain: &LibxlDomain) -> Result<u32, String> {
+        domain
+            .domid()
+            .ok_or_else(|| "the domain has no domid (not running)".to_string())
+    }
+
+    async fn tool(&self, argv: &[&str]) -> Result<String, String> {
+        let out = tokio::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .output()
+            .await
+            .map_err(|e| format!("{}: {e}", argv[0]))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{argv:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    async fn action(&self, domain: &LibxlDomain, action: &str) -> Result<(), String> {
+        let key = format!("/local/domain/{}/data/domkit-action", Self::domid(domain)?);
+        self.tool(&["xenstore-write", &key, action])
+            .await
+            .map(|_| ())
+    }
+
+    /// Ask the guest for its boot id and wait up to `timeout` for the answer.
+    async fn report(&self, domain: &LibxlDomain, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            // The domid changes across restarts and restores: re-read it each round.
+            if let Ok(domid) = Self::domid(domain) {
+                let key = format!("/local/domain/{domid}/data/domkit-bootid");
+                let _ = self.tool(&["xenstore-rm", &key]).await;
+                match self.action(domain, "report").await {
+                    Ok(()) => {
+                        let until = Instant::now() + Duration::from_secs(3);
+                        while Instant::now() < until {
+                            if let Ok(id) = self.tool(&["xenstore-read", &key]).await {
+                                if id.len() >= 32 {
+                                    return Ok(id);
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(150)).await;
+                        }
+                        last = "no answer to `report`".into();
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(format!(
+            "the domU did not report within {timeout:?}: {last}"
+        ))
+    }
+}
+
+#[async_trait]
+impl TestBackend for LibxlTestBackend {
+    type Driver = LibxlDriver;
+
+    fn name(&self) -> &'static str {
+        "libxl"
+    }
+
+    fn driver(&self) -> &LibxlDriver {
+        &self.driver
+    }
+
+    fn guest_config(&self, name: &str, options: GuestOptions) -> DomainConfig {
+        let mut cmdline = String::from("console=hvc0 quiet");
+        if options.ignore_shutdown {
+            cmdline.push_str(" domkit.ignore_shutdown=1");
+        }
+        DomainConfig {
+            name: name.to_string(),
+            uuid: None,
+            vcpus: 1,
+            memory_mib: 128,
+            boot: Boot::Kernel {
+                kernel: self.kernel.clone(),
+                initrd: Some(self.initrd.clone()),
+                cmdline,
+            },
+            disks: vec![],
+            nics: vec![],
+            consoles: vec![],
+            channels: vec![],
+            on_poweroff: options.policies.on_poweroff,
+            on_reboot: options.policies.on_reboot,
+            on_crash: options.policies.on_crash,
+            qemu: QemuSettings::default(),
+            xen: XenSettings {
+                guest_type: XenGuestType::Pv,
+            },
+        }
+    }
+
+    async fn wait_guest_ready(
+        &self,
+        domain: &LibxlDomain,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.report(domain, timeout).await.map(|_| ())
+    }
+
+    async fn guest_do(&self, domain: &LibxlDomain, action: GuestAction) -> Result<(), String> {
+        let word = match action {
+            GuestAction::Poweroff => "poweroff",
+            GuestAction::Reboot => "reboot",
+            GuestAction::Panic => "crash",
+        };
+        self.action(domain, word).await
+    }
+
+    async fn guest_boot_id(&self, domain: &LibxlDomain) -> Result<String, String> {
+        self.report(domain, Duration::from_secs(60)).await
+    }
+
+    async fn kill_out_of_band(&self, domain: &LibxlDomain) -> Result<ShutoffReason, String> {
+        let domid = Self::domid(domain)?.to_string();
+        self.tool(&["xl", "destroy", &domid]).await?;
+        // §10: a Xen domain dies without a shutdown reason only when destroyed.
+        Ok(ShutoffReason::Destroyed)
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.scratch.path().to_path_buf()
+    }
+}
