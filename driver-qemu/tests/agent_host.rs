@@ -186,6 +186,7 @@ impl Drop for HostAgent {
     }
 }
 
+/// No qemu-ga (or QEMU) process whose parent is this test process.
 fn assert_no_agent_children() {
     let me = std::process::id().to_string();
     let mut leaked = Vec::new();
@@ -198,11 +199,14 @@ fn assert_no_agent_children() {
         };
         let comm = head.split_once('(').map_or("", |(_, c)| c);
         let ppid = tail.split_whitespace().nth(1).unwrap_or("");
-        if ppid == me && comm == "qemu-ga" {
+        if ppid == me && (comm == "qemu-ga" || comm.starts_with("qemu-system")) {
             leaked.push(entry.file_name());
         }
     }
-    assert!(leaked.is_empty(), "leaked qemu-ga children: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "leaked qemu-ga/qemu children: {leaked:?}"
+    );
 }
 
 fn options() -> GuestAgentOptions {
@@ -467,7 +471,10 @@ async fn qemu_chardev_without_guest_agent_times_out() {
         Err(AgentError::Disconnected | AgentError::NotConnected { .. })
     ));
     drop(agent);
+    let path = dir.path().to_path_buf();
     dir.close().expect("cleanup");
+    assert!(!path.exists());
+    assert_no_agent_children();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -251,7 +251,6 @@ async fn stop_and_cont_events_reach_two_subscribers() {
         assert_eq!(resume.kind, QmpEventKind::Resume);
         let stop = wait_event(events, "STOP", |e| e.name == "STOP").await;
         assert_eq!(stop.kind, QmpEventKind::Stop);
-        assert!(stop.timestamp >= resume.timestamp);
         assert!(stop.timestamp.to_system_time().is_some());
         assert!(stop.received_at >= resume.received_at);
     }

@@ -144,8 +144,13 @@ pub struct AgentCommandInfo {
     /// `false` if blocked with `-b/--block-rpcs` (or not supported on this guest OS).
     pub enabled: bool,
     /// `false` for commands that send no reply on success (guest-shutdown, guest-suspend-*).
-    #[serde(rename = "success-response")]
+    /// Assumed `true` when an agent does not say.
+    #[serde(rename = "success-response", default = "default_true")]
     pub success_response: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The reply of `guest-info`.
