@@ -23,6 +23,7 @@ use super::codec::{
     encode_command, encode_sync_delimited, is_sync_reply, AgentDecoder, AgentInfo, FsFreezeStatus,
     GuestExecRequest, GuestExecStatus, GuestNetworkInterface, ShutdownMode,
 };
+use crate::qmp::client::is_peer_gone;
 use crate::qmp::codec::QmpMessage;
 
 /// Errors of the guest agent client.
@@ -66,13 +67,6 @@ pub enum AgentError {
         /// Why.
         reason: String,
     },
-}
-
-fn is_peer_gone(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-    )
 }
 
 /// Tunables of a [`GuestAgent`].

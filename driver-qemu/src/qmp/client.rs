@@ -146,7 +146,9 @@ impl std::fmt::Display for ConnectionEnd {
     }
 }
 
-fn is_peer_gone(err: &io::Error) -> bool {
+/// `true` for the errors that mean the peer closed its end (reset, broken pipe). Shared with
+/// the guest agent client.
+pub(crate) fn is_peer_gone(err: &io::Error) -> bool {
     matches!(
         err.kind(),
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
