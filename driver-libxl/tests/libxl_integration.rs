@@ -1,0 +1,952 @@
+//! Integration tests of the libxl driver against a real Xen 4.17 toolstack.
+//!
+//! They need a Xen dom0 and the test domU of `xen-host/` (kernel and initramfs from
+//! `$DOMKIT_XEN_DOMU_KERNEL` / `$DOMKIT_XEN_DOMU_INITRD`), so they are `#[ignore]`d: run them
+//! with `xen-host/run-libxl-tests.sh`, which builds this binary and runs it in the nested Xen
+//! host with `--ignored --test-threads=1`.
+//!
+//! Guest actions go through xenstore (`data/domkit-action` = poweroff | reboot | crash |
+//! report, see `xen-host/domu/init`); `report` makes the guest write its kernel boot id to
+//! `data/domkit-bootid`, which tells "booted again" from "kept running" (restore).
+//! Every test prints its domain's trace (`DOMKIT-LIBXL-TRACE {json}`): the runner can record
+//! them as the fixtures the unit tests replay (`--record`).
+
+use domkit_core::{
+    CrashedDetail, CrashedReason, Domain, DomainConfig, DomainState, Driver, Error, EventKind,
+    EventStream, LifecycleAction, PausedReason, PmSuspendTarget, PmSuspendedDetail,
+    PmSuspendedReason, RestoreOptions, ResumedDetail, RunningReason, ShutdownMode, ShutdownOptions,
+    ShutdownOutcome, ShutdownRequester, ShutdownWait, ShutoffReason, StartOptions, StartedDetail,
+    StoppedDetail, SuspendedDetail, XenGuestType,
+};
+use domkit_libxl::{LibxlDomain, LibxlDriver};
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOMKIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libxl=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
+fn env_path(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+fn domu(name: &str, extra: &str) -> DomainConfig {
+    let mut c = DomainConfig::with_kernel(
+        name,
+        128,
+        env_path("DOMKIT_XEN_DOMU_KERNEL", "/domu/vmlinux"),
+    );
+    c.boot = domkit_core::Boot::Kernel {
+        kernel: env_path("DOMKIT_XEN_DOMU_KERNEL", "/domu/vmlinux"),
+        initrd: Some(env_path("DOMKIT_XEN_DOMU_INITRD", "/domu/initrd.img")),
+        cmdline: format!("console=hvc0 loglevel=4 {extra}")
+            .trim()
+            .to_string(),
+    };
+    c
+}
+
+fn timing(what: &str, t0: Instant) {
+    println!("DOMKIT-LIBXL-TIMING {what} {} ms", t0.elapsed().as_millis());
+}
+
+fn xs(args: &[&str]) -> Option<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn action(domid: u32, what: &str) {
+    let key = format!("/local/domain/{domid}/data/domkit-action");
+    xs(&["xenstore-write", &key, what]).expect("xenstore-write");
+}
+
+/// Ask the guest for its boot id; waits until its action loop answers.
+async fn boot_id(domain: &LibxlDomain) -> String {
+    let domid = domain.domid().expect("running");
+    let key = format!("/local/domain/{domid}/data/domkit-bootid");
+    let _ = xs(&["xenstore-rm", &key]);
+    action(domid, "report");
+    let t0 = Instant::now();
+    while t0.elapsed() < BOOT {
+        if let Some(id) = xs(&["xenstore-read", &key]).filter(|s| !s.is_empty()) {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!(
+        "the guest {} (domid {domid}) never answered `report`",
+        domain.id().name
+    );
+}
+
+/// Collect events until one matches `last` (included), or fail after `timeout`.
+async fn events_until(
+    stream: &mut EventStream,
+    timeout: Duration,
+    last: impl Fn(&EventKind) -> bool,
+) -> Vec<EventKind> {
+    let mut seen = Vec::new();
+    let r = tokio::time::timeout(timeout, async {
+        while let Some(ev) = stream.next().await {
+            seen.push(ev.kind);
+            if last(&ev.kind) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "timed out; events so far: {seen:?}");
+    seen
+}
+
+/// Events already published (none expected to be pending beyond a short grace).
+async fn drain(stream: &mut EventStream, grace: Duration) -> Vec<EventKind> {
+    let mut seen = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(grace, stream.next()).await {
+        seen.push(ev.kind);
+    }
+    seen
+}
+
+async fn wait_state(
+    domain: &LibxlDomain,
+    timeout: Duration,
+    pred: impl Fn(&DomainState) -> bool,
+) -> DomainState {
+    let t0 = Instant::now();
+    loop {
+        let s = domain.state();
+        if pred(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < timeout, "state stuck at {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The libxl view of a domid: (name, uuid).
+fn libxl_identity(driver: &LibxlDriver, domid: u32) -> (String, uuid::Uuid) {
+    let info = driver.context().domain_info(domid).expect("domain_info");
+    (
+        driver.context().domid_to_name(domid).unwrap_or_default(),
+        info.uuid,
+    )
+}
+
+fn record(test: &str, domain: &LibxlDomain) {
+    let v = serde_json::json!({
+        "test": test,
+        "policies": domain.config().policies(),
+        "trace": domain.trace(),
+        "final_state": domain.state(),
+    });
+    println!("DOMKIT-LIBXL-TRACE {v}");
+}
+
+/// Destroy what a test left behind and check that only dom0 remains.
+async fn finish(driver: &LibxlDriver, domains: &[&LibxlDomain]) {
+    for d in domains {
+        let _ = d.destroy().await;
+    }
+    let left: Vec<_> = driver
+        .host_domains()
+        .expect("list")
+        .into_iter()
+        .filter(|d| d.domid != 0)
+        .collect();
+    for d in &left {
+        let _ = driver.context().destroy(d.domid);
+    }
+    assert!(left.is_empty(), "leaked Xen domains: {left:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t00_config_json_roundtrip_on_real_libxl() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let mut c = domu("dk-json", "quiet");
+    c.vcpus = 2;
+    let d = driver.define(c).await.unwrap();
+    let back = driver
+        .context()
+        .config_roundtrip_json(d.libxl_json())
+        .expect("libxl parses our JSON");
+    let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+    println!("libxl read back: {back}");
+    assert_eq!(v["c_info"]["name"], "dk-json");
+    assert_eq!(v["c_info"]["type"], "pv");
+    assert_eq!(v["c_info"]["uuid"], d.id().uuid.to_string());
+    assert_eq!(v["b_info"]["max_vcpus"], 2);
+    assert_eq!(v["b_info"]["avail_vcpus"], serde_json::json!([0, 1]));
+    assert_eq!(v["b_info"]["max_memkb"], 131072);
+    assert_eq!(v["b_info"]["target_memkb"], 131072);
+    assert_eq!(v["b_info"]["kernel"], "/domu/vmlinux");
+    assert_eq!(v["b_info"]["ramdisk"], "/domu/initrd.img");
+    assert_eq!(v["b_info"]["cmdline"], "console=hvc0 loglevel=4 quiet");
+    assert!(v["b_info"].get("type.pv").is_some(), "{back}");
+    assert_eq!(v["on_reboot"], "restart");
+    // Channels and NICs parse too (not created: the test dom0 has no qemu and no bridge).
+    let mut c = domu("dk-json2", "");
+    c.nics = vec![domkit_core::Nic {
+        mac: Some("00:16:3e:01:02:03".into()),
+        backend: domkit_core::NicBackend::Bridge("xenbr0".into()),
+    }];
+    c.channels = vec![domkit_core::Channel {
+        kind: domkit_core::ChannelKind::Plain,
+        name: Some("org.domkit.test".into()),
+    }];
+    let d2 = driver.define(c).await.unwrap();
+    let back = driver
+        .context()
+        .config_roundtrip_json(d2.libxl_json())
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+    assert_eq!(v["nics"][0]["bridge"], "xenbr0");
+    assert_eq!(v["nics"][0]["mac"], "00:16:3e:01:02:03");
+    assert_eq!(v["channels"][0]["name"], "org.domkit.test");
+    assert!(
+        v["channels"][0]["connection.socket"]["path"].is_string(),
+        "{back}"
+    );
+    finish(&driver, &[]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t01_start_identity_destroy() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-start", "")).await.unwrap();
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    d.start(StartOptions::default()).await.expect("start");
+    timing("create", t0);
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Booted));
+    assert_eq!(
+        events_until(&mut ev, Duration::from_secs(5), |k| *k
+            == EventKind::Started(StartedDetail::Booted))
+        .await,
+        vec![EventKind::Started(StartedDetail::Booted)]
+    );
+    let domid = d.domid().expect("domid");
+    assert_eq!(
+        libxl_identity(&driver, domid),
+        ("dk-start".to_string(), d.id().uuid)
+    );
+    let t0 = Instant::now();
+    let _ = boot_id(&d).await;
+    timing("boot_to_guest_ready", t0);
+    let info = d.info().await.unwrap();
+    assert_eq!(info.backend_handle, Some(format!("domid {domid}")));
+    // start of an active domain is invalid
+    assert!(matches!(
+        d.start(StartOptions::default()).await,
+        Err(Error::InvalidState { .. })
+    ));
+    let t0 = Instant::now();
+    d.destroy().await.expect("destroy");
+    timing("destroy", t0);
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Destroyed));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(2)).await,
+        vec![EventKind::Stopped(StoppedDetail::Destroyed)]
+    );
+    assert_eq!(d.domid(), None);
+    d.destroy()
+        .await
+        .expect("destroying a shut-off domain is a no-op");
+    record("t01_start_identity_destroy", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t02_start_paused_then_resume() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-paused", "")).await.unwrap();
+    let mut ev = d.subscribe();
+    d.start(StartOptions { paused: true })
+        .await
+        .expect("start paused");
+    assert_eq!(d.state(), DomainState::Paused(PausedReason::User));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![
+            EventKind::Started(StartedDetail::Booted),
+            EventKind::Suspended(SuspendedDetail::Paused)
+        ]
+    );
+    let info = driver.context().domain_info(d.domid().unwrap()).unwrap();
+    assert!(info.paused, "libxl says the domain runs");
+    d.resume().await.unwrap();
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Unpaused));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![EventKind::Resumed(ResumedDetail::Unpaused)]
+    );
+    let _ = boot_id(&d).await;
+    record("t02_start_paused_then_resume", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t03_pause_unpause_twice_no_duplicate_events() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-pause", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let mut ev = d.subscribe();
+    let mut raw = d.subscribe();
+    d.pause().await.unwrap();
+    d.pause().await.unwrap();
+    assert_eq!(d.state(), DomainState::Paused(PausedReason::User));
+    assert!(
+        driver
+            .context()
+            .domain_info(d.domid().unwrap())
+            .unwrap()
+            .paused
+    );
+    d.resume().await.unwrap();
+    d.resume().await.unwrap();
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Unpaused));
+    let seen = drain(&mut ev, Duration::from_secs(1)).await;
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::Suspended(SuspendedDetail::Paused),
+            EventKind::Resumed(ResumedDetail::Unpaused)
+        ]
+    );
+    let mut seqs = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), raw.next()).await {
+        seqs.push(e.seq);
+    }
+    assert_eq!(seqs.len(), 2);
+    assert_eq!(seqs[1], seqs[0] + 1, "seq must increase by exactly 1");
+    d.pause().await.unwrap();
+    d.resume().await.unwrap();
+    assert_eq!(drain(&mut ev, Duration::from_secs(1)).await.len(), 2);
+    record("t03_pause_unpause_twice_no_duplicate_events", &d);
+    finish(&driver, &[&d]).await;
+    // pause of a shut-off domain
+    assert!(matches!(d.pause().await, Err(Error::InvalidState { .. })));
+    assert!(matches!(d.resume().await, Err(Error::InvalidState { .. })));
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t04_shutdown_acknowledged_then_completed() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-shut", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    let out = d
+        .shutdown(ShutdownOptions {
+            wait: ShutdownWait::Acknowledged,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    timing("shutdown_acknowledged", t0);
+    assert_eq!(out, ShutdownOutcome::Acknowledged);
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    timing("shutdown_completed", t0);
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::ShutdownRequested(ShutdownRequester::Host),
+            EventKind::Stopped(StoppedDetail::Shutdown)
+        ]
+    );
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Shutdown));
+    record("t04_shutdown_acknowledged", &d);
+
+    // completed in one call
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let t0 = Instant::now();
+    let out = d.shutdown(ShutdownOptions::default()).await.unwrap();
+    timing("shutdown_completed_call", t0);
+    assert_eq!(out, ShutdownOutcome::Completed);
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Shutdown));
+    assert!(matches!(
+        d.shutdown(ShutdownOptions::default()).await,
+        Err(Error::InvalidState { .. })
+    ));
+    record("t04_shutdown_completed", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t05_shutdown_ignored_times_out_then_escalates_to_destroy() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver
+        .define(domu("dk-deaf", "domkit.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    let r = d
+        .shutdown(ShutdownOptions {
+            timeout: Duration::from_secs(6),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert_eq!(
+        d.state(),
+        DomainState::ShuttingDown(domkit_core::ShuttingDownReason::User)
+    );
+    let r = d
+        .shutdown(ShutdownOptions {
+            timeout: Duration::from_secs(5),
+            destroy_on_timeout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, ShutdownOutcome::Destroyed);
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Destroyed));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![
+            EventKind::ShutdownRequested(ShutdownRequester::Host),
+            EventKind::Stopped(StoppedDetail::Destroyed)
+        ]
+    );
+    record("t05_shutdown_ignored", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t06_guest_poweroff() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-poweroff", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    action(d.domid().unwrap(), "poweroff");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::ShutdownRequested(ShutdownRequester::Guest),
+            EventKind::Stopped(StoppedDetail::Shutdown)
+        ]
+    );
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Shutdown));
+    record("t06_guest_poweroff", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t07_guest_reboot_restarts_with_new_domid_same_identity() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-reboot", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    let domid1 = d.domid().unwrap();
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    action(domid1, "reboot");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        *k == EventKind::Rebooted
+    })
+    .await;
+    assert_eq!(seen, vec![EventKind::Rebooted]);
+    let s = wait_state(&d, Duration::from_secs(60), |_| {
+        d.domid().is_some_and(|x| x != domid1)
+    })
+    .await;
+    timing("guest_reboot_restart", t0);
+    assert_eq!(s, DomainState::Running(RunningReason::Booted));
+    let domid2 = d.domid().unwrap();
+    assert_ne!(domid1, domid2);
+    assert_eq!(
+        libxl_identity(&driver, domid2),
+        ("dk-reboot".to_string(), d.id().uuid)
+    );
+    let id2 = boot_id(&d).await;
+    assert_ne!(id1, id2, "the guest did not boot again");
+    // the old domid's death was not reported as an end
+    assert_eq!(drain(&mut ev, Duration::from_secs(2)).await, vec![]);
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Booted));
+    // the new domid is watched: a poweroff now is seen
+    action(domid2, "poweroff");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(
+        seen.last(),
+        Some(&EventKind::Stopped(StoppedDetail::Shutdown))
+    );
+    record("t07_guest_reboot", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t08_api_reboot_and_reset() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-apireboot", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    let domid1 = d.domid().unwrap();
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    d.reboot(ShutdownMode::Default, Duration::from_secs(90))
+        .await
+        .expect("reboot");
+    timing("api_reboot", t0);
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![EventKind::Rebooted]
+    );
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Booted));
+    let domid2 = d.domid().unwrap();
+    assert_ne!(domid1, domid2);
+    let id2 = boot_id(&d).await;
+    assert_ne!(id1, id2);
+    // hard reset: destroy + create, one Rebooted
+    let t0 = Instant::now();
+    d.reset().await.expect("reset");
+    timing("reset", t0);
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![EventKind::Rebooted]
+    );
+    assert_ne!(d.domid().unwrap(), domid2);
+    assert_eq!(
+        libxl_identity(&driver, d.domid().unwrap()),
+        ("dk-apireboot".to_string(), d.id().uuid)
+    );
+    assert!(matches!(
+        d.reboot(ShutdownMode::Acpi, Duration::from_secs(1)).await,
+        Err(Error::Unsupported { .. })
+    ));
+    record("t08_api_reboot_and_reset", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t09_guest_crash_destroy_and_preserve() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-crash", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    action(d.domid().unwrap(), "crash");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::Crashed(CrashedDetail::Panicked),
+            EventKind::Stopped(StoppedDetail::Crashed)
+        ]
+    );
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Crashed));
+    record("t09_guest_crash_destroy", &d);
+
+    let mut c = domu("dk-crash-keep", "");
+    c.on_crash = LifecycleAction::Preserve;
+    let p = driver.define(c).await.unwrap();
+    p.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&p).await;
+    let mut ev = p.subscribe();
+    action(p.domid().unwrap(), "crash");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Crashed(_))
+    })
+    .await;
+    assert_eq!(seen, vec![EventKind::Crashed(CrashedDetail::Panicked)]);
+    assert_eq!(drain(&mut ev, Duration::from_secs(2)).await, vec![]);
+    assert_eq!(p.state(), DomainState::Crashed(CrashedReason::Panicked));
+    let info = driver
+        .context()
+        .domain_info(p.domid().unwrap())
+        .expect("kept");
+    assert!(info.shutdown && info.shutdown_reason == 3, "{info:?}");
+    p.destroy().await.unwrap();
+    assert_eq!(p.state(), DomainState::Shutoff(ShutoffReason::Destroyed));
+    record("t09_guest_crash_preserve", &p);
+    finish(&driver, &[&d, &p]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t10_out_of_band_xl_destroy() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-oob", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let _ = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    let domid = d.domid().unwrap();
+    let st = Command::new("xl")
+        .args(["destroy", &domid.to_string()])
+        .status()
+        .expect("xl");
+    assert!(st.success());
+    let seen = events_until(&mut ev, Duration::from_secs(30), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(seen, vec![EventKind::Stopped(StoppedDetail::Destroyed)]);
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Destroyed));
+    assert_eq!(d.domid(), None, "the driver still believes it has a domain");
+    // and it can be started again
+    d.start(StartOptions::default()).await.unwrap();
+    assert!(d.state().is_running());
+    record("t10_out_of_band_xl_destroy", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t11_save_restore_keeps_identity() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-save", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    let domid1 = d.domid().unwrap();
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let path = dir.path().join("dk-save.save");
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    d.save(&path).await.expect("save");
+    timing("save", t0);
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Saved));
+    let seen = drain(&mut ev, Duration::from_secs(2)).await;
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::Suspended(SuspendedDetail::Saving),
+            EventKind::Stopped(StoppedDetail::Saved)
+        ]
+    );
+    assert!(!seen.iter().any(|k| matches!(k, EventKind::PmSuspended(_))));
+    assert!(
+        driver.context().domain_info(domid1).is_err(),
+        "the saved domain still exists"
+    );
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!("DOMKIT-LIBXL-TIMING save_file_size {} MiB", size >> 20);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temp file left"
+    );
+    let t0 = Instant::now();
+    d.restore(&path, RestoreOptions::default())
+        .await
+        .expect("restore");
+    timing("restore", t0);
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Restored));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![EventKind::Started(StartedDetail::Restored)]
+    );
+    let domid2 = d.domid().unwrap();
+    assert_ne!(domid1, domid2);
+    assert_eq!(
+        libxl_identity(&driver, domid2),
+        ("dk-save".to_string(), d.id().uuid)
+    );
+    let id2 = boot_id(&d).await;
+    assert_eq!(id1, id2, "the restored guest rebooted instead of resuming");
+    // restore of a running domain is invalid; the file is kept
+    assert!(matches!(
+        d.restore(&path, RestoreOptions::default()).await,
+        Err(Error::InvalidState { .. })
+    ));
+    // the restored domain is watched
+    action(domid2, "poweroff");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(
+        seen.last(),
+        Some(&EventKind::Stopped(StoppedDetail::Shutdown))
+    );
+    // a file of another domain is refused
+    let other = driver.define(domu("dk-save-other", "")).await.unwrap();
+    assert!(matches!(
+        other.restore(&path, RestoreOptions::default()).await,
+        Err(Error::Protocol { .. })
+    ));
+    record("t11_save_restore", &d);
+    finish(&driver, &[&d, &other]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t12_save_paused_restores_paused() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-savep", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    d.pause().await.unwrap();
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let path = dir.path().join("p.save");
+    let mut ev = d.subscribe();
+    d.save(&path).await.expect("save of a paused domain");
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Saved));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![EventKind::Stopped(StoppedDetail::Saved)]
+    );
+    d.restore(&path, RestoreOptions::default())
+        .await
+        .expect("restore");
+    assert_eq!(d.state(), DomainState::Paused(PausedReason::User));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![
+            EventKind::Started(StartedDetail::Restored),
+            EventKind::Suspended(SuspendedDetail::Paused)
+        ]
+    );
+    assert!(
+        driver
+            .context()
+            .domain_info(d.domid().unwrap())
+            .unwrap()
+            .paused
+    );
+    d.resume().await.unwrap();
+    assert_eq!(boot_id(&d).await, id1);
+    record("t12_save_paused_restore_paused", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t13_failed_save_keeps_old_file_and_domain_runs() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-savefail", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    let mut ev = d.subscribe();
+
+    // An unwritable place fails before the domain is touched.
+    let r = d.save(Path::new("/nonexistent-domkit/x.save")).await;
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Booted));
+    assert_eq!(drain(&mut ev, Duration::from_millis(500)).await, vec![]);
+
+    // A full file system: the temp file and header fit, libxl's stream does not.
+    let mnt = Path::new("/tmp/dk-full");
+    std::fs::create_dir_all(mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", "/tmp/dk-full"])
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    let path = mnt.join("x.save");
+    std::fs::write(&path, b"older save").unwrap();
+    let t0 = Instant::now();
+    let r = d.save(&path).await;
+    timing("failed_save", t0);
+    let _ = Command::new("umount").arg("/tmp/dk-full").status();
+    let e = r.expect_err("the save must fail on a full file system");
+    println!("failed save: {e}");
+    assert_eq!(d.state(), DomainState::Running(RunningReason::SaveCanceled));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![
+            EventKind::Suspended(SuspendedDetail::Saving),
+            EventKind::Resumed(ResumedDetail::SaveCanceled)
+        ]
+    );
+    // (the tmpfs is unmounted: its old file and any temp file went with it; the unit test
+    // savefile::dropping_a_target_keeps_the_old_file checks the file side)
+    let id2 = boot_id(&d).await;
+    assert_eq!(id1, id2, "the guest rebooted instead of resuming");
+    // still ours: a poweroff is seen (the watch was re-armed after the resume)
+    action(d.domid().unwrap(), "poweroff");
+    let seen = events_until(&mut ev, Duration::from_secs(60), |k| {
+        matches!(k, EventKind::Stopped(_))
+    })
+    .await;
+    assert_eq!(
+        seen,
+        vec![
+            EventKind::ShutdownRequested(ShutdownRequester::Guest),
+            EventKind::Stopped(StoppedDetail::Shutdown)
+        ]
+    );
+    record("t13_failed_save", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t14_pm_suspend_and_wakeup() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-pm", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let id1 = boot_id(&d).await;
+    let mut ev = d.subscribe();
+    assert!(matches!(
+        d.pm_suspend(PmSuspendTarget::Disk).await,
+        Err(Error::Unsupported { .. })
+    ));
+    let t0 = Instant::now();
+    d.pm_suspend(PmSuspendTarget::Memory)
+        .await
+        .expect("pm_suspend");
+    timing("pm_suspend", t0);
+    assert_eq!(
+        d.state(),
+        DomainState::PmSuspended(PmSuspendedReason::Memory)
+    );
+    let t0 = Instant::now();
+    d.pm_wakeup().await.expect("pm_wakeup");
+    timing("pm_wakeup", t0);
+    assert_eq!(d.state(), DomainState::Running(RunningReason::Wakeup));
+    assert_eq!(
+        drain(&mut ev, Duration::from_secs(1)).await,
+        vec![
+            EventKind::PmSuspended(PmSuspendedDetail::Memory),
+            EventKind::Started(StartedDetail::Wakeup)
+        ]
+    );
+    assert_eq!(boot_id(&d).await, id1);
+    record("t14_pm_suspend_wakeup", &d);
+    finish(&driver, &[&d]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t15_unsupported_and_invalid() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let mut c = domu("dk-pvh", "");
+    c.xen.guest_type = XenGuestType::Pvh;
+    let r = driver.define(c).await;
+    if driver.host_supports_pvh() {
+        let d = r.expect("define pvh");
+        d.start(StartOptions::default()).await.expect("pvh start");
+        finish(&driver, &[&d]).await;
+    } else {
+        assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+    }
+    let mut c = domu("dk-user-nic", "");
+    c.nics = vec![domkit_core::Nic {
+        mac: None,
+        backend: domkit_core::NicBackend::User,
+    }];
+    assert!(matches!(
+        driver.define(c).await,
+        Err(Error::Unsupported { .. })
+    ));
+    let d = driver.define(domu("dk-inval", "")).await.unwrap();
+    assert!(matches!(
+        driver.define(domu("dk-inval", "")).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        d.shutdown(ShutdownOptions {
+            mode: ShutdownMode::Acpi,
+            ..Default::default()
+        })
+        .await,
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        d.shutdown(ShutdownOptions {
+            mode: ShutdownMode::Agent,
+            ..Default::default()
+        })
+        .await,
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        d.save(Path::new("/tmp/x")).await,
+        Err(Error::InvalidState { .. })
+    ));
+    assert!(matches!(
+        d.pm_wakeup().await,
+        Err(Error::InvalidState { .. })
+    ));
+    assert!(matches!(
+        d.restore(Path::new("/nonexistent"), RestoreOptions::default())
+            .await,
+        Err(Error::Io { .. })
+    ));
+    std::fs::write("/tmp/dk-garbage.save", b"garbage").unwrap();
+    assert!(matches!(
+        d.restore(Path::new("/tmp/dk-garbage.save"), RestoreOptions::default())
+            .await,
+        Err(Error::Protocol { .. })
+    ));
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Unknown));
+    assert!(matches!(
+        driver.lookup_by_name("nope").await,
+        Err(Error::NotFound { .. })
+    ));
+    driver.undefine("dk-inval").await.unwrap();
+    assert!(matches!(
+        driver.lookup_by_name("dk-inval").await,
+        Err(Error::NotFound { .. })
+    ));
+    finish(&driver, &[]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn zz_no_leaked_domains() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let all = driver.host_domains().unwrap();
+    println!("host domains at the end: {all:?}");
+    assert_eq!(all.len(), 1, "only dom0 must remain: {all:?}");
+    assert_eq!(all[0].domid, 0);
+}
