@@ -401,7 +401,10 @@ impl QemuDomain {
     /// intent that explains the end.
     async fn end_instance(&self, instance: &Instance, operation: Operation) -> Result<()> {
         let grace = self.inner.options.destroy_timeout;
-        if instance.qmp.connection_end().is_none() {
+        if instance.qmp.connection_end().is_some() {
+            // No monitor to ask: straight to SIGKILL.
+            instance.kill();
+        } else {
             match tokio::time::timeout(grace, instance.qmp.quit()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "quit failed; SIGKILL follows"),
@@ -569,9 +572,8 @@ impl QemuDomain {
         }
     }
 
-    async fn restore_inner(&self, path: &Path, options: RestoreOptions) -> Result<()> {
-        let operation = Operation::Restore;
-        self.ensure_inactive(operation)?;
+    /// Open a save file and check that it belongs to this domain and config.
+    fn check_save_file(&self, path: &Path) -> Result<(std::fs::File, SaveHeader)> {
         let (file, header) = savefile::open_for_restore(path)
             .map_err(|e| Error::io(format!("reading the save file {}", path.display()), e))?;
         if header.backend != BACKEND {
@@ -598,6 +600,20 @@ impl QemuDomain {
                 self.inner.config.memory_mib
             )));
         }
+        Ok((file, header))
+    }
+
+    async fn restore_inner(&self, path: &Path, options: RestoreOptions) -> Result<()> {
+        let operation = Operation::Restore;
+        self.ensure_inactive(operation)?;
+        let checked = self.check_save_file(path);
+        let (file, header) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.inner.cell.observe(Observation::CreateFailed);
+                return Err(e);
+            }
+        };
         let instance = match self.launch(operation, true).await {
             Ok(i) => i,
             Err(e) => {

@@ -1,0 +1,203 @@
+//! Failure paths: a missing QEMU binary, a QEMU that exits at once, a monitor that speaks
+//! garbage (at the greeting, and in the middle of an operation), and a QEMU SIGKILLed in the
+//! middle of an operation (Shutoff(Crashed) + Stopped shortly after the EOF; the operation
+//! fails with a typed error).
+//!
+//! The misbehaving "QEMU"s are small Python scripts standing in for the binary
+//! (`qemu.binary`): real QEMU never sends garbage or dies on cue.
+
+mod driver_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use domkit_core::{
+    ControlState, Domain, DomainState, Error, EventKind, ShutdownMode, ShutoffReason, StartOptions,
+    StoppedDetail,
+};
+use driver_support::*;
+
+/// A fake QEMU: connects to the monitor socket from its argv and misbehaves per `mode`.
+const FAKE_QEMU: &str = r#"#!/usr/bin/env python3
+import json, socket, sys, time
+mode = "MODE"
+if mode == "exit":
+    sys.stderr.write("fake-qemu: -accel tcg: this accelerator is broken on purpose\n")
+    sys.exit(3)
+path = None
+for i, a in enumerate(sys.argv):
+    if a == "-chardev" and sys.argv[i + 1].startswith("socket,id=mon0,"):
+        for kv in sys.argv[i + 1].split(","):
+            if kv.startswith("path="):
+                path = kv[5:]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+if mode == "garbage-greeting":
+    s.sendall(b"\x00\xffthis is not QMP\r\n")
+    time.sleep(600)
+greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fake"}, "capabilities": []}}
+s.sendall(json.dumps(greeting).encode() + b"\r\n")
+f = s.makefile("rb")
+while True:
+    line = f.readline()
+    if not line:
+        time.sleep(600)
+    cmd = json.loads(line)
+    if cmd.get("execute") == "cont":
+        s.sendall(b'{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "RESUME"}\r\n')
+    if cmd.get("execute") == "stop" and mode == "garbage-later":
+        s.sendall(b'{"return": {}, "id": \x00 garbage\r\n')
+        time.sleep(600)
+    s.sendall(json.dumps({"return": {}, "id": cmd.get("id")}).encode() + b"\r\n")
+"#;
+
+fn fake_qemu(dir: &std::path::Path, mode: &str) -> PathBuf {
+    let path = dir.join(format!("fake-qemu-{mode}"));
+    std::fs::write(&path, FAKE_QEMU.replace("MODE", mode)).expect("write fake qemu");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_binary_and_early_exit_are_typed_launch_errors() {
+    let h = Harness::new();
+    let mut config = guest_config("nobin", "");
+    config.qemu.binary = Some("/nonexistent/qemu-system-x86_64".into());
+    let domain = h.define(config).await;
+    let err = domain
+        .start(StartOptions::default())
+        .await
+        .expect_err("no binary");
+    let msg = err.to_string();
+    eprintln!("missing binary: {msg}");
+    assert!(matches!(err, Error::Backend { .. }), "{msg}");
+    assert!(
+        msg.contains("not found") && msg.contains("-no-shutdown"),
+        "{msg}"
+    );
+    assert_eq!(domain.state(), DomainState::Shutoff(ShutoffReason::Failed));
+
+    let bins = tempfile::tempdir().expect("dir");
+    let mut config = guest_config("early", "");
+    config.qemu.binary = Some(fake_qemu(bins.path(), "exit"));
+    let domain = h.define(config).await;
+    let err = domain
+        .start(StartOptions::default())
+        .await
+        .expect_err("exits at once");
+    let msg = err.to_string();
+    eprintln!("early exit: {msg}");
+    assert!(msg.contains("exit status: 3"), "{msg}");
+    assert!(msg.contains("broken on purpose"), "{msg}");
+    assert!(msg.contains("-S"), "argv in the message: {msg}");
+    assert_eq!(domain.state(), DomainState::Shutoff(ShutoffReason::Failed));
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_qmp_bytes_are_typed_errors_without_hang() {
+    let h = Harness::new();
+    let bins = tempfile::tempdir().expect("dir");
+
+    // Garbage instead of the greeting: start fails with a protocol error, the process is
+    // killed and reaped.
+    let mut config = guest_config("garbage1", "");
+    config.qemu.binary = Some(fake_qemu(bins.path(), "garbage-greeting"));
+    let domain = h.define(config).await;
+    let t = Instant::now();
+    let err = tokio::time::timeout(LONG, domain.start(StartOptions::default()))
+        .await
+        .expect("no hang")
+        .expect_err("garbage greeting");
+    eprintln!("garbage greeting ({:?}): {err}", t.elapsed());
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    assert_eq!(domain.state(), DomainState::Shutoff(ShutoffReason::Failed));
+    assert!(domain.pid().is_none());
+
+    // Garbage in the middle of an operation: the operation fails with a protocol error, the
+    // domain is not declared dead (the process lives) but its control is Broken; destroy
+    // still works (by signal).
+    let mut config = guest_config("garbage2", "");
+    config.qemu.binary = Some(fake_qemu(bins.path(), "garbage-later"));
+    let domain = h.define(config).await;
+    domain
+        .start(StartOptions::default())
+        .await
+        .expect("fake start");
+    h.track(&domain);
+    assert!(domain.state().is_running());
+    let err = tokio::time::timeout(LONG, domain.pause())
+        .await
+        .expect("no hang")
+        .expect_err("garbage reply");
+    eprintln!("garbage mid-operation: {err}");
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    assert!(domain.state().is_running(), "{}", domain.state());
+    let deadline = Instant::now() + LONG;
+    while !matches!(domain.info_now().control, ControlState::Broken { .. }) {
+        assert!(Instant::now() < deadline, "control never marked broken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        domain.pause().await,
+        Err(Error::ControlBroken { .. } | Error::Protocol { .. })
+    ));
+    domain.destroy().await.expect("destroy by signal");
+    assert_eq!(
+        domain.state(),
+        DomainState::Shutoff(ShutoffReason::Destroyed)
+    );
+    assert_eq!(domain.info_now().control, ControlState::Ok);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
+    let h = Harness::new();
+    // The guest ignores the power button, so a reboot request waits for it forever.
+    let domain = h
+        .define(guest_config("victim", "domkit.ignore_shutdown=1"))
+        .await;
+    let log = EventLog::new(&domain);
+    h.boot(&domain).await;
+    let pid = domain.pid().expect("pid");
+    log.take();
+
+    let pending = {
+        let domain = domain.clone();
+        tokio::spawn(async move { domain.reboot(ShutdownMode::Acpi, LONG).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let state = wait_state(&domain, Duration::from_secs(10), DomainState::is_shutoff).await;
+    let stopped_at = loop {
+        if let Some(t) = log.received_at(EventKind::Stopped(StoppedDetail::Crashed)) {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let latency = stopped_at.duration_since(killed_at);
+    eprintln!("SIGKILL -> Stopped(Crashed) event: {latency:?}");
+    assert_eq!(state, DomainState::Shutoff(ShutoffReason::Crashed));
+    // Generous bound on a loaded 2-core box; the goal (and typical value) is well under 100 ms.
+    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    assert_eq!(log.kinds(), [EventKind::Stopped(StoppedDetail::Crashed)]);
+
+    let err = pending
+        .await
+        .expect("join")
+        .expect_err("the reboot cannot succeed");
+    eprintln!("pending reboot: {err}");
+    assert!(
+        matches!(err, Error::Backend { .. } | Error::ControlBroken { .. }),
+        "{err}"
+    );
+    assert!(domain.pid().is_none());
+    h.finish().await;
+}
