@@ -224,6 +224,8 @@ where
         .await
         .with_context(|| format!("demo step `{name}` failed"))?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
+    // Let the event printer show the step's events before the step's own line.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     if json {
         println!(
             "{}",
