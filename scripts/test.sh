@@ -15,6 +15,7 @@ root=$(pwd)
 logdir=$(mktemp -d)
 log=$logdir/cargo.log      # cargo's own `test result:` lines are counted from here
 xenlog=$logdir/xen.log     # only the harness's `xen-host:` summary is counted from here
+xenconflog=$logdir/xen-conformance.log  # and its `xen-conformance:` line from here
 fail=0
 stage() { printf '\n==== %s ====\n' "$*"; }
 run() { # run LOGFILE CMD...: tee the output into LOGFILE, remember failure
@@ -46,6 +47,8 @@ else
   run "$log" cargo test -p libxenlight-sys -p domkit-libxl
   stage "libxl integration tests + conformance on libxl, inside a nested Xen host"
   run "$xenlog" bash xen-host/run-libxl-tests.sh
+  stage "conformance suite on libxl, inside a nested Xen host"
+  run "$xenconflog" bash xen-host/run-conformance.sh
 fi
 
 # Sum every runner's counts: cargo's `test result:` lines, and `xen-host:` lines.
@@ -56,6 +59,11 @@ if [ -s "$xenlog" ]; then
   read -r xp xf < <(awk '/^xen-host: [0-9]+ passed, [0-9]+ failed/ { p=$2; f=$4 } END { print p+0, f+0 }' "$xenlog")
   passed=$((passed + xp)); failed=$((failed + xf))
   grep -q '^xen-host: [0-9]* passed' "$xenlog" || { echo "the Xen host run printed no result line"; fail=1; }
+fi
+if [ -s "$xenconflog" ]; then
+  read -r cp cf cs < <(awk '/^xen-conformance: [0-9]+ passed/ { p=$2; f=$4; s=$6 } END { print p+0, f+0, s+0 }' "$xenconflog")
+  passed=$((passed + cp)); failed=$((failed + cf)); skipped=$((skipped + cs))
+  grep -q '^xen-conformance: ' "$xenconflog" || { echo "the Xen conformance run printed no result line"; fail=1; }
 fi
 [ "$failed" -gt 0 ] && fail=1
 echo
