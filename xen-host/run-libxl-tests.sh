@@ -56,9 +56,20 @@ cp "$bin" "$tmp/payload/libxl_integration"
 objcopy --strip-debug "$tmp/payload/libxl_integration" 2>/dev/null || true
 
 envs=(--env "DOMKIT_LOG=${DOMKIT_LOG:-info,libxl=warn}")
-rc=0
-"$here/run.sh" --payload "$tmp/payload" --timeout "$timeout" --log "$log" "${envs[@]}" -- \
-  ./libxl_integration --ignored --test-threads=1 --nocapture "$@" || rc=$?
+# run.sh can die of SIGPIPE (141) before booting (`ldconfig -p | awk '...; exit'` under
+# pipefail, xen-host/run.sh:123): retry then, as nothing ran yet.
+for attempt in 1 2 3; do
+  rc=0
+  rm -f "$log"
+  "$here/run.sh" --payload "$tmp/payload" --timeout "$timeout" --log "$log" "${envs[@]}" -- \
+    sh -c './libxl_integration "$@"; rc=$?; if [ $rc -ge 128 ]; then echo "== dmesg (killed by a signal) =="; dmesg | tail -n 20; fi; exit $rc' \
+    sh --ignored --test-threads=1 --nocapture "$@" || rc=$?
+  if [ "$rc" = 141 ] && [ ! -s "$log" ]; then
+    echo "$me: run.sh died of SIGPIPE before booting (attempt $attempt); retrying" >&2
+    continue
+  fi
+  break
+done
 
 if [ "$record" = 1 ]; then
   out=$root/driver-libxl/tests/fixtures/xen417_traces.json

@@ -59,7 +59,8 @@ pub fn channel_socket_path(runtime_dir: &Path, name: &str, port: &str) -> std::p
 }
 
 /// Build libxl's JSON domain config for `config` with identity (`config.name`, `uuid`).
-/// `runtime_dir`: where channel sockets go. `host_has_hvm`: whether PVH guests can run.
+/// `runtime_dir`: where channel sockets go. `host_has_hvm`: whether PVH guests can run
+/// ([`crate::Context::host_can_run_pvh`]).
 pub fn domain_config_json(
     config: &DomainConfig,
     uuid: Uuid,
@@ -71,9 +72,9 @@ pub fn domain_config_json(
         XenGuestType::Pvh => {
             if !host_has_hvm {
                 return Err(MappingError(
-                    "xen.type = \"pvh\" needs a host with hardware virtualisation (VT-x/AMD-V): \
-                     libxl_get_physinfo reports no HVM capability on this Xen host; use \
-                     xen.type = \"pv\""
+                    "xen.type = \"pvh\" needs hardware virtualisation (VT-x/AMD-V) with HAP or \
+                     shadow paging: libxl_get_physinfo reports no HVM capability or no paging \
+                     mode on this Xen host (e.g. Xen under QEMU TCG); use xen.type = \"pv\""
                         .into(),
                 ));
             }

@@ -586,6 +586,10 @@ impl Context {
         let mut params = std::mem::MaybeUninit::<sys::libxl_domain_restore_params>::uninit();
         // SAFETY: init writes a valid default value (libxl.h:684-691).
         unsafe { sys::libxl_domain_restore_params_init(params.as_mut_ptr()) };
+        // SAFETY: initialised just above; a plain integer field.
+        // The stream libxl_domain_suspend writes is migration stream v2. The default (1)
+        // means "legacy xl format": libxl would pipe the file through convert-legacy-stream.
+        unsafe { (*params.as_mut_ptr()).stream_version = 2 };
         let mut domid: u32 = sys::INVALID_DOMID;
         // SAFETY: all pointers are valid for the (synchronous: ao_how NULL) call; fd is an
         // open file the caller keeps open across the call; send_back_fd -1 = none.
@@ -761,22 +765,28 @@ impl Context {
         Some(s)
     }
 
-    /// Whether the host can run HVM-container guests (PVH needs it): `libxl_get_physinfo`.
-    pub fn host_has_hvm(&self) -> Result<bool, LibxlError> {
+    /// Whether the host can run PVH guests (`libxl_get_physinfo`): PVH is an HVM container,
+    /// so it needs the HVM capability and a paging mode (HAP or shadow). Under QEMU TCG Xen
+    /// reports `cap_hvm` but neither paging mode, and libxl then refuses PVH guests.
+    pub fn host_can_run_pvh(&self) -> Result<bool, LibxlError> {
         let mark = self.error_mark();
         let mut info = std::mem::MaybeUninit::<sys::libxl_physinfo>::uninit();
         // SAFETY: init before use.
         unsafe { sys::libxl_physinfo_init(info.as_mut_ptr()) };
         // SAFETY: valid ctx and initialised out struct.
         let rc = unsafe { sys::libxl_get_physinfo(self.ptr(), info.as_mut_ptr()) };
-        // SAFETY: initialised.
-        let hvm = unsafe { (*info.as_ptr()).cap_hvm };
+        // SAFETY: initialised (and filled on success).
+        let (hvm, hap, shadow) = unsafe {
+            let i = &*info.as_ptr();
+            (i.cap_hvm, i.cap_hap, i.cap_shadow)
+        };
         // SAFETY: disposed once.
         unsafe { sys::libxl_physinfo_dispose(info.as_mut_ptr()) };
         if rc != 0 {
             return Err(self.error("libxl_get_physinfo", rc, mark));
         }
-        Ok(hvm)
+        tracing::debug!(hvm, hap, shadow, "Xen host capabilities");
+        Ok(hvm && (hap || shadow))
     }
 
     /// Start watching `domid` for shutdown and death (`libxl_evenable_domain_death`); its

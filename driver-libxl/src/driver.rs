@@ -94,7 +94,7 @@ impl LibxlDriver {
     /// Open libxl.
     pub fn with_options(options: LibxlOptions) -> Result<Self> {
         let (ctx, rx) = Context::new().map_err(ctx_err)?;
-        let host_has_hvm = ctx.host_has_hvm().map_err(ctx_err)?;
+        let host_has_hvm = ctx.host_can_run_pvh().map_err(ctx_err)?;
         let registry = Arc::new(Registry::default());
         let r2 = registry.clone();
         std::thread::Builder::new()
@@ -119,7 +119,8 @@ impl LibxlDriver {
         &self.shared.ctx
     }
 
-    /// Whether this Xen host can run PVH guests (`libxl_get_physinfo`: HVM capability).
+    /// Whether this Xen host can run PVH guests (`libxl_get_physinfo`: HVM capability and a
+    /// paging mode, HAP or shadow).
     pub fn host_supports_pvh(&self) -> bool {
         self.shared.host_has_hvm
     }

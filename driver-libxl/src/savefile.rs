@@ -170,7 +170,59 @@ pub fn open(path: &Path) -> Result<(File, SaveHeader), SaveFileError> {
         source,
     })?;
     let header = read_header(&mut f, path)?;
+    check_stream_start(&mut f, path)?;
     Ok((f, header))
+}
+
+/// The ident a libxl migration v2 stream starts with (`RESTORE_STREAM_IDENT`, big-endian).
+pub const LIBXL_STREAM_IDENT: &[u8; 8] = b"LibxlFmt";
+/// The libxl stream version written by Xen 4.17 (`RESTORE_STREAM_VERSION`).
+pub const LIBXL_STREAM_VERSION: u32 = 2;
+
+/// Check that libxl's stream header follows at the file's current offset (without moving it):
+/// `LibxlFmt`, version 2. libxl 4.17 crashed the process (SIGSEGV, seen on the test host) when
+/// handed a stream with a bad header, so a damaged file is refused before libxl sees it.
+pub fn check_stream_start(f: &mut File, path: &Path) -> Result<(), SaveFileError> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileExt;
+    let io = |source| SaveFileError::Io {
+        context: format!("reading the libxl stream header of {}", path.display()),
+        source,
+    };
+    let pos = f.stream_position().map_err(io)?;
+    let mut hdr = [0u8; 16];
+    let mut got = 0;
+    while got < hdr.len() {
+        let n = f.read_at(&mut hdr[got..], pos + got as u64).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    check_stream_header(&hdr[..got]).map_err(|problem| SaveFileError::Format {
+        path: path.to_path_buf(),
+        problem,
+    })
+}
+
+/// Check the first 16 bytes of a libxl stream (ident, version, options).
+pub fn check_stream_header(hdr: &[u8]) -> Result<(), String> {
+    if hdr.len() < 16 {
+        return Err("truncated: the libxl stream is missing after the header".into());
+    }
+    if &hdr[..8] != LIBXL_STREAM_IDENT {
+        return Err(format!(
+            "no libxl stream after the header (ident {:02x?}, want \"LibxlFmt\"): damaged file",
+            &hdr[..8]
+        ));
+    }
+    let version = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    if version != LIBXL_STREAM_VERSION {
+        return Err(format!(
+            "libxl stream version {version} is not supported (want {LIBXL_STREAM_VERSION})"
+        ));
+    }
+    Ok(())
 }
 
 /// Read and check the header from `r` (positioned at offset 0).
@@ -260,14 +312,29 @@ mod tests {
         let mut t = SaveTarget::create(&dest).unwrap();
         t.write_header(&header()).unwrap();
         let mut f = t.tmp.as_file().try_clone().unwrap();
-        f.write_all(b"LIBXL-STREAM").unwrap();
+        f.write_all(b"LibxlFmt\0\0\0\x02\0\0\0\0-STREAM").unwrap();
         t.persist().unwrap();
         let (mut f, h) = open(&dest).unwrap();
         assert_eq!(h, header());
         let mut rest = String::new();
         f.read_to_string(&mut rest).unwrap();
-        assert_eq!(rest, "LIBXL-STREAM");
+        assert_eq!(rest.as_bytes(), b"LibxlFmt\0\0\0\x02\0\0\0\0-STREAM");
         let _ = f.seek(SeekFrom::Start(0));
+    }
+
+    #[test]
+    fn libxl_stream_header_is_checked() {
+        assert!(check_stream_header(b"LibxlFmt\0\0\0\x02\0\0\0\0").is_ok());
+        assert!(check_stream_header(&[0u8; 16]).is_err());
+        assert!(check_stream_header(b"LibxlFmt\0\0\0\x01\0\0\0\0").is_err());
+        assert!(check_stream_header(b"LibxlFmt").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.save");
+        let mut t = SaveTarget::create(&dest).unwrap();
+        t.write_header(&header()).unwrap();
+        t.persist().unwrap();
+        let e = open(&dest).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 
     #[test]

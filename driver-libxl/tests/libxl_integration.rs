@@ -928,6 +928,31 @@ async fn t15_unsupported_and_invalid() {
         Err(Error::Protocol { .. })
     ));
     assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Unknown));
+    // A valid header followed by a damaged libxl stream: refused before libxl sees it (libxl
+    // 4.17 segfaulted on it), the domain stays shut off, the file is kept.
+    let bad = Path::new("/tmp/dk-damaged.save");
+    let mut t = domkit_libxl::savefile::SaveTarget::create(bad).unwrap();
+    t.write_header(&domkit_libxl::savefile::SaveHeader {
+        format: domkit_libxl::savefile::FORMAT,
+        backend: "libxl".into(),
+        name: "dk-inval".into(),
+        uuid: d.id().uuid,
+        was_paused: false,
+        domid: 1,
+        saved_at_us: 0,
+    })
+    .unwrap();
+    t.persist().unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(bad).unwrap();
+        f.write_all(&[0u8; 65536]).unwrap();
+    }
+    let r = d.restore(bad, RestoreOptions::default()).await;
+    println!("restore of a damaged stream: {r:?}");
+    assert!(matches!(r, Err(Error::Protocol { .. })), "{r:?}");
+    assert_eq!(d.state(), DomainState::Shutoff(ShutoffReason::Unknown));
+    assert!(bad.exists(), "a failed restore keeps the file");
     assert!(matches!(
         driver.lookup_by_name("nope").await,
         Err(Error::NotFound { .. })
