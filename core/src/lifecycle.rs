@@ -394,6 +394,14 @@ impl Lifecycle {
                     || self.state == S::ShuttingDown(ShuttingDownReason::User);
                 if host_requested {
                     // An explicit shutdown request is completed, whatever on_poweroff says.
+                    // The guest may power off before its acknowledgement was observed (an
+                    // agent request is acknowledged only when the agent call returns): the
+                    // poweroff implies it, so enter shutting_down(user) now, or the backend's
+                    // stop that follows (QEMU -no-shutdown) would look like a pause.
+                    if self.state != S::ShuttingDown(ShuttingDownReason::User) {
+                        self.state = S::ShuttingDown(ShuttingDownReason::User);
+                        ev.push(EventKind::ShutdownRequested(ShutdownRequester::Host));
+                    }
                     self.pending_end = Some(ShutoffReason::Shutdown);
                     return Some(PolicyAction::Destroy);
                 }

@@ -321,6 +321,26 @@ fn s4_6_host_shutdown_completes_as_shutdown_even_with_restart_policy() {
     assert_eq!(l.state(), S::Shutoff(ShutoffReason::Shutdown));
 }
 
+// §4.6: the guest powers off before the host request's acknowledgement was observed (an
+// agent shutdown returns only after its grace period): the poweroff implies the
+// acknowledgement, and the backend's stop after the poweroff is no pause.
+#[test]
+fn s4_6_host_shutdown_completed_before_its_acknowledgement() {
+    let mut l = running();
+    l.set_intent(Intent::Shutdown);
+    let (ev, act) = obs(&mut l, Observation::GuestPoweredOff);
+    assert_eq!(ev, vec![E::ShutdownRequested(ShutdownRequester::Host)]);
+    assert_eq!(act, Some(PolicyAction::Destroy));
+    assert_eq!(l.state(), S::ShuttingDown(ShuttingDownReason::User));
+    let (ev, _) = obs(&mut l, STOP);
+    assert!(ev.is_empty(), "no Suspended after the poweroff");
+    let (ev, _) = obs(&mut l, Observation::ShutdownRequestDelivered);
+    assert!(ev.is_empty(), "the late acknowledgement is a repeat");
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Shutdown)]);
+    assert_eq!(l.state(), S::Shutoff(ShutoffReason::Shutdown));
+}
+
 #[test]
 fn s4_6_guest_poweroff_destroy_policy() {
     let mut l = running();
