@@ -162,7 +162,7 @@ async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
     let pid = domain.pid().expect("pid");
-    log.take();
+    log.take().await;
 
     let pending = {
         let domain = domain.clone();

@@ -24,7 +24,10 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
     let boot_time = h.boot(&domain).await;
     eprintln!("boot (spawn -> agent answers): {boot_time:?}");
     assert_eq!(domain.state(), DomainState::Running(RunningReason::Booted));
-    assert_eq!(log.take(), [EventKind::Started(StartedDetail::Booted)]);
+    assert_eq!(
+        log.take().await,
+        [EventKind::Started(StartedDetail::Booted)]
+    );
     let dir = domain.runtime_dir().to_path_buf();
     let mode = std::fs::metadata(&dir).expect("runtime dir").permissions();
     assert_eq!(
@@ -44,7 +47,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
     );
     settle().await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Suspended(SuspendedDetail::Paused),
             EventKind::Resumed(ResumedDetail::Unpaused)
@@ -56,7 +59,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
     domain.reset().await.expect("reset");
     wait_ready(&domain, ready + 1).await;
     settle().await;
-    assert_eq!(log.take(), [EventKind::Rebooted]);
+    assert_eq!(log.take().await, [EventKind::Rebooted]);
     assert!(domain.state().is_running());
 
     // reboot (ACPI): QEMU fake reboot; stays Running, exactly one Rebooted.
@@ -70,7 +73,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
     assert!(domain.state().is_running(), "{}", domain.state());
     wait_ready(&domain, ready + 1).await;
     settle().await;
-    assert_eq!(log.take(), [EventKind::Rebooted]);
+    assert_eq!(log.take().await, [EventKind::Rebooted]);
     assert_eq!(domain.state(), DomainState::Running(RunningReason::Booted));
 
     // guest-initiated reboot: one Rebooted.
@@ -79,7 +82,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
     log.wait_for(EventKind::Rebooted, LONG).await;
     wait_ready(&domain, ready + 1).await;
     settle().await;
-    assert_eq!(log.take(), [EventKind::Rebooted]);
+    assert_eq!(log.take().await, [EventKind::Rebooted]);
     assert!(domain.state().is_running());
 
     // reboot through the agent: one Rebooted.
@@ -90,7 +93,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
         .expect("reboot (agent)");
     wait_ready(&domain, ready + 1).await;
     settle().await;
-    assert_eq!(log.take(), [EventKind::Rebooted]);
+    assert_eq!(log.take().await, [EventKind::Rebooted]);
     assert!(domain.state().is_running());
 
     // destroy: Shutoff(Destroyed), one Stopped; sockets gone at once.
@@ -99,7 +102,10 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
         domain.state(),
         DomainState::Shutoff(ShutoffReason::Destroyed)
     );
-    assert_eq!(log.take(), [EventKind::Stopped(StoppedDetail::Destroyed)]);
+    assert_eq!(
+        log.take().await,
+        [EventKind::Stopped(StoppedDetail::Destroyed)]
+    );
     let sockets: Vec<_> = std::fs::read_dir(&dir)
         .expect("dir")
         .flatten()
@@ -110,7 +116,7 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
         .destroy()
         .await
         .expect("destroy of a shut-off domain is a no-op");
-    assert!(log.take().is_empty());
+    assert!(log.take().await.is_empty());
     log.assert_gapless();
     h.finish().await;
 }
@@ -146,7 +152,7 @@ async fn start_paused_then_resume_and_state_errors() {
     wait_ready(&domain, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Started(StartedDetail::Booted),
             EventKind::Suspended(SuspendedDetail::Paused),

@@ -20,7 +20,7 @@ async fn s3_suspend_via_agent_and_wakeup() {
     ));
     h.boot(&domain).await;
     sh(&domain, "echo still-here > /tmp/pm").await;
-    log.take();
+    log.take().await;
 
     let err = domain
         .pm_suspend(PmSuspendTarget::Disk)
@@ -54,7 +54,7 @@ async fn s3_suspend_via_agent_and_wakeup() {
     assert_eq!(domain.state(), DomainState::Running(RunningReason::Wakeup));
     settle().await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::PmSuspended(PmSuspendedDetail::Memory),
             EventKind::Started(StartedDetail::Wakeup),

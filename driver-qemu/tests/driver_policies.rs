@@ -24,7 +24,7 @@ async fn poweroff_restart_then_panic_preserve() {
     let domain = h.define(config).await;
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
 
     // on_poweroff = restart: the same process is reset and continued.
     let pid = domain.pid();
@@ -34,7 +34,7 @@ async fn poweroff_restart_then_panic_preserve() {
     wait_ready(&domain, 2).await;
     settle().await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::ShutdownRequested(ShutdownRequester::Guest),
             EventKind::Stopped(StoppedDetail::Shutdown),
@@ -49,7 +49,10 @@ async fn poweroff_restart_then_panic_preserve() {
     log.wait_for(EventKind::Crashed(CrashedDetail::Panicked), LONG)
         .await;
     settle().await;
-    assert_eq!(log.take(), [EventKind::Crashed(CrashedDetail::Panicked)]);
+    assert_eq!(
+        log.take().await,
+        [EventKind::Crashed(CrashedDetail::Panicked)]
+    );
     assert_eq!(
         domain.state(),
         DomainState::Crashed(CrashedReason::Panicked)
@@ -76,7 +79,7 @@ async fn panic_restart_then_poweroff_preserve() {
     let domain = h.define(config).await;
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
 
     // on_crash = restart.
     sh_start(&domain, PANIC).await;
@@ -85,7 +88,7 @@ async fn panic_restart_then_poweroff_preserve() {
     wait_ready(&domain, 2).await;
     settle().await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Crashed(CrashedDetail::Panicked),
             EventKind::Stopped(StoppedDetail::Crashed),
@@ -100,7 +103,7 @@ async fn panic_restart_then_poweroff_preserve() {
         .await;
     settle().await;
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::ShutdownRequested(ShutdownRequester::Guest),
             EventKind::Suspended(SuspendedDetail::Paused),
@@ -127,12 +130,12 @@ async fn poweroff_destroy_then_panic_destroy() {
     let log = EventLog::new(&domain);
 
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
     sh_start(&domain, POWEROFF).await;
     let state = wait_state(&domain, LONG, DomainState::is_shutoff).await;
     assert_eq!(state, DomainState::Shutoff(ShutoffReason::Shutdown));
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::ShutdownRequested(ShutdownRequester::Guest),
             EventKind::Stopped(StoppedDetail::Shutdown),
@@ -140,12 +143,12 @@ async fn poweroff_destroy_then_panic_destroy() {
     );
 
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
     sh_start(&domain, PANIC).await;
     let state = wait_state(&domain, LONG, DomainState::is_shutoff).await;
     assert_eq!(state, DomainState::Shutoff(ShutoffReason::Crashed));
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Crashed(CrashedDetail::Panicked),
             EventKind::Stopped(StoppedDetail::Crashed),

@@ -82,7 +82,7 @@ async fn failed_saves_leave_domain_and_older_file_untouched() {
     let domain = h.define(guest_config("savefail", "")).await;
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
 
     // 1. Unwritable directory holding an older file: fails before the domain is touched.
     let (ro_guard, ro_dir): (Option<Tmpfs>, PathBuf);
@@ -114,7 +114,10 @@ async fn failed_saves_leave_domain_and_older_file_untouched() {
     // 2. A directory as the path: refused before anything happens.
     let err = domain.save(plain.path()).await.expect_err("a directory");
     assert!(matches!(err, Error::Io { .. }), "{err}");
-    assert!(log.take().is_empty(), "nothing happened to the domain");
+    assert!(
+        log.take().await.is_empty(),
+        "nothing happened to the domain"
+    );
 
     // 3. Disk full in the middle of the stream (root only: needs a small tmpfs): the vCPUs
     //    were stopped for the save and run again; the temp file is gone, the old file kept.
@@ -129,7 +132,7 @@ async fn failed_saves_leave_domain_and_older_file_untouched() {
             DomainState::Running(RunningReason::SaveCanceled)
         );
         assert_eq!(
-            log.take(),
+            log.take().await,
             [
                 EventKind::Suspended(SuspendedDetail::Saving),
                 EventKind::Resumed(ResumedDetail::SaveCanceled),
@@ -153,7 +156,7 @@ async fn save_restore_keeps_guest_state_and_paused_save_restores_paused() {
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
     sh(&domain, &format!("echo {MARK} > /tmp/mark")).await;
-    log.take();
+    log.take().await;
 
     let dir = tempfile::tempdir().expect("save dir");
     let path = dir.path().join("saver.save");
@@ -164,7 +167,7 @@ async fn save_restore_keeps_guest_state_and_paused_save_restores_paused() {
     let save_time = t.elapsed();
     assert_eq!(domain.state(), DomainState::Shutoff(ShutoffReason::Saved));
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Suspended(SuspendedDetail::Saving),
             EventKind::Stopped(StoppedDetail::Saved),
@@ -189,7 +192,10 @@ async fn save_restore_keeps_guest_state_and_paused_save_restores_paused() {
         domain.state(),
         DomainState::Running(RunningReason::Restored)
     );
-    assert_eq!(log.take(), [EventKind::Started(StartedDetail::Restored)]);
+    assert_eq!(
+        log.take().await,
+        [EventKind::Started(StartedDetail::Restored)]
+    );
     assert_eq!(sh(&domain, "cat /tmp/mark").await.trim(), MARK);
     eprintln!("save {save_time:?} ({size} bytes), restore {restore_time:?}");
 
@@ -197,7 +203,7 @@ async fn save_restore_keeps_guest_state_and_paused_save_restores_paused() {
     domain.pause().await.expect("pause");
     domain.save(&path).await.expect("save paused");
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Suspended(SuspendedDetail::Paused),
             EventKind::Stopped(StoppedDetail::Saved),
@@ -210,7 +216,7 @@ async fn save_restore_keeps_guest_state_and_paused_save_restores_paused() {
     h.track(&domain);
     assert_eq!(domain.state(), DomainState::Paused(PausedReason::User));
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Started(StartedDetail::Restored),
             EventKind::Suspended(SuspendedDetail::Paused),

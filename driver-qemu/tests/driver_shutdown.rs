@@ -34,7 +34,7 @@ async fn shutdown_acknowledged_then_completed_acpi_and_agent() {
 
     // ACPI, wait for the acknowledgement only: returns at POWERDOWN, the guest finishes later.
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
     let t = Instant::now();
     let outcome = domain
         .shutdown(options(
@@ -62,7 +62,7 @@ async fn shutdown_acknowledged_then_completed_acpi_and_agent() {
     );
     assert_eq!(state, DomainState::Shutoff(ShutoffReason::Shutdown));
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::ShutdownRequested(ShutdownRequester::Host),
             EventKind::Stopped(StoppedDetail::Shutdown)
@@ -88,7 +88,7 @@ async fn shutdown_acknowledged_then_completed_acpi_and_agent() {
         DomainState::Shutoff(ShutoffReason::Shutdown)
     );
     assert_eq!(
-        log.take(),
+        log.take().await,
         [
             EventKind::Started(StartedDetail::Booted),
             EventKind::ShutdownRequested(ShutdownRequester::Host),
@@ -119,7 +119,7 @@ async fn ignored_shutdown_times_out_then_escalates_to_destroy() {
         .await;
     let log = EventLog::new(&domain);
     h.boot(&domain).await;
-    log.take();
+    log.take().await;
 
     let short = Duration::from_secs(5);
     let err = domain
@@ -160,7 +160,7 @@ async fn ignored_shutdown_times_out_then_escalates_to_destroy() {
         domain.state(),
         DomainState::Shutoff(ShutoffReason::Destroyed)
     );
-    let events = log.take();
+    let events = log.take().await;
     assert_eq!(
         events.last(),
         Some(&EventKind::Stopped(StoppedDetail::Destroyed)),

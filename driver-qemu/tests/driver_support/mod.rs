@@ -255,8 +255,10 @@ impl EventLog {
         EventLog { events, task }
     }
 
-    /// The kinds recorded so far, and forget them.
-    pub fn take(&self) -> Vec<EventKind> {
+    /// The kinds recorded so far, and forget them. Events are published synchronously but
+    /// collected by a task: give it a moment to catch up first.
+    pub async fn take(&self) -> Vec<EventKind> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
             .into_iter()
             .map(|(_, e)| e.kind)
