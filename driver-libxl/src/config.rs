@@ -15,8 +15,7 @@
 //! lower-case names; bitmaps are arrays of set-bit indices; uuids are strings.
 
 use domkit_core::{
-    Boot, ChannelKind, ConsoleKind, DiskFormat, DomainConfig, LifecycleAction, NicBackend,
-    XenGuestType,
+    Boot, ConsoleKind, DiskFormat, DomainConfig, LifecycleAction, NicBackend, XenGuestType,
 };
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -134,8 +133,11 @@ pub fn domain_config_json(
                  is not supported by the libxl backend"
             )));
         }
-        // Serial and Pv both mean the PV console here.
-        let _ = matches!(console.kind, ConsoleKind::Serial | ConsoleKind::Pv);
+        // Serial and Pv both mean the PV console here (console 0, always present).
+        debug_assert!(matches!(
+            console.kind,
+            ConsoleKind::Serial | ConsoleKind::Pv
+        ));
     }
 
     let disks: Vec<Value> = config
@@ -178,7 +180,7 @@ pub fn domain_config_json(
         .iter()
         .enumerate()
         .map(|(i, ch)| {
-            let _ = ch.kind == ChannelKind::GuestAgent;
+            // A guest-agent channel is a plain PV channel named org.qemu.guest_agent.0 here.
             json!({
                 "devid": i,
                 "name": ch.port_name(),
@@ -214,7 +216,7 @@ pub fn domain_config_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domkit_core::{Channel, Console, Disk, Nic};
+    use domkit_core::{Channel, ChannelKind, Console, Disk, Nic};
     use std::path::PathBuf;
 
     fn base() -> DomainConfig {

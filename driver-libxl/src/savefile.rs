@@ -81,7 +81,7 @@ impl SaveTarget {
             return Err(SaveFileError::Io {
                 context: format!("saving to {}", dest.display()),
                 source: std::io::Error::new(
-                    std::io::ErrorKind::IsADirectory,
+                    std::io::ErrorKind::InvalidInput,
                     "the destination is a directory: give a file name",
                 ),
             });
