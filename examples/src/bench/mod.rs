@@ -1,0 +1,9 @@
+//! Modules of `domkit-bench` (see `src/bin/domkit-bench.rs` and `docs/performance.md`).
+
+pub mod dk;
+pub mod qemu;
+pub mod raw;
+pub mod results;
+pub mod scale;
+pub mod stats;
+pub mod worker;

@@ -1,0 +1,926 @@
+//! `domkit-bench`: domkit against its peers, side by side in one run (issue 6).
+//!
+//! ```text
+//! cargo run --release -p domkit-examples --bin domkit-bench -- --quick   # CI, < 2 min
+//! cargo run --release -p domkit-examples --bin domkit-bench              # full, ~10 min
+//! scripts/bench.sh [--quick]     # the same on a fresh machine: installs the peers first
+//! ```
+//!
+//! Peers: domkit (this workspace), a raw blocking QMP client in this binary (the practical
+//! limit), python `qemu.qmp` and libvirt (`scripts/bench/peer.py`, each in its own process).
+//! The machine is shared and noisy, so every measurement is repeated (`--reps`, >= 5) with
+//! the peers interleaved in a rotating order inside each repetition, and reported as median
+//! [min-max]. Nothing here asserts a time: the bench reports, `docs/performance.md` judges.
+//!
+//! Sections (`--only rt,events,start,scale`):
+//! 1. `rt`: sequential `query-status` for a fixed time per peer: ops/s, p50/p99; then 8
+//!    concurrent callers on one connection.
+//! 2. `events`: resume/pause cycles; latency from QEMU's own event timestamp to the event
+//!    reaching a subscriber (domkit: the uniform `DomainEvent`).
+//! 3. `start`: spawn -> QMP ready -> running, and destroy, domkit vs the bare spawn + raw
+//!    connect of the identical command line (plus qemu.qmp and libvirt).
+//! 4. `scale`: N = 1, 10, 50, 100 paused domains in one manager process: RSS per domain,
+//!    CPU and wake-ups while idle, and the time to query all N at once.
+//!
+//! Output: Markdown tables on stdout (and `--markdown FILE`, or spliced into
+//! `--update-doc docs/performance.md` between its `bench:begin`/`bench:end` markers) and a
+//! JSON summary (`--json FILE`) with one key per figure (`qmp_rt_ops_per_s.domkit`, ...).
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use domkit_core::{Driver, StartOptions};
+use domkit_qemu::{QemuDriver, QemuDriverOptions};
+use serde_json::{json, Value};
+
+use bench::qemu::{
+    bench_config, domkit_argv, make_disk, with_listening_monitors, BareQemu, MEMORY_MIB,
+    SCALE_MEMORY_MIB,
+};
+use bench::raw::{self, RawQmp};
+use bench::results::{verdicts, Results};
+use bench::stats::{summarize_us, Figure};
+use bench::worker::Worker;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "domkit-bench",
+    about = "domkit vs raw QMP, qemu.qmp and libvirt, in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    worker: Option<WorkerCmd>,
+    /// CI mode: fewer, shorter segments (< 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions (default 5 quick, 7 full; at least 5 for published figures).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Sections to run (default all): rt, events, start, scale.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Scale bench domain counts (default 10,100 quick; 1,10,50,100 full).
+    #[arg(long, value_delimiter = ',')]
+    scale_n: Option<Vec<usize>>,
+    /// Idle window of the scale bench in seconds (default 5 quick, 30 full).
+    #[arg(long)]
+    idle_secs: Option<f64>,
+    /// Python interpreter with `qemu.qmp` (and the `libvirt` module for libvirt).
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// The python peer worker.
+    #[arg(long, default_value = "scripts/bench/peer.py")]
+    peer_script: PathBuf,
+    /// Leave python qemu.qmp out.
+    #[arg(long)]
+    no_python: bool,
+    /// Leave libvirt out.
+    #[arg(long)]
+    no_libvirt: bool,
+    /// Why libvirt is unavailable, when the caller already knows (recorded as a note).
+    #[arg(long)]
+    libvirt_unavailable: Option<String>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Write the JSON summary here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the Markdown tables here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Splice the tables into this file between `<!-- bench:begin -->` and `<!-- bench:end -->`.
+    #[arg(long)]
+    update_doc: Option<PathBuf>,
+    /// The command line to record in the report (default: this process's arguments).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerCmd {
+    /// A scale-bench manager process (internal).
+    #[command(hide = true)]
+    ScaleWorker {
+        /// domkit, domkit-qmp or raw.
+        kind: String,
+    },
+}
+
+/// Sizes of one run.
+#[derive(Debug, Clone)]
+struct Params {
+    reps: usize,
+    /// Seconds each peer runs `query-status` per repetition (sequential, then concurrent).
+    rt_secs: f64,
+    callers: usize,
+    /// Resume/pause cycles per peer per repetition.
+    event_cycles: usize,
+    /// Start/destroy cycles per peer per repetition (the repetition's figure is their median).
+    starts: usize,
+    scale_ns: Vec<usize>,
+    idle_secs: f64,
+    /// Fan-outs per manager per repetition (the repetition's figure is their median).
+    fanout_rounds: usize,
+}
+
+impl Params {
+    fn new(cli: &Cli) -> Params {
+        let mut p = if cli.quick {
+            Params {
+                reps: 5,
+                rt_secs: 0.3,
+                callers: 8,
+                event_cycles: 20,
+                starts: 1,
+                scale_ns: vec![10, 100],
+                idle_secs: 5.0,
+                fanout_rounds: 10,
+            }
+        } else {
+            Params {
+                reps: 7,
+                rt_secs: 2.0,
+                callers: 8,
+                event_cycles: 100,
+                starts: 3,
+                scale_ns: vec![1, 10, 50, 100],
+                idle_secs: 30.0,
+                fanout_rounds: 20,
+            }
+        };
+        if let Some(r) = cli.reps {
+            p.reps = r.max(1);
+        }
+        if let Some(ns) = &cli.scale_n {
+            p.scale_ns = ns.clone();
+        }
+        if let Some(s) = cli.idle_secs {
+            p.idle_secs = s;
+        }
+        p
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(WorkerCmd::ScaleWorker { kind }) = &cli.worker {
+        return bench::scale::run_worker(kind);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let params = Params::new(&cli);
+    let section = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
+    let started = Instant::now();
+
+    // Short paths: Unix socket paths are limited to 107 bytes.
+    let tmp = tempfile::Builder::new().prefix("dkb").tempdir_in("/tmp")?;
+    let disk = make_disk(tmp.path())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut res = Results::default();
+    record_meta(&mut res, &cli, &params);
+
+    if section("rt") || section("events") || section("start") {
+        let mut run = QmpRun::setup(&cli, &params, &runtime, tmp.path(), &disk, &mut res)?;
+        for rep in 0..params.reps {
+            let t = Instant::now();
+            run.repetition(rep, &section, &mut res);
+            eprintln!(
+                "domkit-bench: repetition {}/{} done in {:.1} s",
+                rep + 1,
+                params.reps,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        run.teardown(&mut res);
+    }
+    if section("scale") {
+        for &n in &params.scale_ns {
+            let t = Instant::now();
+            if let Err(e) = scale(&cli, &params, tmp.path(), &disk, n, &mut res) {
+                eprintln!("domkit-bench: scale N={n} failed: {e:#}");
+                res.notes
+                    .insert(format!("scale N={n}"), format!("failed: {e:#}"));
+            }
+            eprintln!(
+                "domkit-bench: scale N={n} done in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    res.notes.entry("xen".into()).or_insert_with(|| {
+        "not yet measured: the libxl-vs-xl comparison needs a run inside the nested Xen \
+         host's dom0 (xen-host/run.sh); see docs/performance.md"
+            .into()
+    });
+    res.meta.insert(
+        "duration_s".into(),
+        json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+    );
+    res.meta.insert("loadavg_end".into(), json!(loadavg()));
+
+    let targets = verdicts(&res);
+    let md = res.markdown(&targets);
+    println!("{md}");
+    let mut json = res.to_json();
+    json["targets"] = targets.iter().map(|t| t.to_json()).collect();
+    if let Some(path) = &cli.json {
+        write_file(path, &serde_json::to_string_pretty(&json)?)?;
+    }
+    if let Some(path) = &cli.markdown {
+        write_file(path, &md)?;
+    }
+    if let Some(path) = &cli.update_doc {
+        splice_doc(path, &header(&res), &md)?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Replaces what lies between the bench markers of `path` with the run's header and tables.
+fn splice_doc(path: &Path, header: &str, md: &str) -> anyhow::Result<()> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let doc =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) else {
+        anyhow::bail!("{} has no {BEGIN} ... {END} markers", path.display());
+    };
+    anyhow::ensure!(b < e, "markers out of order in {}", path.display());
+    let out = format!("{}{BEGIN}\n{header}\n{md}\n{}", &doc[..b], &doc[e..]);
+    write_file(path, &out)
+}
+
+/// The run's machine, versions and command, for the report.
+fn header(res: &Results) -> String {
+    let m = |k: &str| {
+        res.meta
+            .get(k)
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .unwrap_or_else(|| "?".into())
+    };
+    format!(
+        "Run of {date}, {dur} s: `{cmd}`\n\n\
+         - machine: {cpu}, {cores} cores, kernel {kernel}; load average {la0} at start, {la1} at end \
+         (the machine is shared with other builds and VMs)\n\
+         - {qemu}; domkit {dk} (rustc {rustc}); python {py}: qemu.qmp {qmp}; libvirt {lv}\n",
+        date = m("date"),
+        dur = m("duration_s"),
+        cmd = m("command"),
+        cpu = m("cpu"),
+        cores = m("cores"),
+        kernel = m("kernel"),
+        la0 = m("loadavg_start"),
+        la1 = m("loadavg_end"),
+        qemu = m("qemu_version"),
+        dk = m("domkit_commit"),
+        rustc = m("rustc"),
+        py = m("python"),
+        qmp = m("qemu_qmp_version"),
+        lv = m("libvirt_version"),
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn record_meta(res: &mut Results, cli: &Cli, p: &Params) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let command = cli.command.clone().unwrap_or_else(|| {
+        let args: Vec<String> = std::env::args().collect();
+        args.join(" ")
+    });
+    let meta = &mut res.meta;
+    meta.insert("command".into(), json!(command));
+    meta.insert(
+        "mode".into(),
+        json!(if cli.quick { "quick" } else { "full" }),
+    );
+    meta.insert("reps".into(), json!(p.reps));
+    meta.insert("rt_secs".into(), json!(p.rt_secs));
+    meta.insert("event_cycles".into(), json!(p.event_cycles));
+    meta.insert("starts_per_rep".into(), json!(p.starts));
+    meta.insert("idle_secs".into(), json!(p.idle_secs));
+    meta.insert("cpu".into(), json!(cpu));
+    meta.insert("cores".into(), json!(cores));
+    meta.insert(
+        "kernel".into(),
+        json!(std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()),
+    );
+    meta.insert("loadavg_start".into(), json!(loadavg()));
+    meta.insert(
+        "qemu_version".into(),
+        json!(command_output(&cli.qemu, &["--version"])),
+    );
+    meta.insert(
+        "rustc".into(),
+        json!(command_output("rustc", &["--version"])),
+    );
+    meta.insert(
+        "python".into(),
+        json!(command_output(&cli.python, &["--version"])),
+    );
+    meta.insert(
+        "domkit_commit".into(),
+        json!(command_output("git", &["rev-parse", "--short", "HEAD"])),
+    );
+    meta.insert(
+        "date".into(),
+        json!(command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+    );
+}
+
+/// Peers of a repetition in rotating order, so none is always first or last.
+fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
+    let mut v = items.to_vec();
+    if !v.is_empty() {
+        let k = rep % v.len();
+        v.rotate_left(k);
+    }
+    v
+}
+
+fn median(v: &[f64]) -> f64 {
+    Figure::of(v).map_or(f64::NAN, |f| f.median)
+}
+
+/// The QMP sections' peers and their QEMUs, alive for the whole run.
+struct QmpRun<'a> {
+    params: Params,
+    runtime: &'a tokio::runtime::Runtime,
+    driver: QemuDriver,
+    dk_domain: domkit_qemu::QemuDomain,
+    dk_start: domkit_qemu::QemuDomain,
+    raw: Option<RawQmp>,
+    _raw_qemu: BareQemu,
+    raw_start: (Vec<String>, domkit_qemu::argv::DomainPaths),
+    py: Option<Worker>,
+    _py_qemu: Option<BareQemu>,
+    py_start_argv: Vec<String>,
+    lv: Option<Worker>,
+    peers: Vec<&'static str>,
+}
+
+impl<'a> QmpRun<'a> {
+    fn setup(
+        cli: &Cli,
+        params: &Params,
+        runtime: &'a tokio::runtime::Runtime,
+        tmp: &Path,
+        disk: &Path,
+        res: &mut Results,
+    ) -> anyhow::Result<QmpRun<'a>> {
+        let driver = QemuDriver::new(QemuDriverOptions::with_runtime_root(tmp.join("dk")))?;
+        let (dk_domain, dk_start) = runtime.block_on(async {
+            let d = driver
+                .create(
+                    bench_config("rt", MEMORY_MIB, disk),
+                    StartOptions { paused: true },
+                )
+                .await?;
+            let s = driver.define(bench_config("st", MEMORY_MIB, disk)).await?;
+            anyhow::Ok((d, s))
+        })?;
+
+        // The raw client's QEMU: domkit's exact command line, monitor connecting to us.
+        let (argv, paths) = domkit_argv(&bench_config("raw", MEMORY_MIB, disk), &tmp.join("raw"))?;
+        let listener = UnixListener::bind(&paths.qmp_socket)?;
+        let raw_qemu = BareQemu::spawn(&argv, &paths.qemu_log)?;
+        let raw = RawQmp::negotiate(raw::accept_within(&listener, Duration::from_secs(30))?)?;
+        drop(listener);
+        let raw_start = domkit_argv(&bench_config("rst", MEMORY_MIB, disk), &tmp.join("rst"))?;
+
+        let mut peers = vec!["domkit", "raw"];
+        let (mut py, mut py_qemu, mut py_start_argv) = (None, None, Vec::new());
+        if cli.no_python {
+            res.notes
+                .insert("python qemu.qmp".into(), "left out (--no-python)".into());
+        } else {
+            let dir = tmp.join("py");
+            let sock = dir.join("qmp.sock");
+            let (argv, paths) = domkit_argv(&bench_config("py", MEMORY_MIB, disk), &dir)?;
+            let argv = with_listening_monitors(&argv, std::slice::from_ref(&sock));
+            let attempt = (|| -> anyhow::Result<(Worker, BareQemu)> {
+                let q =
+                    BareQemu::spawn_listening(&argv, &paths.qemu_log, std::slice::from_ref(&sock))?;
+                let mut w = python_worker(cli, "qemu.qmp", tmp)?;
+                w.call(json!({"op": "connect", "socket": sock}))?;
+                Ok((w, q))
+            })();
+            match attempt {
+                Ok((w, q)) => {
+                    res.meta
+                        .insert("qemu_qmp_version".into(), w.hello["version"].clone());
+                    py = Some(w);
+                    py_qemu = Some(q);
+                    peers.push("qemu_qmp");
+                    let (argv, _) =
+                        domkit_argv(&bench_config("pst", MEMORY_MIB, disk), &tmp.join("pst"))?;
+                    py_start_argv = with_listening_monitors(&argv, &[]);
+                }
+                Err(e) => {
+                    eprintln!("domkit-bench: python qemu.qmp unavailable: {e:#}");
+                    res.notes
+                        .insert("python qemu.qmp".into(), format!("unavailable: {e:#}"));
+                }
+            }
+        }
+        let mut lv = None;
+        if let Some(why) = &cli.libvirt_unavailable {
+            res.notes
+                .insert("libvirt".into(), format!("unavailable: {why}"));
+        } else if cli.no_libvirt {
+            res.notes
+                .insert("libvirt".into(), "left out (--no-libvirt)".into());
+        } else {
+            let attempt = (|| -> anyhow::Result<Worker> {
+                let mut w = python_worker(cli, "libvirt", tmp)?;
+                w.call(json!({"op": "connect", "qemu": qemu_path(&cli.qemu), "memory_mib": MEMORY_MIB}))?;
+                Ok(w)
+            })();
+            match attempt {
+                Ok(w) => {
+                    res.meta
+                        .insert("libvirt_version".into(), w.hello["version"].clone());
+                    lv = Some(w);
+                    peers.push("libvirt");
+                    res.notes.insert(
+                        "libvirt".into(),
+                        "runs its own QEMU (same binary, TCG, START_PAUSED; libvirt cannot \
+                         attach to a QEMU it did not start); its round trip is \
+                         virDomainQemuMonitorCommand, the only libvirt call that reaches QMP on \
+                         demand (virDomainGetState answers from libvirtd's cache)"
+                            .into(),
+                    );
+                }
+                Err(e) => {
+                    eprintln!("domkit-bench: libvirt unavailable: {e:#}");
+                    res.notes
+                        .insert("libvirt".into(), format!("unavailable: {e:#}"));
+                }
+            }
+        }
+        Ok(QmpRun {
+            params: params.clone(),
+            runtime,
+            driver,
+            dk_domain,
+            dk_start,
+            raw: Some(raw),
+            _raw_qemu: raw_qemu,
+            raw_start,
+            py,
+            _py_qemu: py_qemu,
+            py_start_argv,
+            lv,
+            peers,
+        })
+    }
+
+    fn worker(&mut self, peer: &str) -> Option<&mut Worker> {
+        match peer {
+            "qemu_qmp" => self.py.as_mut(),
+            "libvirt" => self.lv.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// One repetition of every enabled QMP section, peers in rotating order.
+    fn repetition(&mut self, rep: usize, section: &dyn Fn(&str) -> bool, res: &mut Results) {
+        let order = rotated(&self.peers, rep);
+        let p = self.params.clone();
+        if section("rt") {
+            let mut seq = std::collections::HashMap::new();
+            for &peer in &order {
+                match self.rt(peer, p.rt_secs) {
+                    Ok((ops, p50, p99)) => {
+                        res.push(format!("qmp_rt_ops_per_s.{peer}"), ops);
+                        res.push(format!("qmp_rt_p50_us.{peer}"), p50);
+                        res.push(format!("qmp_rt_p99_us.{peer}"), p99);
+                        seq.insert(peer, ops);
+                    }
+                    Err(e) => note_failure(res, peer, "rt", &e),
+                }
+            }
+            if let Some(raw) = seq.get("raw") {
+                for (peer, ops) in &seq {
+                    res.push(format!("qmp_rt_vs_raw.{peer}"), ops / raw);
+                }
+            }
+            for &peer in &order {
+                match self.rt_concurrent(peer, p.callers, p.rt_secs) {
+                    Ok(ops) => res.push(format!("qmp_rt8_ops_per_s.{peer}"), ops),
+                    Err(e) => note_failure(res, peer, "rt8", &e),
+                }
+            }
+        }
+        if section("events") {
+            for &peer in &order {
+                if let Err(e) = self.events(peer, p.event_cycles, res) {
+                    note_failure(res, peer, "events", &e);
+                }
+            }
+        }
+        if section("start") {
+            let mut running = std::collections::HashMap::new();
+            let mut ready = std::collections::HashMap::new();
+            for &peer in &order {
+                match self.starts(peer, p.starts) {
+                    Ok(s) => {
+                        let r = median(&s.running);
+                        res.push(format!("start_ms.{peer}"), r);
+                        running.insert(peer, r);
+                        if !s.ready.is_empty() {
+                            let q = median(&s.ready);
+                            res.push(format!("qmp_ready_ms.{peer}"), q);
+                            ready.insert(peer, q);
+                        }
+                        res.push(format!("destroy_ms.{peer}"), median(&s.destroy));
+                    }
+                    Err(e) => note_failure(res, peer, "start", &e),
+                }
+            }
+            if let (Some(d), Some(r)) = (running.get("domkit"), running.get("raw")) {
+                res.push("start_overhead_ms.domkit", d - r);
+            }
+            if let (Some(d), Some(r)) = (ready.get("domkit"), ready.get("raw")) {
+                res.push("qmp_ready_overhead_ms.domkit", d - r);
+            }
+        }
+    }
+
+    /// Sequential round trips: (ops/s, p50 µs, p99 µs).
+    fn rt(&mut self, peer: &str, secs: f64) -> anyhow::Result<(f64, f64, f64)> {
+        match peer {
+            "domkit" => {
+                let qmp = self.dk_domain.qmp().context("domkit domain has no QMP")?;
+                // In a spawned task, as a server built on domkit would call it.
+                let s = self.runtime.block_on(async move {
+                    tokio::spawn(async move { bench::dk::rt(&qmp, secs).await }).await
+                })??;
+                Ok((s.ops_per_s, s.p50_us, s.p99_us))
+            }
+            "raw" => {
+                let raw = self.raw.as_mut().context("raw client")?;
+                let mut lat = Vec::with_capacity(16 * 1024);
+                let t0 = Instant::now();
+                let end = t0 + Duration::from_secs_f64(secs);
+                while Instant::now() < end {
+                    let a = Instant::now();
+                    raw.cmd(raw::QUERY_STATUS)?;
+                    lat.push(a.elapsed().as_nanos() as f64 / 1000.0);
+                }
+                let s = summarize_us(&mut lat, t0.elapsed());
+                Ok((s.ops_per_s, s.p50_us, s.p99_us))
+            }
+            _ => {
+                let w = self.worker(peer).context("no worker")?;
+                let v = w.call(json!({"op": "rt", "secs": secs}))?;
+                Ok((
+                    num(&v, "ops_per_s")?,
+                    num(&v, "p50_us")?,
+                    num(&v, "p99_us")?,
+                ))
+            }
+        }
+    }
+
+    /// `callers` concurrent callers on one connection: total ops/s.
+    fn rt_concurrent(&mut self, peer: &str, callers: usize, secs: f64) -> anyhow::Result<f64> {
+        match peer {
+            "domkit" => {
+                let qmp = self.dk_domain.qmp().context("domkit domain has no QMP")?;
+                self.runtime
+                    .block_on(bench::dk::rt_concurrent(&qmp, callers, secs))
+            }
+            "raw" => {
+                // A blocking client serves concurrent callers by taking turns on the one
+                // connection: threads behind a mutex.
+                let raw = std::sync::Mutex::new(self.raw.take().context("raw client")?);
+                let count = std::sync::atomic::AtomicU64::new(0);
+                let t0 = Instant::now();
+                let end = t0 + Duration::from_secs_f64(secs);
+                let result = std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..callers)
+                        .map(|_| {
+                            s.spawn(|| -> std::io::Result<()> {
+                                while Instant::now() < end {
+                                    raw.lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .cmd(raw::QUERY_STATUS)?;
+                                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().try_for_each(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(std::io::Error::other("caller panicked")))
+                    })
+                });
+                let elapsed = t0.elapsed();
+                self.raw = Some(raw.into_inner().unwrap_or_else(|p| p.into_inner()));
+                result?;
+                Ok(count.into_inner() as f64 / elapsed.as_secs_f64())
+            }
+            _ => {
+                let w = self.worker(peer).context("no worker")?;
+                let v = w.call(json!({"op": "rt_conc", "secs": secs, "callers": callers}))?;
+                num(&v, "ops_per_s")
+            }
+        }
+    }
+
+    fn events(&mut self, peer: &str, cycles: usize, res: &mut Results) -> anyhow::Result<()> {
+        let (p50, p99) = match peer {
+            "domkit" => {
+                let dom = self.dk_domain.clone();
+                let mut s = self.runtime.block_on(async move {
+                    tokio::spawn(async move { bench::dk::events(&dom, cycles).await }).await
+                })??;
+                anyhow::ensure!(!s.uniform_us.is_empty(), "no event measured");
+                let reader = summarize_us(&mut s.qmp_reader_us, Duration::from_secs(1));
+                res.push("event_qmp_reader_p50_us.domkit", reader.p50_us);
+                let u = summarize_us(&mut s.uniform_us, Duration::from_secs(1));
+                (u.p50_us, u.p99_us)
+            }
+            "raw" => {
+                let raw = self.raw.as_mut().context("raw client")?;
+                let mut lat = Vec::with_capacity(cycles * 2);
+                for _ in 0..cycles {
+                    lat.push(raw.cmd_event_latency(raw::CONT, "RESUME")?);
+                    lat.push(raw.cmd_event_latency(raw::STOP, "STOP")?);
+                }
+                let s = summarize_us(&mut lat, Duration::from_secs(1));
+                (s.p50_us, s.p99_us)
+            }
+            _ => {
+                let w = self.worker(peer).context("no worker")?;
+                let v = w.call(json!({"op": "events", "n": cycles}))?;
+                if let Some(m) = v["monitor_event_p50_us"].as_f64() {
+                    res.push("event_monitor_p50_us.libvirt", m);
+                }
+                (num(&v, "p50_us")?, num(&v, "p99_us")?)
+            }
+        };
+        res.push(format!("event_p50_us.{peer}"), p50);
+        res.push(format!("event_p99_us.{peer}"), p99);
+        Ok(())
+    }
+
+    fn starts(&mut self, peer: &str, count: usize) -> anyhow::Result<StartSamples> {
+        let mut s = StartSamples::default();
+        for _ in 0..count {
+            match peer {
+                "domkit" => {
+                    let dom = self.dk_start.clone();
+                    let x = self.runtime.block_on(async move {
+                        tokio::spawn(async move { bench::dk::start_cycle(&dom).await }).await
+                    })??;
+                    s.ready.push(ms(x.qmp_ready));
+                    s.running.push(ms(x.running));
+                    s.destroy.push(ms(x.destroy));
+                }
+                "raw" => {
+                    let (argv, paths) = &self.raw_start;
+                    let x = raw::start_and_quit(argv, &paths.qmp_socket, &paths.qemu_log)?;
+                    s.ready.push(ms(x.qmp_ready));
+                    s.running.push(ms(x.running));
+                    s.destroy.push(ms(x.destroy));
+                }
+                "qemu_qmp" => {
+                    let argv = self.py_start_argv.clone();
+                    let w = self.worker(peer).context("no worker")?;
+                    let v = w.call(json!({"op": "start", "argv": argv}))?;
+                    s.ready.push(num(&v, "qmp_ready_ms")?);
+                    s.running.push(num(&v, "running_ms")?);
+                    s.destroy.push(num(&v, "destroy_ms")?);
+                }
+                _ => {
+                    let w = self.worker(peer).context("no worker")?;
+                    let v = w.call(json!({"op": "start", "qemu": "/usr/bin/qemu-system-x86_64", "memory_mib": MEMORY_MIB}))?;
+                    s.running.push(num(&v, "running_ms")?);
+                    s.destroy.push(num(&v, "destroy_ms")?);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn teardown(mut self, res: &mut Results) {
+        self.py = None;
+        self.lv = None;
+        if let Some(raw) = self.raw.take() {
+            raw.quit();
+        }
+        if let Err(e) = self.runtime.block_on(self.driver.close()) {
+            res.notes
+                .insert("teardown".into(), format!("driver close failed: {e}"));
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct StartSamples {
+    ready: Vec<f64>,
+    running: Vec<f64>,
+    destroy: Vec<f64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn num(v: &Value, key: &str) -> anyhow::Result<f64> {
+    v[key].as_f64().with_context(|| format!("no {key} in {v}"))
+}
+
+fn note_failure(res: &mut Results, peer: &str, what: &str, e: &anyhow::Error) {
+    eprintln!("domkit-bench: {peer} {what} failed: {e:#}");
+    res.notes
+        .entry(format!("{peer} {what}"))
+        .or_insert_with(|| format!("failed: {e:#}"));
+}
+
+fn qemu_path(qemu: &str) -> String {
+    if qemu.contains('/') {
+        return qemu.to_string();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(qemu))
+                .find(|p| p.is_file())
+        })
+        .map_or_else(|| qemu.to_string(), |p| p.display().to_string())
+}
+
+fn python_worker(cli: &Cli, kind: &str, tmp: &Path) -> anyhow::Result<Worker> {
+    let mut cmd = Command::new(&cli.python);
+    cmd.arg(&cli.peer_script).arg(kind);
+    Worker::start(kind, cmd, tmp.join(format!("{kind}.stderr")))
+}
+
+/// The scale bench at one N: every manager holds N paused domains at once; they idle
+/// together, then fan out in turns.
+fn scale(
+    cli: &Cli,
+    p: &Params,
+    tmp: &Path,
+    disk: &Path,
+    n: usize,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let dir = tmp.join(format!("s{n}"));
+    std::fs::create_dir_all(&dir)?;
+    // N bare QEMUs, each with one listening monitor per bare-connection manager.
+    let monitors = ["raw", "dkq", "py"];
+    let mut qemus = Vec::with_capacity(n);
+    let mut socks: Vec<Vec<PathBuf>> = vec![Vec::new(); monitors.len()];
+    for batch in (0..n).collect::<Vec<_>>().chunks(10) {
+        let mut pending = Vec::new();
+        for &i in batch {
+            let qdir = dir.join(format!("q{i}"));
+            let (argv, paths) = domkit_argv(
+                &bench_config(&format!("b{i}"), SCALE_MEMORY_MIB, disk),
+                &qdir,
+            )?;
+            let mine: Vec<PathBuf> = monitors
+                .iter()
+                .map(|m| qdir.join(format!("{m}.sock")))
+                .collect();
+            let argv = with_listening_monitors(&argv, &mine);
+            let q = BareQemu::spawn(&argv, &paths.qemu_log)?;
+            for (k, s) in mine.iter().enumerate() {
+                socks[k].push(s.clone());
+            }
+            pending.push((q, mine));
+        }
+        for (mut q, mine) in pending {
+            q.wait_for_sockets(&mine, Duration::from_secs(60))?;
+            qemus.push(q);
+        }
+    }
+
+    let exe = std::env::current_exe()?;
+    let rust_worker = |kind: &str| -> anyhow::Result<Worker> {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["scale-worker", kind]);
+        Worker::start(kind, cmd, dir.join(format!("{kind}.stderr")))
+    };
+    let mut workers: Vec<(&str, Worker, Value)> = Vec::new();
+    let dk_root = dir.join("dk");
+    let plan: Vec<(&str, Value)> = vec![
+        (
+            "domkit",
+            json!({"op": "scale_connect", "n": n, "root": dk_root, "disk": disk, "batch": 10}),
+        ),
+        (
+            "domkit_qmp",
+            json!({"op": "scale_connect", "sockets": socks[1]}),
+        ),
+        ("raw", json!({"op": "scale_connect", "sockets": socks[0]})),
+        (
+            "qemu_qmp",
+            json!({"op": "scale_connect", "sockets": socks[2]}),
+        ),
+    ];
+    for (key, req) in plan {
+        let started = match key {
+            "domkit" => rust_worker("domkit"),
+            "domkit_qmp" => rust_worker("domkit-qmp"),
+            "raw" => rust_worker("raw"),
+            _ if cli.no_python => continue,
+            _ => python_worker(cli, "qemu.qmp", &dir),
+        };
+        let mut w = match started {
+            Ok(w) => w,
+            Err(e) => {
+                note_failure(res, key, &format!("scale N={n}"), &e);
+                continue;
+            }
+        };
+        match w.call(req) {
+            Ok(v) => {
+                let grow = num(&v, "rss_kib")? - num(&v, "rss_base_kib")?;
+                res.push(format!("rss_per_domain_kib.{key}.n{n}"), grow / n as f64);
+                workers.push((key, w, v));
+            }
+            Err(e) => note_failure(res, key, &format!("scale N={n}"), &e),
+        }
+    }
+
+    // Idle together: each manager's CPU time and wake-ups over the same window.
+    let idle = json!({"op": "scale_idle", "secs": p.idle_secs});
+    for (_, w, _) in workers.iter_mut() {
+        w.send(&idle)?;
+    }
+    for (key, w, _) in workers.iter_mut() {
+        let v = w.recv()?;
+        res.push(format!("idle_cpu_ms.{key}.n{n}"), num(&v, "cpu_s")? * 1e3);
+        res.push(format!("idle_wakeups.{key}.n{n}"), num(&v, "wakeups")?);
+    }
+
+    for rep in 0..p.reps {
+        let order: Vec<usize> = rotated(&(0..workers.len()).collect::<Vec<_>>(), rep);
+        for i in order {
+            let (key, w, _) = &mut workers[i];
+            match w.call(json!({"op": "scale_fanout", "rounds": p.fanout_rounds})) {
+                Ok(v) => res.push(format!("fanout_ms.{key}.n{n}"), num(&v, "fanout_ms")?),
+                Err(e) => note_failure(res, key, &format!("fan-out N={n}"), &e),
+            }
+        }
+    }
+    // Dropping the workers closes them (domkit destroys its domains); then the bare QEMUs.
+    drop(workers);
+    drop(qemus);
+    Ok(())
+}
