@@ -793,9 +793,24 @@ async fn t13_failed_save_keeps_old_file_and_domain_runs() {
     let t0 = Instant::now();
     let r = d.save(&path).await;
     timing("failed_save", t0);
+    let old = std::fs::read(&path);
+    let files: Vec<_> = std::fs::read_dir(mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     let _ = Command::new("umount").arg("/tmp/dk-full").status();
     let e = r.expect_err("the save must fail on a full file system");
     println!("failed save: {e}");
+    assert_eq!(
+        old.unwrap(),
+        b"older save",
+        "the older save file was touched"
+    );
+    assert_eq!(
+        files.len(),
+        1,
+        "a temporary file was left behind: {files:?}"
+    );
     assert_eq!(d.state(), DomainState::Running(RunningReason::SaveCanceled));
     assert_eq!(
         drain(&mut ev, Duration::from_secs(1)).await,
@@ -804,8 +819,6 @@ async fn t13_failed_save_keeps_old_file_and_domain_runs() {
             EventKind::Resumed(ResumedDetail::SaveCanceled)
         ]
     );
-    // (the tmpfs is unmounted: its old file and any temp file went with it; the unit test
-    // savefile::dropping_a_target_keeps_the_old_file checks the file side)
     let id2 = boot_id(&d).await;
     assert_eq!(id1, id2, "the guest rebooted instead of resuming");
     // still ours: a poweroff is seen (the watch was re-armed after the resume)
