@@ -120,7 +120,9 @@ while IFS= read -r -d '' f; do
     nelf=$((nelf + 1))
   fi
 done < <(find "$st/payload" -type f -print0)
-g=$(ldconfig -p 2>/dev/null | awk '/libgcc_s.so.1 .*x86-64/ { print $NF; exit }')
+# awk reads all of its input (no early exit): an early exit SIGPIPEs ldconfig, and pipefail
+# then kills this script with status 141.
+g=$(ldconfig -p 2>/dev/null | awk '/libgcc_s.so.1 .*x86-64/ && !found { print $NF; found = 1 }')
 [ -n "$g" ] || g=/lib/x86_64-linux-gnu/libgcc_s.so.1
 if [ -f "$g" ] && [ ! -e "$st/$(usrpath "$g")" ]; then
   mkdir -p "$st/$(dirname "$(usrpath "$g")")"
