@@ -103,7 +103,7 @@ resolve_kernel() {
   [ -n "$dep" ] || die "cannot resolve $meta_pkg with apt-cache (apt-get update needed?)"
   # e.g. "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"; take the linux-image-* alternative.
   echo "$dep" | tr ',|' '\n\n' | sed 's/^ *//' |
-    awk '$1 ~ /^linux-image-[0-9]/ { v = $3; sub(/\)$/, "", v); print $1, v; exit }'
+    awk '$1 ~ /^linux-image-[0-9]/ && !found { v = $3; sub(/\)$/, "", v); print $1, v; found = 1 }'
 }
 kernel=$(resolve_kernel)
 [ -n "$kernel" ] || die "no linux-image-* dependency in $meta_pkg"

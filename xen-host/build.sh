@@ -39,7 +39,7 @@ flock 9
 # ---- resolve package versions (the kernel through the linux-image-amd64 metapackage) ----
 resolve_kernel() {
   apt-cache depends linux-image-amd64 2>/dev/null |
-    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }'
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ && !found { print $2; found = 1 }'
 }
 kpkg=$(resolve_kernel || true)
 if [ -z "$kpkg" ] && [ "$(id -u)" -eq 0 ]; then
@@ -209,7 +209,7 @@ addlibs() {
 }
 addgccs() {
   local r=$1 g
-  g=$(ldconfig -p 2>/dev/null | awk '/libgcc_s.so.1 .*x86-64/ { print $NF; exit }')
+  g=$(ldconfig -p 2>/dev/null | awk '/libgcc_s.so.1 .*x86-64/ && !found { print $NF; found = 1 }')
   [ -n "$g" ] || g=/lib/x86_64-linux-gnu/libgcc_s.so.1
   [ -f "$g" ] || die "host lacks libgcc_s.so.1 (run scripts/install-deps.sh)"
   local dst=$r/$(usrpath "$g")
