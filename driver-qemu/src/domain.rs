@@ -519,13 +519,17 @@ impl QemuDomain {
             )
         })?;
         let qmp = &instance.qmp;
-        let _intent = self.inner.cell.intent(Intent::Save);
         let mut events = qmp.subscribe();
+        // Intent::Save is held where it explains what QEMU does (the stop: paused(save); the
+        // resume after a failure: running(save_canceled); the quit after success:
+        // shutoff(saved)) but not during the migration itself: a QEMU that dies then did not
+        // save anything and must end as crashed, not as saved.
         let migrated = async {
             qmp.migrate_set_capabilities(&[("events", true)])
                 .await
                 .map_err(|e| self.qmp_error(operation, "migrate-set-capabilities", e))?;
             if !was_paused {
+                let _intent = self.inner.cell.intent(Intent::Save);
                 qmp.stop()
                     .await
                     .map_err(|e| self.qmp_error(operation, "stop", e))?;
@@ -546,6 +550,7 @@ impl QemuDomain {
                 .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e))
         }
         .await;
+        let _intent = self.inner.cell.intent(Intent::Save);
         match migrated {
             Ok(()) => {
                 self.end_instance(&instance, operation).await?;
@@ -656,42 +661,53 @@ impl QemuDomain {
 
     async fn shutdown_inner(&self, options: ShutdownOptions) -> Result<ShutdownOutcome> {
         let operation = Operation::Shutdown;
+        if options.mode == ShutdownMode::Paravirt {
+            return Err(unsupported_paravirt(operation));
+        }
         let state = self.state();
         if !state.is_active() {
             return Err(self.invalid(operation));
         }
         let instance = self.running_instance(operation)?;
-        let intent = self.inner.cell.intent(Intent::Shutdown);
-        match options.mode {
-            ShutdownMode::Default | ShutdownMode::Acpi => instance
-                .qmp
-                .system_powerdown()
+        let deadline = Instant::now() + options.timeout;
+        let acknowledged =
+            |s: &DomainState| matches!(s, DomainState::ShuttingDown(_) | DomainState::Shutoff(_));
+        // The intent is held until the request is acknowledged (state shutting_down(user)),
+        // not until completion: from then on the state alone says the end is a shutdown, and
+        // an end nobody explains (QEMU killed while we wait) stays a crash.
+        let waited = {
+            let _intent = self.inner.cell.intent(Intent::Shutdown);
+            match options.mode {
+                ShutdownMode::Agent => {
+                    self.agent_shutdown(&instance, operation, false).await?;
+                    // No QMP event says the agent took the request: its success does.
+                    self.inner
+                        .cell
+                        .observe(Observation::ShutdownRequestDelivered);
+                }
+                _ => instance
+                    .qmp
+                    .system_powerdown()
+                    .await
+                    .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.inner
+                .cell
+                .wait_for(operation, left, acknowledged)
                 .await
-                .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
-            ShutdownMode::Agent => {
-                self.agent_shutdown(&instance, operation, false).await?;
-                // No QMP event says the agent took the request: its success does.
+        };
+        let waited = match (waited, options.wait) {
+            (Ok(DomainState::Shutoff(s)), _) => Ok(DomainState::Shutoff(s)),
+            (Ok(s), ShutdownWait::Acknowledged) => Ok(s),
+            (Ok(_), ShutdownWait::Completed) => {
+                let left = deadline.saturating_duration_since(Instant::now());
                 self.inner
                     .cell
-                    .observe(Observation::ShutdownRequestDelivered);
-            }
-            ShutdownMode::Paravirt => return Err(unsupported_paravirt(operation)),
-        }
-        let waited = match options.wait {
-            ShutdownWait::Acknowledged => {
-                self.inner
-                    .cell
-                    .wait_for(operation, options.timeout, |s| {
-                        matches!(s, DomainState::ShuttingDown(_) | DomainState::Shutoff(_))
-                    })
+                    .wait_for(operation, left, DomainState::is_shutoff)
                     .await
             }
-            ShutdownWait::Completed => {
-                self.inner
-                    .cell
-                    .wait_for(operation, options.timeout, DomainState::is_shutoff)
-                    .await
-            }
+            (Err(e), _) => Err(e),
         };
         match waited {
             Ok(DomainState::Shutoff(ShutoffReason::Shutdown)) => Ok(ShutdownOutcome::Completed),
@@ -700,14 +716,13 @@ impl QemuDomain {
             ))),
             Ok(_) => Ok(ShutdownOutcome::Acknowledged),
             Err(Error::Timeout { .. }) if options.destroy_on_timeout => {
-                drop(intent);
                 tracing::info!(domain = %self.inner.id.name, "shutdown timed out: destroying");
                 self.destroy_inner().await?;
                 Ok(ShutdownOutcome::Destroyed)
             }
-            Err(Error::Timeout { after, .. }) => Err(timeout(
+            Err(Error::Timeout { .. }) => Err(timeout(
                 operation,
-                after,
+                options.timeout,
                 format!(
                     "the guest did not shut down (it is {}); the request stays pending in the \
                      guest: destroy the domain, or ask with destroy_on_timeout",

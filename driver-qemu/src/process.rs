@@ -160,10 +160,12 @@ pub async fn launch(
         .kill_on_drop(true);
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // functions may be called: prctl(2) and getppid(2) are plain system calls, and the error
-    // values are built from raw OS codes without allocating.
+    // functions may be called: umask(2), prctl(2) and getppid(2) are plain system calls, and
+    // the error values are built from raw OS codes without allocating.
     unsafe {
         cmd.pre_exec(move || {
+            // Whatever QEMU creates (console logs, channel sockets) is private: 0600 / 0700.
+            libc::umask(0o077);
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }

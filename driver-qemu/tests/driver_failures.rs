@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use domkit_core::{
-    ControlState, Domain, DomainState, Error, EventKind, ShutdownMode, ShutoffReason, StartOptions,
-    StoppedDetail,
+    ControlState, Domain, DomainState, Error, EventKind, ShutdownMode, ShutdownOptions,
+    ShutdownRequester, ShutdownWait, ShutoffReason, StartOptions, StoppedDetail,
 };
 use driver_support::*;
 
@@ -155,7 +155,7 @@ async fn malformed_qmp_bytes_are_typed_errors_without_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
     let h = Harness::new();
-    // The guest ignores the power button, so a reboot request waits for it forever.
+    // The guest ignores the power button, so a shutdown request waits for it forever.
     let domain = h
         .define(guest_config("victim", "domkit.ignore_shutdown=1"))
         .await;
@@ -166,9 +166,21 @@ async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
 
     let pending = {
         let domain = domain.clone();
-        tokio::spawn(async move { domain.reboot(ShutdownMode::Acpi, LONG).await })
+        tokio::spawn(async move {
+            let options = ShutdownOptions {
+                mode: ShutdownMode::Acpi,
+                wait: ShutdownWait::Completed,
+                timeout: LONG,
+                destroy_on_timeout: false,
+            };
+            domain.shutdown(options).await
+        })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        log.take().await,
+        [EventKind::ShutdownRequested(ShutdownRequester::Host)]
+    );
     let killed_at = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -180,6 +192,11 @@ async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
         if let Some(t) = log.received_at(EventKind::Stopped(StoppedDetail::Crashed)) {
             break t;
         }
+        assert!(
+            killed_at.elapsed() < LONG,
+            "no Stopped(Crashed): {:?}",
+            log.kinds()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let latency = stopped_at.duration_since(killed_at);
@@ -192,8 +209,8 @@ async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
     let err = pending
         .await
         .expect("join")
-        .expect_err("the reboot cannot succeed");
-    eprintln!("pending reboot: {err}");
+        .expect_err("the shutdown cannot succeed: QEMU was killed");
+    eprintln!("pending shutdown: {err}");
     assert!(
         matches!(err, Error::Backend { .. } | Error::ControlBroken { .. }),
         "{err}"

@@ -34,6 +34,18 @@ async fn running_domain_pause_resume_reset_reboots_and_destroy() {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o700
     );
+    // Everything in it is private to the owner (logs 0600, sockets without group/other bits).
+    for entry in std::fs::read_dir(&dir).expect("ls").flatten() {
+        let meta = entry.metadata().expect("stat");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} has mode {:o}",
+            entry.path().display(),
+            mode & 0o777
+        );
+    }
 
     // pause twice, resume twice: one event each, idempotent.
     domain.pause().await.expect("pause");
