@@ -28,8 +28,7 @@ const LIBXL_API_VERSION: u32 = 0x041400;
 /// bindgen version the crate docs record; a different one only warns.
 const DOCUMENTED_BINDGEN_VERSION: &str = "0.70.1";
 
-const MISSING_DEPS: &str =
-    "install libxen-dev and libclang-dev (scripts/install-deps.sh xen)";
+const MISSING_DEPS: &str = "install libxen-dev and libclang-dev (scripts/install-deps.sh xen)";
 
 /// Print one clear error and stop the build (no backtrace, no bindgen noise).
 fn fail(what: &str) -> ! {
@@ -105,7 +104,10 @@ fn libxl_have(shim_dir: &Path, includes: &[PathBuf], out_dir: &Path) -> Vec<Stri
         .file(&probe)
         .include(shim_dir)
         .includes(includes)
-        .define("LIBXL_API_VERSION", format!("{LIBXL_API_VERSION:#08x}").as_str())
+        .define(
+            "LIBXL_API_VERSION",
+            format!("{LIBXL_API_VERSION:#08x}").as_str(),
+        )
         .flag("-dM")
         .cargo_metadata(false)
         .try_expand()
@@ -127,11 +129,17 @@ fn idl_owned_types(includes: &[PathBuf]) -> Vec<String> {
     let mut types = Vec::new();
     for dir in includes {
         for h in ["libxl.h", "_libxl_types.h"] {
-            let Ok(text) = fs::read_to_string(dir.join(h)) else { continue };
+            let Ok(text) = fs::read_to_string(dir.join(h)) else {
+                continue;
+            };
             for line in text.lines() {
                 let line = line.trim_start();
-                let Some(rest) = line.strip_prefix("void libxl_") else { continue };
-                let Some((name, args)) = rest.split_once("_dispose(") else { continue };
+                let Some(rest) = line.strip_prefix("void libxl_") else {
+                    continue;
+                };
+                let Some((name, args)) = rest.split_once("_dispose(") else {
+                    continue;
+                };
                 // `void libxl_T_dispose(libxl_T *p)`: the argument type names T.
                 if args.starts_with(&format!("libxl_{name} *")) {
                     types.push(format!("libxl_{name}"));
@@ -196,9 +204,13 @@ fn bindgen_builder(shim_h: &Path, includes: &[PathBuf], no_copy: &[String]) -> b
         // Macros using `~`: cexpr ignores the U/ULL suffixes and casts, so
         // bindgen would emit them as i32 -1 (or skip them). lib.rs defines
         // them by hand; a test checks them against the C compiler.
-        .blocklist_item("INVALID_DOMID|RANDOM_DOMID|LIBXL_EVENTMASK_ALL|LIBXL_MEMKB_DEFAULT|LIBXL_PCI_FUNC_ALL")
+        .blocklist_item(
+            "INVALID_DOMID|RANDOM_DOMID|LIBXL_EVENTMASK_ALL|LIBXL_MEMKB_DEFAULT|LIBXL_PCI_FUNC_ALL",
+        )
         // libc types: use the libc crate's definitions.
-        .blocklist_type("FILE|_IO_.*|pollfd|timeval|pid_t|__pid_t|__time_t|__suseconds_t|__off_t|__off64_t")
+        .blocklist_type(
+            "FILE|_IO_.*|pollfd|timeval|pid_t|__pid_t|__time_t|__suseconds_t|__off_t|__off64_t",
+        )
         .raw_line("use libc::{pid_t, pollfd, timeval, FILE};")
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         // Must be last: bindgen only asks the last callback about comments.
@@ -218,7 +230,13 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=shim/shim.h");
     println!("cargo:rerun-if-changed=shim/shim.c");
-    for var in ["XENLIGHT_INCLUDE_DIR", "XENLIGHT_LIB_DIR", "PKG_CONFIG", "PKG_CONFIG_PATH", "LIBCLANG_PATH"] {
+    for var in [
+        "XENLIGHT_INCLUDE_DIR",
+        "XENLIGHT_LIB_DIR",
+        "PKG_CONFIG",
+        "PKG_CONFIG_PATH",
+        "LIBCLANG_PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -259,7 +277,10 @@ fn main() {
         .file(shim_dir.join("shim.c"))
         .include(&shim_dir)
         .includes(&includes)
-        .define("LIBXL_API_VERSION", format!("{LIBXL_API_VERSION:#08x}").as_str())
+        .define(
+            "LIBXL_API_VERSION",
+            format!("{LIBXL_API_VERSION:#08x}").as_str(),
+        )
         .std("gnu11")
         .warnings(true)
         .extra_warnings(true)
@@ -282,8 +303,16 @@ fn main() {
 
     let xenlight_version = pkg_config(&["--modversion"]).and_then(|v| v.into_iter().next());
     let mut info = String::new();
-    writeln!(info, "/// The `LIBXL_API_VERSION` the bindings and the shim were built with.").unwrap();
-    writeln!(info, "pub const LIBXL_API_VERSION: u32 = {LIBXL_API_VERSION:#08x};").unwrap();
+    writeln!(
+        info,
+        "/// The `LIBXL_API_VERSION` the bindings and the shim were built with."
+    )
+    .unwrap();
+    writeln!(
+        info,
+        "pub const LIBXL_API_VERSION: u32 = {LIBXL_API_VERSION:#08x};"
+    )
+    .unwrap();
     writeln!(
         info,
         "/// Every `LIBXL_HAVE_<NAME>` macro defined by the headers under [`LIBXL_API_VERSION`]\n\
@@ -291,13 +320,33 @@ fn main() {
     )
     .unwrap();
     writeln!(info, "pub const LIBXL_HAVE: &[&str] = &{have:?};").unwrap();
-    writeln!(info, "/// `pkg-config --modversion xenlight` at build time, if available.").unwrap();
-    writeln!(info, "pub const XENLIGHT_VERSION: Option<&str> = {xenlight_version:?};").unwrap();
-    writeln!(info, "/// Version of the bindgen crate that generated the bindings.").unwrap();
-    writeln!(info, "pub const BINDGEN_VERSION: &str = {bindgen_version:?};").unwrap();
+    writeln!(
+        info,
+        "/// `pkg-config --modversion xenlight` at build time, if available."
+    )
+    .unwrap();
+    writeln!(
+        info,
+        "pub const XENLIGHT_VERSION: Option<&str> = {xenlight_version:?};"
+    )
+    .unwrap();
+    writeln!(
+        info,
+        "/// Version of the bindgen crate that generated the bindings."
+    )
+    .unwrap();
+    writeln!(
+        info,
+        "pub const BINDGEN_VERSION: &str = {bindgen_version:?};"
+    )
+    .unwrap();
     writeln!(info, "/// Version string of the libclang bindgen used.").unwrap();
     writeln!(info, "pub const CLANG_VERSION: &str = {clang_version:?};").unwrap();
-    writeln!(info, "/// The bindgen command line equivalent to this build's options.").unwrap();
+    writeln!(
+        info,
+        "/// The bindgen command line equivalent to this build's options."
+    )
+    .unwrap();
     writeln!(info, "pub const BINDGEN_FLAGS: &str = {flags:?};").unwrap();
     fs::write(out_dir.join("build_info.rs"), info).expect("write build_info.rs");
 }

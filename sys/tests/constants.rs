@@ -48,7 +48,15 @@ fn hand_defined_macros_match_c() {
     let c: BTreeMap<String, u64> = table
         .iter()
         // SAFETY: names are static NUL-terminated strings.
-        .map(|m| (unsafe { CStr::from_ptr(m.name) }.to_str().unwrap().to_owned(), m.value))
+        .map(|m| {
+            (
+                unsafe { CStr::from_ptr(m.name) }
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+                m.value,
+            )
+        })
         .collect();
     let rust: BTreeMap<String, u64> = [
         ("LIBXL_API_VERSION", u64::from(sys::LIBXL_API_VERSION)),
@@ -57,10 +65,22 @@ fn hand_defined_macros_match_c() {
         ("LIBXL_EVENTMASK_ALL", sys::LIBXL_EVENTMASK_ALL),
         ("LIBXL_MEMKB_DEFAULT", sys::LIBXL_MEMKB_DEFAULT),
         ("LIBXL_PCI_FUNC_ALL", u64::from(sys::LIBXL_PCI_FUNC_ALL)),
-        ("LIBXL_MAX_GRANT_DEFAULT", u64::from(sys::LIBXL_MAX_GRANT_DEFAULT)),
-        ("LIBXL_CPUTOPOLOGY_INVALID_ENTRY", u64::from(sys::LIBXL_CPUTOPOLOGY_INVALID_ENTRY)),
-        ("LIBXL_PCITOPOLOGY_INVALID_ENTRY", u64::from(sys::LIBXL_PCITOPOLOGY_INVALID_ENTRY)),
-        ("LIBXL_NUMAINFO_INVALID_ENTRY", u64::from(sys::LIBXL_NUMAINFO_INVALID_ENTRY)),
+        (
+            "LIBXL_MAX_GRANT_DEFAULT",
+            u64::from(sys::LIBXL_MAX_GRANT_DEFAULT),
+        ),
+        (
+            "LIBXL_CPUTOPOLOGY_INVALID_ENTRY",
+            u64::from(sys::LIBXL_CPUTOPOLOGY_INVALID_ENTRY),
+        ),
+        (
+            "LIBXL_PCITOPOLOGY_INVALID_ENTRY",
+            u64::from(sys::LIBXL_PCITOPOLOGY_INVALID_ENTRY),
+        ),
+        (
+            "LIBXL_NUMAINFO_INVALID_ENTRY",
+            u64::from(sys::LIBXL_NUMAINFO_INVALID_ENTRY),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -89,7 +109,10 @@ fn libxl_have_lists_valueless_and_conditional_defines() {
     ] {
         assert!(sys::LIBXL_HAVE.contains(&name), "LIBXL_HAVE_{name} missing");
     }
-    assert!(sys::LIBXL_HAVE.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    assert!(
+        sys::LIBXL_HAVE.windows(2).all(|w| w[0] < w[1]),
+        "sorted, no duplicates"
+    );
     assert_eq!(sys::LIBXL_HAVE_SOFT_RESET, 1);
 }
 
@@ -99,7 +122,8 @@ fn libxl_have_lists_valueless_and_conditional_defines() {
 fn api_signatures() {
     use sys::{libxl_asyncop_how as Ao, libxl_asyncprogress_how as Aop, libxl_ctx as Ctx};
     type Cfg = sys::libxl_domain_config;
-    let _: unsafe extern "C" fn(*mut *mut Ctx, c_int, u32, *mut sys::xentoollog_logger) -> c_int = sys::libxl_ctx_alloc;
+    let _: unsafe extern "C" fn(*mut *mut Ctx, c_int, u32, *mut sys::xentoollog_logger) -> c_int =
+        sys::libxl_ctx_alloc;
     let _: unsafe extern "C" fn(*mut Ctx, *mut Cfg, *mut u32, *const Ao, *const Aop) -> c_int =
         sys::libxl_domain_create_new;
     let _: unsafe extern "C" fn(
@@ -112,8 +136,10 @@ fn api_signatures() {
         *const Ao,
         *const Aop,
     ) -> c_int = sys::libxl_domain_create_restore;
-    let _: unsafe extern "C" fn(*mut Ctx, *mut Cfg, u32, *const Ao, *const Aop) -> c_int = sys::libxl_domain_soft_reset;
-    let _: unsafe extern "C" fn(*mut Ctx, u32, c_int, c_int, *const Ao) -> c_int = sys::libxl_domain_suspend;
+    let _: unsafe extern "C" fn(*mut Ctx, *mut Cfg, u32, *const Ao, *const Aop) -> c_int =
+        sys::libxl_domain_soft_reset;
+    let _: unsafe extern "C" fn(*mut Ctx, u32, c_int, c_int, *const Ao) -> c_int =
+        sys::libxl_domain_suspend;
     let ao_only: [unsafe extern "C" fn(*mut Ctx, u32, *const Ao) -> c_int; 6] = [
         sys::libxl_domain_shutdown,
         sys::libxl_domain_reboot,
@@ -123,9 +149,14 @@ fn api_signatures() {
         sys::libxl_domain_suspend_only,
     ];
     assert_eq!(ao_only.len(), 6);
-    let _: unsafe extern "C" fn(*mut Ctx, u32, sys::libxl_trigger, u32, *const Ao) -> c_int = sys::libxl_send_trigger;
-    let _: unsafe extern "C" fn(*mut Ctx, u32, sys::libxl_ev_user, *mut *mut sys::libxl_evgen_domain_death) -> c_int =
-        sys::libxl_evenable_domain_death;
+    let _: unsafe extern "C" fn(*mut Ctx, u32, sys::libxl_trigger, u32, *const Ao) -> c_int =
+        sys::libxl_send_trigger;
+    let _: unsafe extern "C" fn(
+        *mut Ctx,
+        u32,
+        sys::libxl_ev_user,
+        *mut *mut sys::libxl_evgen_domain_death,
+    ) -> c_int = sys::libxl_evenable_domain_death;
     let _: unsafe extern "C" fn(
         *mut Ctx,
         *mut *mut sys::libxl_event,
@@ -133,11 +164,21 @@ fn api_signatures() {
         Option<unsafe extern "C" fn(*const sys::libxl_event, *mut std::ffi::c_void) -> c_int>,
         *mut std::ffi::c_void,
     ) -> c_int = sys::libxl_event_check;
-    let _: unsafe extern "C" fn(*mut Ctx, *mut libc::c_int, *mut libc::pollfd, *mut c_int, libc::timeval) -> c_int =
-        sys::libxl_osevent_beforepoll;
+    let _: unsafe extern "C" fn(
+        *mut Ctx,
+        *mut libc::c_int,
+        *mut libc::pollfd,
+        *mut c_int,
+        libc::timeval,
+    ) -> c_int = sys::libxl_osevent_beforepoll;
     // event_occurs takes a non-const event (LIBXL_HAVE_NONCONST_EVENT_OCCURS_EVENT_ARG).
-    let hooks = sys::libxl_event_hooks { event_occurs_mask: sys::LIBXL_EVENTMASK_ALL, event_occurs: None, disaster: None };
-    let _: Option<unsafe extern "C" fn(*mut std::ffi::c_void, *mut sys::libxl_event)> = hooks.event_occurs;
+    let hooks = sys::libxl_event_hooks {
+        event_occurs_mask: sys::LIBXL_EVENTMASK_ALL,
+        event_occurs: None,
+        disaster: None,
+    };
+    let _: Option<unsafe extern "C" fn(*mut std::ffi::c_void, *mut sys::libxl_event)> =
+        hooks.event_occurs;
 }
 
 macro_rules! rust_layouts {
@@ -158,7 +199,15 @@ fn layouts_match_c_compiler() {
     let c: BTreeMap<String, (usize, usize)> = table
         .iter()
         // SAFETY: names are static NUL-terminated strings.
-        .map(|l| (unsafe { CStr::from_ptr(l.name) }.to_str().unwrap().to_owned(), (l.size, l.align)))
+        .map(|l| {
+            (
+                unsafe { CStr::from_ptr(l.name) }
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+                (l.size, l.align),
+            )
+        })
         .collect();
     let rust = rust_layouts! {
         "libxl_asyncop_how" => sys::libxl_asyncop_how,

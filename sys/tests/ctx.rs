@@ -66,14 +66,20 @@ fn ctx_alloc_without_xen_fails_cleanly_and_logs_through_the_shim() {
         eprintln!("Xen is present: libxl_ctx_alloc works, nothing to check here");
         return;
     }
-    assert!(!xen_required(), "{REQUIRE_XEN}=1 but libxl_ctx_alloc failed: {:?}", logger.records());
+    assert!(
+        !xen_required(),
+        "{REQUIRE_XEN}=1 but libxl_ctx_alloc failed: {:?}",
+        logger.records()
+    );
     assert_eq!(rc, sys::ERROR_FAIL);
     assert!(ctx.is_null());
     // libxl's own error went through the shim logger to the Rust callback.
     let records = logger.records();
     let libxl = records
         .iter()
-        .find(|r| r.context.as_deref() == Some("libxl") && r.message.contains("cannot open libxc handle"))
+        .find(|r| {
+            r.context.as_deref() == Some("libxl") && r.message.contains("cannot open libxc handle")
+        })
         .unwrap_or_else(|| panic!("libxl's error did not reach the callback: {records:?}"));
     assert_eq!(libxl.level, sys::XTL_ERROR);
     assert!(libxl.errnoval > 0, "errno is passed separately: {libxl:?}");
@@ -134,7 +140,9 @@ fn to_json(xen: &Xen, cfg: &mut sys::libxl_domain_config) -> String {
 
 #[test]
 fn domain_config_from_json_and_round_trip() {
-    let Some(xen) = xen("domain_config_from_json_and_round_trip") else { return };
+    let Some(xen) = xen("domain_config_from_json_and_round_trip") else {
+        return;
+    };
     let (rc, mut cfg) = from_json(&xen, CONFIG_JSON);
     assert_eq!(rc, 0, "from_json: {:?}", xen.logger.records());
     assert_eq!(cfg.c_info.type_, sys::LIBXL_DOMAIN_TYPE_PVH);
@@ -151,10 +159,17 @@ fn domain_config_from_json_and_round_trip() {
     assert_eq!(cfg.on_reboot, sys::LIBXL_ACTION_ON_SHUTDOWN_RESTART);
 
     let first = to_json(&xen, &mut cfg);
-    assert!(first.contains("domkit-sys-test") && first.contains("xvda"), "{first}");
+    assert!(
+        first.contains("domkit-sys-test") && first.contains("xvda"),
+        "{first}"
+    );
     let (rc, mut again) = from_json(&xen, &first);
     assert_eq!(rc, 0);
-    assert_eq!(to_json(&xen, &mut again), first, "to_json . from_json is not a fixed point");
+    assert_eq!(
+        to_json(&xen, &mut again),
+        first,
+        "to_json . from_json is not a fixed point"
+    );
 
     // SAFETY: both configs were initialised and are disposed once.
     unsafe {
@@ -165,7 +180,9 @@ fn domain_config_from_json_and_round_trip() {
 
 #[test]
 fn domain_config_from_bad_json_fails() {
-    let Some(xen) = xen("domain_config_from_bad_json_fails") else { return };
+    let Some(xen) = xen("domain_config_from_bad_json_fails") else {
+        return;
+    };
     let (rc, mut cfg) = from_json(&xen, "{ this is not json");
     assert_ne!(rc, 0);
     // SAFETY: initialised before parsing; must be disposed even on failure.
@@ -174,7 +191,9 @@ fn domain_config_from_bad_json_fails() {
 
 #[test]
 fn dom0_is_listed_and_named() {
-    let Some(xen) = xen("dom0_is_listed_and_named") else { return };
+    let Some(xen) = xen("dom0_is_listed_and_named") else {
+        return;
+    };
     let mut n: c_int = 0;
     // SAFETY: valid ctx and out pointer; the list is freed with
     // libxl_dominfo_list_free (libxl.h:1987-1993).
@@ -186,7 +205,10 @@ fn dom0_is_listed_and_named() {
         sys::libxl_dominfo_list_free(list, n);
 
         assert_eq!(sys::libxl_domain_info(xen.ctx, ptr::null_mut(), 0), 0);
-        assert_eq!(sys::libxl_domain_info(xen.ctx, ptr::null_mut(), 0x7fef), sys::ERROR_DOMAIN_NOTFOUND);
+        assert_eq!(
+            sys::libxl_domain_info(xen.ctx, ptr::null_mut(), 0x7fef),
+            sys::ERROR_DOMAIN_NOTFOUND
+        );
 
         let name = sys::libxl_domid_to_name(xen.ctx, 0);
         assert!(!name.is_null());
@@ -199,10 +221,20 @@ fn dom0_is_listed_and_named() {
 
 #[test]
 fn no_event_pending_is_not_ready() {
-    let Some(xen) = xen("no_event_pending_is_not_ready") else { return };
+    let Some(xen) = xen("no_event_pending_is_not_ready") else {
+        return;
+    };
     let mut ev = ptr::null_mut();
     // SAFETY: valid ctx and out pointer; no predicate.
-    let rc = unsafe { sys::libxl_event_check(xen.ctx, &mut ev, sys::LIBXL_EVENTMASK_ALL, None, ptr::null_mut()) };
+    let rc = unsafe {
+        sys::libxl_event_check(
+            xen.ctx,
+            &mut ev,
+            sys::LIBXL_EVENTMASK_ALL,
+            None,
+            ptr::null_mut(),
+        )
+    };
     assert_eq!(rc, sys::ERROR_NOT_READY);
     assert!(ev.is_null());
 }

@@ -9,17 +9,32 @@ use std::ptr;
 use common::{Logger, Record};
 use libxenlight_sys as sys;
 
-fn record(level: sys::xentoollog_level, errnoval: i32, context: Option<&str>, message: &str) -> Record {
-    Record { level, errnoval, context: context.map(str::to_owned), message: message.to_owned() }
+fn record(
+    level: sys::xentoollog_level,
+    errnoval: i32,
+    context: Option<&str>,
+    message: &str,
+) -> Record {
+    Record {
+        level,
+        errnoval,
+        context: context.map(str::to_owned),
+        message: message.to_owned(),
+    }
 }
 
 #[test]
 fn message_reaches_rust_callback() {
     let lg = Logger::new(sys::XTL_DEBUG);
     // SAFETY: live logger, NUL-terminated strings.
-    unsafe { sys::libxenlight_sys_log(lg.ptr, sys::XTL_ERROR, 5, cs!("domkit"), cs!("hello %s %d")) };
+    unsafe {
+        sys::libxenlight_sys_log(lg.ptr, sys::XTL_ERROR, 5, cs!("domkit"), cs!("hello %s %d"))
+    };
     // The message is passed through "%s": never interpreted as a format.
-    assert_eq!(lg.records(), vec![record(sys::XTL_ERROR, 5, Some("domkit"), "hello %s %d")]);
+    assert_eq!(
+        lg.records(),
+        vec![record(sys::XTL_ERROR, 5, Some("domkit"), "hello %s %d")]
+    );
 }
 
 #[test]
@@ -27,16 +42,35 @@ fn printf_formatting_via_xtl_log() {
     let lg = Logger::new(sys::XTL_DEBUG);
     // SAFETY: live logger; the variadic arguments match the format string.
     unsafe {
-        sys::xtl_log(lg.ptr, sys::XTL_INFO, -1, cs!("libxl"), cs!("%s=%d (%05.1f)"), cs!("answer"), 42 as c_int, 3.5f64)
+        sys::xtl_log(
+            lg.ptr,
+            sys::XTL_INFO,
+            -1,
+            cs!("libxl"),
+            cs!("%s=%d (%05.1f)"),
+            cs!("answer"),
+            42 as c_int,
+            3.5f64,
+        )
     };
-    assert_eq!(lg.records(), vec![record(sys::XTL_INFO, -1, Some("libxl"), "answer=42 (003.5)")]);
+    assert_eq!(
+        lg.records(),
+        vec![record(
+            sys::XTL_INFO,
+            -1,
+            Some("libxl"),
+            "answer=42 (003.5)"
+        )]
+    );
 }
 
 #[test]
 fn null_context_and_long_message() {
     let lg = Logger::new(sys::XTL_DEBUG);
     // Longer than the shim's 512-byte stack buffer: takes the malloc path.
-    let long: String = (0..3000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let long: String = (0..3000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let c_long = CString::new(long.clone()).unwrap();
     // SAFETY: live logger; NULL context is allowed; NUL-terminated message.
     unsafe { sys::libxenlight_sys_log(lg.ptr, sys::XTL_WARN, -1, ptr::null(), c_long.as_ptr()) };
@@ -71,9 +105,20 @@ fn progress_reports_only_changes() {
         // SAFETY: live logger, NUL-terminated strings, total != 0.
         unsafe { sys::xtl_progress(lg.ptr, cs!("xc"), cs!("saving memory"), done, total) };
     }
-    let msgs: Vec<_> = lg.records().into_iter().map(|r| (r.level, r.context, r.message)).collect();
+    let msgs: Vec<_> = lg
+        .records()
+        .into_iter()
+        .map(|r| (r.level, r.context, r.message))
+        .collect();
     let p = |m: &str| (sys::XTL_PROGRESS, Some("xc".to_owned()), m.to_owned());
-    assert_eq!(msgs, vec![p("saving memory: 0%"), p("saving memory: 50%"), p("saving memory: 100%")]);
+    assert_eq!(
+        msgs,
+        vec![
+            p("saving memory: 0%"),
+            p("saving memory: 50%"),
+            p("saving memory: 100%")
+        ]
+    );
 }
 
 #[test]
@@ -88,7 +133,13 @@ fn concurrent_logging_from_many_threads() {
                     // SAFETY: the logger outlives the scope; the shim logger
                     // and `collect` are thread-safe.
                     unsafe {
-                        sys::libxenlight_sys_log(ptr as *mut _, sys::XTL_INFO, -1, cs!("t"), msg.as_ptr())
+                        sys::libxenlight_sys_log(
+                            ptr as *mut _,
+                            sys::XTL_INFO,
+                            -1,
+                            cs!("t"),
+                            msg.as_ptr(),
+                        )
                     };
                 }
             });
@@ -104,7 +155,10 @@ fn null_callback_is_rejected_and_null_destroy_is_noop() {
     // SAFETY: a NULL callback is documented to fail with EINVAL.
     let lg = unsafe { sys::libxenlight_sys_logger_new(None, ptr::null_mut(), sys::XTL_DEBUG) };
     assert!(lg.is_null());
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINVAL));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EINVAL)
+    );
     // SAFETY: NULL is documented as a no-op.
     unsafe { sys::libxenlight_sys_logger_destroy(ptr::null_mut()) };
 }
@@ -124,7 +178,13 @@ fn forked_child_writes_stderr_instead_of_calling_rust() {
         // SAFETY: see above; `collect` would _exit(42) if called here.
         unsafe {
             libc::dup2(fds[1], 2);
-            sys::libxenlight_sys_log(lg.ptr, sys::XTL_ERROR, -1, cs!("child"), cs!("from the child"));
+            sys::libxenlight_sys_log(
+                lg.ptr,
+                sys::XTL_ERROR,
+                -1,
+                cs!("child"),
+                cs!("from the child"),
+            );
             libc::_exit(0);
         }
     }
@@ -134,14 +194,21 @@ fn forked_child_writes_stderr_instead_of_calling_rust() {
     // SAFETY: `pid` is our child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(libc::WIFEXITED(status));
-    assert_eq!(libc::WEXITSTATUS(status), 0, "the Rust callback ran in the forked child");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "the Rust callback ran in the forked child"
+    );
     let mut buf = vec![0u8; 4096];
     // SAFETY: `buf` is writable for its length.
     let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
     // SAFETY: we own fds[0].
     unsafe { libc::close(fds[0]) };
     assert!(n > 0);
-    assert_eq!(std::str::from_utf8(&buf[..n as usize]).unwrap(), "child: error: from the child\n");
+    assert_eq!(
+        std::str::from_utf8(&buf[..n as usize]).unwrap(),
+        "child: error: from the child\n"
+    );
     assert!(lg.records().is_empty());
 }
 

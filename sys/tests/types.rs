@@ -104,7 +104,10 @@ fn uuid_helpers() {
     // argument of libxl_uuid_copy is optional (LIBXL_HAVE_UUID_COPY_CTX_PARAM).
     unsafe {
         assert_ne!(sys::libxl_uuid_is_nil(&a), 0);
-        assert_eq!(sys::libxl_uuid_from_string(&mut a, cs!("5f3c1d4e-0b7a-4c1e-9d2f-0a1b2c3d4e5f")), 0);
+        assert_eq!(
+            sys::libxl_uuid_from_string(&mut a, cs!("5f3c1d4e-0b7a-4c1e-9d2f-0a1b2c3d4e5f")),
+            0
+        );
         assert_eq!(a.uuid[..4], [0x5f, 0x3c, 0x1d, 0x4e]); // big-endian octets
         assert_eq!(*sys::libxl_uuid_bytearray_const(&a), 0x5f);
         assert_eq!(sys::libxl_uuid_is_nil(&a), 0);
@@ -126,7 +129,10 @@ fn defbool_helpers() {
     // SAFETY: valid libxl_defbool pointers; val() only after set.
     unsafe {
         assert!(sys::libxl_defbool_is_default(db));
-        assert_eq!(c_str(sys::libxl_defbool_to_string(db)).as_deref(), Some("<default>"));
+        assert_eq!(
+            c_str(sys::libxl_defbool_to_string(db)).as_deref(),
+            Some("<default>")
+        );
         sys::libxl_defbool_setdefault(&mut db, true);
         assert!(sys::libxl_defbool_val(db));
         sys::libxl_defbool_setdefault(&mut db, false); // already set: no effect
@@ -144,18 +150,30 @@ fn enum_strings() {
     // from_string takes a NUL-terminated string and a valid out pointer.
     unsafe {
         assert_eq!(
-            c_str(sys::libxl_shutdown_reason_to_string(sys::LIBXL_SHUTDOWN_REASON_SUSPEND)).as_deref(),
+            c_str(sys::libxl_shutdown_reason_to_string(
+                sys::LIBXL_SHUTDOWN_REASON_SUSPEND
+            ))
+            .as_deref(),
             Some("suspend")
         );
         assert_eq!(
-            c_str(sys::libxl_event_type_to_string(sys::LIBXL_EVENT_TYPE_DOMAIN_DEATH)).as_deref(),
+            c_str(sys::libxl_event_type_to_string(
+                sys::LIBXL_EVENT_TYPE_DOMAIN_DEATH
+            ))
+            .as_deref(),
             Some("domain_death")
         );
-        assert_eq!(c_str(sys::libxl_error_to_string(sys::ERROR_FAIL)).as_deref(), Some("fail"));
+        assert_eq!(
+            c_str(sys::libxl_error_to_string(sys::ERROR_FAIL)).as_deref(),
+            Some("fail")
+        );
         let mut t: sys::libxl_domain_type = 0;
         assert_eq!(sys::libxl_domain_type_from_string(cs!("pvh"), &mut t), 0);
         assert_eq!(t, sys::LIBXL_DOMAIN_TYPE_PVH);
-        assert_ne!(sys::libxl_domain_type_from_string(cs!("nonsense"), &mut t), 0);
+        assert_ne!(
+            sys::libxl_domain_type_from_string(cs!("nonsense"), &mut t),
+            0
+        );
         let mut trig: sys::libxl_trigger = 0;
         assert_eq!(sys::libxl_trigger_from_string(cs!("power"), &mut trig), 0);
         assert_eq!(trig, sys::LIBXL_TRIGGER_POWER);

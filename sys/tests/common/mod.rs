@@ -44,13 +44,28 @@ pub extern "C" fn collect(
         None
     } else {
         // SAFETY: the shim passes NUL-terminated strings valid for the call.
-        Some(unsafe { CStr::from_ptr(context) }.to_string_lossy().into_owned())
+        Some(
+            unsafe { CStr::from_ptr(context) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     };
     // SAFETY: as above; `message` is never NULL.
-    let message = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-    let record = Record { level, errnoval, context, message };
+    let message = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    let record = Record {
+        level,
+        errnoval,
+        context,
+        message,
+    };
     // Never panic across the FFI boundary: ignore poisoning.
-    collector.records.lock().unwrap_or_else(|e| e.into_inner()).push(record);
+    collector
+        .records
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(record);
 }
 
 /// Owns a shim logger and the collector it writes to.
