@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// The longest one scenario may take before it is reported as a failure.
-pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
