@@ -20,6 +20,30 @@ pub struct DomainId {
     pub uuid: Uuid,
 }
 
+impl DomainId {
+    /// Check that a new domain `name`/`uuid` clashes with none of `existing`: the one rule
+    /// every driver's `define` enforces (`AlreadyExists` naming what clashed).
+    pub fn check_unique<'a>(
+        name: &str,
+        uuid: Uuid,
+        existing: impl IntoIterator<Item = &'a DomainId>,
+    ) -> crate::Result<()> {
+        for other in existing {
+            if other.name == name {
+                return Err(crate::Error::AlreadyExists {
+                    what: format!("domain {name:?}"),
+                });
+            }
+            if other.uuid == uuid {
+                return Err(crate::Error::AlreadyExists {
+                    what: format!("uuid {uuid} (domain {:?})", other.name),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for DomainId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.name, self.uuid)

@@ -436,3 +436,20 @@ async fn cell_lagging_subscriber_counts_lost_events() {
     assert!(s.lost() > 0);
     assert!(first.seq > 1, "the gap is visible in seq");
 }
+
+#[test]
+fn domain_id_uniqueness_names_what_clashed() {
+    let a = DomainId {
+        name: "a".into(),
+        uuid: uuid::Uuid::from_u128(1),
+    };
+    let existing = [a.clone()];
+    assert!(DomainId::check_unique("b", uuid::Uuid::from_u128(2), &existing).is_ok());
+    let e = DomainId::check_unique("a", uuid::Uuid::from_u128(2), &existing).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "domain \"a\" already exists: pick another name/uuid or undefine the old one"
+    );
+    let e = DomainId::check_unique("b", uuid::Uuid::from_u128(1), &existing).unwrap_err();
+    assert!(e.to_string().contains("(domain \"a\")"), "{e}");
+}

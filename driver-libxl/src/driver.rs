@@ -186,16 +186,7 @@ impl Driver for LibxlDriver {
             reason: e.0,
         })?;
         let mut domains = self.domains();
-        if domains.contains_key(&config.name) {
-            return Err(Error::AlreadyExists {
-                what: format!("domain {:?}", config.name),
-            });
-        }
-        if let Some(other) = domains.values().find(|d| d.id().uuid == uuid) {
-            return Err(Error::AlreadyExists {
-                what: format!("uuid {uuid} (domain {:?})", other.id().name),
-            });
-        }
+        DomainId::check_unique(&config.name, uuid, domains.values().map(|d| d.id()))?;
         let id = DomainId {
             name: config.name.clone(),
             uuid,
