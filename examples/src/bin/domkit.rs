@@ -136,54 +136,33 @@ fn main() -> ExitCode {
 async fn dispatch(backend: Backend, command: Command) -> anyhow::Result<u8> {
     match backend {
         Backend::Qemu => {
-            let make = || -> anyhow::Result<domkit_conformance::qemu::QemuTestBackend> {
+            use domkit_conformance::qemu::QemuTestBackend;
+            let make_backend = || -> anyhow::Result<QemuTestBackend> {
                 ensure_test_guest()?;
-                domkit_conformance::qemu::QemuTestBackend::new().map_err(anyhow::Error::msg)
+                QemuTestBackend::new().map_err(anyhow::Error::msg)
             };
-            match command {
-                Command::Demo { json } => demo(&make()?, json).await,
-                Command::Run {
-                    config,
-                    paused,
-                    json,
-                    shutdown_timeout,
-                } => {
-                    let driver = domkit_qemu::QemuDriver::new(Default::default())?;
-                    run_config(&driver, config, paused, json, shutdown_timeout).await
-                }
-                Command::Conformance {
-                    json,
-                    only,
-                    list,
-                    record,
-                    ..
-                } => {
-                    if list {
-                        return Ok(list_scenarios::<domkit_conformance::qemu::QemuTestBackend>());
-                    }
-                    conformance(&make()?, json, only, record).await
-                }
-            }
+            let make_driver = || Ok(domkit_qemu::QemuDriver::new(Default::default())?);
+            run_command(command, make_backend, make_driver).await
         }
         Backend::Libxl => libxl_dispatch(command).await,
     }
 }
 
-#[cfg(feature = "libxl")]
-async fn libxl_dispatch(command: Command) -> anyhow::Result<u8> {
-    use domkit_conformance::libxl::LibxlTestBackend;
-    let make = || LibxlTestBackend::new().map_err(anyhow::Error::msg);
+/// Run `command` on one backend: `make_backend` gives the test backend (demo, conformance),
+/// `make_driver` a plain driver (run).
+async fn run_command<B: TestBackend>(
+    command: Command,
+    make_backend: impl FnOnce() -> anyhow::Result<B>,
+    make_driver: impl FnOnce() -> anyhow::Result<B::Driver>,
+) -> anyhow::Result<u8> {
     match command {
-        Command::Demo { json } => demo(&make()?, json).await,
+        Command::Demo { json } => demo(&make_backend()?, json).await,
         Command::Run {
             config,
             paused,
             json,
             shutdown_timeout,
-        } => {
-            let driver = domkit_libxl::LibxlDriver::new()?;
-            run_config(&driver, config, paused, json, shutdown_timeout).await
-        }
+        } => run_config(&make_driver()?, config, paused, json, shutdown_timeout).await,
         Command::Conformance {
             json,
             only,
@@ -192,11 +171,19 @@ async fn libxl_dispatch(command: Command) -> anyhow::Result<u8> {
             ..
         } => {
             if list {
-                return Ok(list_scenarios::<LibxlTestBackend>());
+                return Ok(list_scenarios::<B>());
             }
-            conformance(&make()?, json, only, record).await
+            conformance(&make_backend()?, json, only, record).await
         }
     }
+}
+
+#[cfg(feature = "libxl")]
+async fn libxl_dispatch(command: Command) -> anyhow::Result<u8> {
+    use domkit_conformance::libxl::LibxlTestBackend;
+    let make_backend = || LibxlTestBackend::new().map_err(anyhow::Error::msg);
+    let make_driver = || Ok(domkit_libxl::LibxlDriver::new()?);
+    run_command(command, make_backend, make_driver).await
 }
 
 #[cfg(not(feature = "libxl"))]
