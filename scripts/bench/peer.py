@@ -39,6 +39,27 @@ def percentile(sorted_vals, p):
     return sorted_vals[k - 1]
 
 
+def with_cpu(fn):
+    """Adds the client process's CPU time and context switches per operation."""
+    def wrapped(*args):
+        cpu0, csw0 = cpu_and_wakeups()
+        res = fn(*args)
+
+        def finish(r):
+            cpu1, csw1 = cpu_and_wakeups()
+            n = max(1, r["n"])
+            r["cpu_us_per_op"] = (cpu1 - cpu0) * 1e6 / n
+            r["csw_per_op"] = (csw1 - csw0) / n
+            return r
+
+        if asyncio.iscoroutine(res):
+            async def run():
+                return finish(await res)
+            return run()
+        return finish(res)
+    return wrapped
+
+
 def lat_summary(lat_ns, elapsed_s):
     lat_ns.sort()
     return {
@@ -91,6 +112,7 @@ class QmpPeer:
         await self.client.connect(req["socket"])
         return {}
 
+    @with_cpu
     async def rt(self, req):
         c = self.client
         lat = []
@@ -292,6 +314,7 @@ class LibvirtPeer:
         # friends answer from libvirtd's cache and never reach QEMU.
         self.libvirt_qemu.qemuMonitorCommand(self.dom, '{"execute":"query-status"}', 0)
 
+    @with_cpu
     def rt(self, req):
         lat = []
         t0 = time.perf_counter_ns()
