@@ -47,9 +47,9 @@ fn hand_defined_macros_match_c() {
     let table = unsafe { std::slice::from_raw_parts(table, n) };
     let c: BTreeMap<String, u64> = table
         .iter()
-        // SAFETY: names are static NUL-terminated strings.
         .map(|m| {
             (
+                // SAFETY: names are static NUL-terminated strings.
                 unsafe { CStr::from_ptr(m.name) }
                     .to_str()
                     .unwrap()
@@ -198,9 +198,9 @@ fn layouts_match_c_compiler() {
     let table = unsafe { std::slice::from_raw_parts(table, n) };
     let c: BTreeMap<String, (usize, usize)> = table
         .iter()
-        // SAFETY: names are static NUL-terminated strings.
         .map(|l| {
             (
+                // SAFETY: names are static NUL-terminated strings.
                 unsafe { CStr::from_ptr(l.name) }
                     .to_str()
                     .unwrap()
