@@ -41,13 +41,13 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         scenario!(guest_reboot, "guest-initiated reboot with on_reboot=restart (§4.7)"),
         scenario!(guest_poweroff_destroy, "guest poweroff, on_poweroff=destroy (§4.6)"),
         scenario!(guest_poweroff_restart, "guest poweroff, on_poweroff=restart (§4.6)"),
-        scenario!(guest_poweroff_preserve, "guest poweroff, on_poweroff=preserve (§4.6)"),
+        scenario!(guest_poweroff_preserve, "guest poweroff, on_poweroff=preserve; not resumable (§4.6, §6.2)"),
         scenario!(save_restore, "save -> shutoff(saved), never pm_suspended -> restore -> running(restored), guest intact (§4.12, §6.6, §6.7)"),
         scenario!(save_paused_restore_paused, "save of a paused domain -> restore keeps it paused (§6.7)"),
         scenario!(save_unwritable, "save to an unwritable path -> error, domain unchanged, no file (§6.6)"),
         scenario!(crash_destroy, "guest panic, on_crash=destroy (§4.8)"),
         scenario!(crash_restart, "guest panic, on_crash=restart (§4.8)"),
-        scenario!(crash_preserve, "guest panic, on_crash=preserve (§4.8)"),
+        scenario!(crash_preserve, "guest panic, on_crash=preserve; not resumable (§4.8, §6.2)"),
         scenario!(killed_out_of_band, "backend domain killed out of band -> shutoff + stopped (§4.12, §10)"),
         scenario!(two_domains_isolated, "two domains do not see each other's events (§2)"),
         scenario!(pm_suspend_wakeup, "pm suspend to memory and wakeup (§4.9, §4.10, §6.8)"),
@@ -430,6 +430,11 @@ async fn guest_poweroff_preserve<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> St
         ])
         .await?;
     expect_exact_state(&domain, DomainState::Paused(PausedReason::ShuttingDown))?;
+    expect_err(
+        domain.resume().await,
+        "invalid_state(resume)",
+        is_invalid_state(Operation::Resume),
+    )?;
     watch.expect_quiet(QUIET).await?;
     domain.destroy().await?;
     watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await
@@ -568,6 +573,11 @@ async fn crash_preserve<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let (domain, mut watch) = crash(ctx, LifecycleAction::Preserve).await?;
     watch.expect(&[E::Crashed(CrashedDetail::Panicked)]).await?;
     expect_exact_state(&domain, DomainState::Crashed(CrashedReason::Panicked))?;
+    expect_err(
+        domain.resume().await,
+        "invalid_state(resume)",
+        is_invalid_state(Operation::Resume),
+    )?;
     watch.expect_quiet(QUIET).await?;
     domain.destroy().await?;
     watch.expect(&[E::Stopped(StoppedDetail::Destroyed)]).await

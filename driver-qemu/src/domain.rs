@@ -931,11 +931,13 @@ impl Domain for QemuDomain {
         let _op = self.inner.ops.lock().await;
         match self.state() {
             DomainState::Running(_) => return Ok(()), // §6.2: no-op, no event
-            DomainState::Paused(PausedReason::ShuttingDown) => {
-                // QEMU refuses: "Resetting the Virtual Machine is required".
+            // §6.2: a preserved poweroff or crash is kept for inspection, not resumable
+            // (QEMU itself refuses `cont` after a -no-shutdown poweroff; a panicked kernel
+            // has nothing to resume to): destroy it. Same on every backend.
+            DomainState::Paused(PausedReason::ShuttingDown) | DomainState::Crashed(_) => {
                 return Err(self.invalid(operation));
             }
-            DomainState::Paused(_) | DomainState::Crashed(_) => {}
+            DomainState::Paused(_) => {}
             _ => return Err(self.invalid(operation)),
         }
         let instance = self.running_instance(operation)?;
