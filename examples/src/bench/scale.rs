@@ -111,12 +111,12 @@ fn handle(
         }
         "scale_idle" => {
             let secs = req["secs"].as_f64().unwrap_or(1.0);
+            // The runtime's worker threads keep serving domkit's tasks (I/O, timers) on their
+            // own while this thread just sleeps, so the window's CPU time and wake-ups are
+            // domkit's alone, plus this thread's single wake-up at the end.
             let (cpu0, w0) = cpu_and_wakeups();
             let t0 = Instant::now();
-            // The main thread sleeps in the runtime, like an application waiting for work:
-            // any polling by domkit's tasks shows up as CPU time and wake-ups.
-            let idle = Duration::from_secs_f64(secs);
-            runtime.block_on(async move { tokio::time::sleep(idle).await });
+            std::thread::sleep(Duration::from_secs_f64(secs));
             let (cpu1, w1) = cpu_and_wakeups();
             Ok(
                 json!({"cpu_s": cpu1 - cpu0, "wakeups": w1 - w0, "secs": t0.elapsed().as_secs_f64()}),

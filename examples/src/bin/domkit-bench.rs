@@ -69,6 +69,9 @@ struct Cli {
     /// Scale bench domain counts (default 10,100 quick; 1,10,50,100 full).
     #[arg(long, value_delimiter = ',')]
     scale_n: Option<Vec<usize>>,
+    /// Seconds each peer runs `query-status` per repetition (default 0.3 quick, 2 full).
+    #[arg(long)]
+    rt_secs: Option<f64>,
     /// Idle window of the scale bench in seconds (default 5 quick, 30 full).
     #[arg(long)]
     idle_secs: Option<f64>,
@@ -78,6 +81,9 @@ struct Cli {
     /// The python peer worker.
     #[arg(long, default_value = "scripts/bench/peer.py")]
     peer_script: PathBuf,
+    /// Only these peers/managers (default all): domkit, raw, qemu_qmp, libvirt, domkit_qmp.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Leave python qemu.qmp out.
     #[arg(long)]
     no_python: bool,
@@ -161,6 +167,9 @@ impl Params {
         }
         if let Some(ns) = &cli.scale_n {
             p.scale_ns = ns.clone();
+        }
+        if let Some(s) = cli.rt_secs {
+            p.rt_secs = s;
         }
         if let Some(s) = cli.idle_secs {
             p.idle_secs = s;
@@ -280,7 +289,7 @@ fn header(res: &Results) -> String {
         "Run of {date}, {dur} s: `{cmd}`\n\n\
          - machine: {cpu}, {cores} cores, kernel {kernel}; load average {la0} at start, {la1} at end \
          (the machine is shared with other builds and VMs)\n\
-         - {qemu}; domkit {dk} (rustc {rustc}); python {py}: qemu.qmp {qmp}; libvirt {lv}\n",
+         - {qemu}; domkit {dk} ({rustc}); {py}: qemu.qmp {qmp}; libvirt {lv}\n",
         date = m("date"),
         dur = m("duration_s"),
         cmd = m("command"),
@@ -377,6 +386,11 @@ fn record_meta(res: &mut Results, cli: &Cli, p: &Params) {
     );
 }
 
+/// Whether `--peers` selects `peer` (all are selected by default).
+fn selected(cli: &Cli, peer: &str) -> bool {
+    cli.peers.is_empty() || cli.peers.iter().any(|p| p == peer)
+}
+
 /// Peers of a repetition in rotating order, so none is always first or last.
 fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
     let mut v = items.to_vec();
@@ -439,9 +453,11 @@ impl<'a> QmpRun<'a> {
 
         let mut peers = vec!["domkit", "raw"];
         let (mut py, mut py_qemu, mut py_start_argv) = (None, None, Vec::new());
-        if cli.no_python {
-            res.notes
-                .insert("python qemu.qmp".into(), "left out (--no-python)".into());
+        if cli.no_python || !selected(cli, "qemu_qmp") {
+            res.notes.insert(
+                "python qemu.qmp".into(),
+                "left out (--no-python/--peers)".into(),
+            );
         } else {
             let dir = tmp.join("py");
             let sock = dir.join("qmp.sock");
@@ -476,9 +492,9 @@ impl<'a> QmpRun<'a> {
         if let Some(why) = &cli.libvirt_unavailable {
             res.notes
                 .insert("libvirt".into(), format!("unavailable: {why}"));
-        } else if cli.no_libvirt {
+        } else if cli.no_libvirt || !selected(cli, "libvirt") {
             res.notes
-                .insert("libvirt".into(), "left out (--no-libvirt)".into());
+                .insert("libvirt".into(), "left out (--no-libvirt/--peers)".into());
         } else {
             let attempt = (|| -> anyhow::Result<Worker> {
                 let mut w = python_worker(cli, "libvirt", tmp)?;
@@ -507,6 +523,7 @@ impl<'a> QmpRun<'a> {
                 }
             }
         }
+        peers.retain(|p| selected(cli, p));
         Ok(QmpRun {
             params: params.clone(),
             runtime,
@@ -540,11 +557,13 @@ impl<'a> QmpRun<'a> {
             let mut seq = std::collections::HashMap::new();
             for &peer in &order {
                 match self.rt(peer, p.rt_secs) {
-                    Ok((ops, p50, p99)) => {
-                        res.push(format!("qmp_rt_ops_per_s.{peer}"), ops);
-                        res.push(format!("qmp_rt_p50_us.{peer}"), p50);
-                        res.push(format!("qmp_rt_p99_us.{peer}"), p99);
-                        seq.insert(peer, ops);
+                    Ok(r) => {
+                        res.push(format!("qmp_rt_ops_per_s.{peer}"), r.ops_per_s);
+                        res.push(format!("qmp_rt_p50_us.{peer}"), r.p50_us);
+                        res.push(format!("qmp_rt_p99_us.{peer}"), r.p99_us);
+                        res.push(format!("qmp_rt_cpu_us_per_op.{peer}"), r.cpu_us_per_op);
+                        res.push(format!("qmp_rt_csw_per_op.{peer}"), r.csw_per_op);
+                        seq.insert(peer, r.ops_per_s);
                     }
                     Err(e) => note_failure(res, peer, "rt", &e),
                 }
@@ -596,16 +615,18 @@ impl<'a> QmpRun<'a> {
         }
     }
 
-    /// Sequential round trips: (ops/s, p50 µs, p99 µs).
-    fn rt(&mut self, peer: &str, secs: f64) -> anyhow::Result<(f64, f64, f64)> {
-        match peer {
+    /// Sequential round trips, with the client side's CPU time and context switches per
+    /// operation (the client process: this one for domkit and raw, the worker for python
+    /// peers; for libvirt that leaves out libvirtd's share).
+    fn rt(&mut self, peer: &str, secs: f64) -> anyhow::Result<RtResult> {
+        let (cpu0, csw0) = bench::scale::cpu_and_wakeups();
+        let s = match peer {
             "domkit" => {
                 let qmp = self.dk_domain.qmp().context("domkit domain has no QMP")?;
                 // In a spawned task, as a server built on domkit would call it.
-                let s = self.runtime.block_on(async move {
+                self.runtime.block_on(async move {
                     tokio::spawn(async move { bench::dk::rt(&qmp, secs).await }).await
-                })??;
-                Ok((s.ops_per_s, s.p50_us, s.p99_us))
+                })??
             }
             "raw" => {
                 let raw = self.raw.as_mut().context("raw client")?;
@@ -617,19 +638,29 @@ impl<'a> QmpRun<'a> {
                     raw.cmd(raw::QUERY_STATUS)?;
                     lat.push(a.elapsed().as_nanos() as f64 / 1000.0);
                 }
-                let s = summarize_us(&mut lat, t0.elapsed());
-                Ok((s.ops_per_s, s.p50_us, s.p99_us))
+                summarize_us(&mut lat, t0.elapsed())
             }
             _ => {
                 let w = self.worker(peer).context("no worker")?;
                 let v = w.call(json!({"op": "rt", "secs": secs}))?;
-                Ok((
-                    num(&v, "ops_per_s")?,
-                    num(&v, "p50_us")?,
-                    num(&v, "p99_us")?,
-                ))
+                return Ok(RtResult {
+                    ops_per_s: num(&v, "ops_per_s")?,
+                    p50_us: num(&v, "p50_us")?,
+                    p99_us: num(&v, "p99_us")?,
+                    cpu_us_per_op: num(&v, "cpu_us_per_op")?,
+                    csw_per_op: num(&v, "csw_per_op")?,
+                });
             }
-        }
+        };
+        let (cpu1, csw1) = bench::scale::cpu_and_wakeups();
+        let n = s.n.max(1) as f64;
+        Ok(RtResult {
+            ops_per_s: s.ops_per_s,
+            p50_us: s.p50_us,
+            p99_us: s.p99_us,
+            cpu_us_per_op: (cpu1 - cpu0) * 1e6 / n,
+            csw_per_op: (csw1 - csw0) as f64 / n,
+        })
     }
 
     /// `callers` concurrent callers on one connection: total ops/s.
@@ -768,6 +799,16 @@ impl<'a> QmpRun<'a> {
     }
 }
 
+/// One peer's sequential round-trip segment.
+#[derive(Debug, Clone, Copy)]
+struct RtResult {
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_op: f64,
+    csw_per_op: f64,
+}
+
 #[derive(Debug, Default)]
 struct StartSamples {
     ready: Vec<f64>,
@@ -874,6 +915,9 @@ fn scale(
         ),
     ];
     for (key, req) in plan {
+        if !selected(cli, key) {
+            continue;
+        }
         let started = match key {
             "domkit" => rust_worker("domkit"),
             "domkit_qmp" => rust_worker("domkit-qmp"),
