@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the whole domkit test suite:
-#   1. install the Debian packages (scripts/install-deps.sh)
+#   1. install the Debian packages (scripts/install-deps.sh); lint (fmt, clippy, rustdoc)
 #   2. build the QEMU test guest (scripts/build-test-guest.sh, cached)
 #   3. cargo test for the QEMU side: core, domkit-qemu (real QEMU + real qemu-ga + the test
 #      guest, TCG), the conformance suite on QEMU, the CLI
@@ -34,6 +34,12 @@ stage "build the QEMU test guest"
 guest_dir=$(bash scripts/build-test-guest.sh | tail -n 1) || { echo "test guest build failed"; exit 1; }
 export DOMKIT_GUEST_DIR="$guest_dir"
 echo "test guest: $DOMKIT_GUEST_DIR"
+
+stage "lint: rustfmt, clippy -D warnings, rustdoc -D warnings"
+run "$log" cargo fmt --all -- --check
+if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then lint_scope=(); else lint_scope=(--workspace); fi
+run "$log" cargo clippy "${lint_scope[@]}" --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" run "$log" cargo doc "${lint_scope[@]}" --no-deps -q
 
 stage "cargo test (core, QEMU driver, conformance on QEMU, CLI)"
 run "$log" cargo test --workspace --exclude libxenlight-sys --exclude domkit-libxl -- --test-threads=2
