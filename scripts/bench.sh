@@ -105,6 +105,8 @@ bin=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
 
 out=(--json "docs/bench/$mode.json")
 [ "$mode" = full ] && out+=(--update-doc docs/performance.md)
+# The libxl-vs-xl figures come from scripts/bench-xen.sh (a nested Xen host, ~5-20 min).
+[ -f docs/bench/xen.json ] && out+=(--xen-json docs/bench/xen.json)
 cmd="scripts/bench.sh${*:+ $*}"
 log "running: domkit-bench ${args[*]:-} (log: stderr)"
 # Every QEMU the bench spawns dies with it (parent-death signal); the timeout bounds a hang.

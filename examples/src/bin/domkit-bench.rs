@@ -96,6 +96,9 @@ struct Cli {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// The result of `scripts/bench-xen.sh` (libxl vs xl), folded into the targets.
+    #[arg(long)]
+    xen_json: Option<PathBuf>,
     /// Write the JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -228,6 +231,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(path) = &cli.xen_json {
+        match xen_note(path) {
+            Ok(note) => {
+                res.notes.insert("xen".into(), note);
+            }
+            Err(e) => eprintln!("domkit-bench: {}: {e:#}", path.display()),
+        }
+    }
     res.notes.entry("xen".into()).or_insert_with(|| {
         "not yet measured: the libxl-vs-xl comparison needs a run inside the nested Xen \
          host's dom0 (xen-host/run.sh); see docs/performance.md"
@@ -254,6 +265,40 @@ fn main() -> anyhow::Result<()> {
         splice_doc(path, &header(&res), &md)?;
     }
     Ok(())
+}
+
+/// The libxl-vs-xl verdict from `docs/bench/xen.json`: every operation's per-repetition
+/// domkit/xl ratio (median), judged against 1.05.
+fn xen_note(path: &Path) -> anyhow::Result<String> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let figures = v["figures"].as_object().context("no figures")?;
+    let mut parts = Vec::new();
+    let mut worst: Option<(String, f64)> = None;
+    for (key, f) in figures {
+        let Some(op) = key
+            .strip_prefix("xen_")
+            .and_then(|k| k.strip_suffix("_vs_xl.domkit"))
+        else {
+            continue;
+        };
+        let median = f["median"].as_f64().context("median")?;
+        parts.push(format!("{op} {median:.2}x"));
+        if worst.as_ref().map_or(true, |w| median > w.1) {
+            worst = Some((op.to_string(), median));
+        }
+    }
+    let (op, ratio) = worst.context("no ratios")?;
+    let verdict = if ratio <= 1.05 {
+        "met".to_string()
+    } else {
+        format!("MISSED by {:.0} % ({op})", (ratio - 1.05) * 100.0)
+    };
+    Ok(format!(
+        "{verdict}: domkit/xl per operation (median of {} repetitions, {}): {}",
+        v["reps"],
+        path.display(),
+        parts.join(", ")
+    ))
 }
 
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
