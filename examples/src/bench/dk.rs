@@ -1,5 +1,5 @@
 //! domkit's side of each measurement, through the public API a program would use:
-//! [`QemuDriver`] / [`QemuDomain`] (`domkit_core::{Driver, Domain}`) and the domain's
+//! `QemuDriver` / [`QemuDomain`] (`domkit_core::{Driver, Domain}`) and the domain's
 //! [`QmpClient`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
