@@ -4,7 +4,7 @@ use crate::config;
 use crate::context::{Context, ContextEvent, DomInfo, LibxlError};
 use crate::domain::{DomainInner, LibxlDomain, Registry, BACKEND};
 use async_trait::async_trait;
-use domkit_core::cell::EVENT_BUFFER;
+use domkit_core::cell::DRIVER_EVENT_BUFFER;
 use domkit_core::{
     Capabilities, ControlState, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver,
     Error, EventStream, Lifecycle, LifecycleCell, Operation, Result, ShutdownMode,
@@ -101,7 +101,7 @@ impl LibxlDriver {
             .name("domkit-libxl-events".into())
             .spawn(move || dispatch(rx, r2))
             .map_err(|e| Error::io("starting the libxl event dispatcher thread", e))?;
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (events, _) = broadcast::channel(DRIVER_EVENT_BUFFER);
         Ok(LibxlDriver {
             shared: Arc::new(DriverShared {
                 ctx,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use domkit_core::cell::EVENT_BUFFER;
+use domkit_core::cell::DRIVER_EVENT_BUFFER;
 use domkit_core::{
     Capabilities, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver, Error,
     EventStream, Lifecycle, LifecycleCell, Result, ShutdownMode,
@@ -127,7 +127,7 @@ impl QemuDriver {
                     e,
                 )
             })?;
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (events, _) = broadcast::channel(DRIVER_EVENT_BUFFER);
         Ok(QemuDriver {
             shared: Arc::new(DriverShared {
                 options: Arc::new(options),

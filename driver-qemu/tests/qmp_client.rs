@@ -430,7 +430,16 @@ async fn send_fd_and_migrate_to_fd_saves_the_vm() {
         info.status.map(|s| s.to_string()).as_deref(),
         Some("completed")
     );
-    let status = client.query_status().await.expect("status");
+    // QEMU announces `completed` from the migration thread before the main loop leaves
+    // finish-migrate: wait (bounded) for the run state to follow.
+    let mut status = client.query_status().await.expect("status");
+    for _ in 0..100 {
+        if status.status != RunState::FinishMigrate {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        status = client.query_status().await.expect("status");
+    }
     assert_eq!(status.status, RunState::PostMigrate);
     let size = std::fs::metadata(&image).expect("stat").len();
     eprintln!("saved -m 64 VM to fd: {size} bytes");
