@@ -3,7 +3,8 @@
 //! own, killing the backend domain out of band).
 
 use async_trait::async_trait;
-use domkit_core::{DomainConfig, Driver, LifecyclePolicies, ShutoffReason};
+use domkit_core::{Boot, DomainConfig, Driver, LifecyclePolicies, ShutoffReason};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Something the guest does by itself (not through the host API).
@@ -25,6 +26,34 @@ pub struct GuestOptions {
     /// The guest ignores graceful shutdown requests (kernel cmdline
     /// `domkit.ignore_shutdown=1`).
     pub ignore_shutdown: bool,
+}
+
+impl GuestOptions {
+    /// The test guest's config, common to every backend: `name`, 1 vCPU, 128 MiB, direct
+    /// kernel boot with `console=<console> quiet` (plus `domkit.ignore_shutdown=1` when
+    /// asked), and these policies. Backends add their own devices and settings.
+    pub fn guest_config(
+        &self,
+        name: &str,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        console: &str,
+    ) -> DomainConfig {
+        let mut cmdline = format!("console={console} quiet");
+        if self.ignore_shutdown {
+            cmdline.push_str(" domkit.ignore_shutdown=1");
+        }
+        let mut config = DomainConfig::with_kernel(name, 128, kernel.clone());
+        config.boot = Boot::Kernel {
+            kernel,
+            initrd: Some(initrd),
+            cmdline,
+        };
+        config.on_poweroff = self.policies.on_poweroff;
+        config.on_reboot = self.policies.on_reboot;
+        config.on_crash = self.policies.on_crash;
+        config
+    }
 }
 
 /// A backend under test.

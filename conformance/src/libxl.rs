@@ -7,7 +7,7 @@
 
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{Boot, DomainConfig, QemuSettings, ShutoffReason, XenGuestType, XenSettings};
+use domkit_core::{DomainConfig, ShutoffReason, XenGuestType};
 use domkit_libxl::{LibxlDomain, LibxlDriver};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -128,32 +128,10 @@ impl TestBackend for LibxlTestBackend {
     }
 
     fn guest_config(&self, name: &str, options: GuestOptions) -> DomainConfig {
-        let mut cmdline = String::from("console=hvc0 quiet");
-        if options.ignore_shutdown {
-            cmdline.push_str(" domkit.ignore_shutdown=1");
-        }
-        DomainConfig {
-            name: name.to_string(),
-            uuid: None,
-            vcpus: 1,
-            memory_mib: 128,
-            boot: Boot::Kernel {
-                kernel: self.kernel.clone(),
-                initrd: Some(self.initrd.clone()),
-                cmdline,
-            },
-            disks: vec![],
-            nics: vec![],
-            consoles: vec![],
-            channels: vec![],
-            on_poweroff: options.policies.on_poweroff,
-            on_reboot: options.policies.on_reboot,
-            on_crash: options.policies.on_crash,
-            qemu: QemuSettings::default(),
-            xen: XenSettings {
-                guest_type: XenGuestType::Pv,
-            },
-        }
+        let mut config =
+            options.guest_config(name, self.kernel.clone(), self.initrd.clone(), "hvc0");
+        config.xen.guest_type = XenGuestType::Pv;
+        config
     }
 
     async fn wait_guest_ready(

@@ -3,9 +3,7 @@
 
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{
-    Accel, Boot, Channel, ChannelKind, DomainConfig, QemuSettings, ShutoffReason, XenSettings,
-};
+use domkit_core::{Accel, Channel, ChannelKind, DomainConfig, ShutoffReason};
 use domkit_qemu::agent::codec::GuestExecRequest;
 use domkit_qemu::{QemuDomain, QemuDriver, QemuDriverOptions};
 use std::path::{Path, PathBuf};
@@ -23,37 +21,15 @@ pub fn guest_dir() -> PathBuf {
 
 /// The test guest's config (`name`, 128 MiB, 1 vCPU, serial console, guest agent, TCG).
 pub fn test_guest_config(dir: &Path, name: &str, options: GuestOptions) -> DomainConfig {
-    let mut cmdline = String::from("console=ttyS0 quiet");
-    if options.ignore_shutdown {
-        cmdline.push_str(" domkit.ignore_shutdown=1");
-    }
-    DomainConfig {
-        name: name.to_string(),
-        uuid: None,
-        vcpus: 1,
-        memory_mib: 128,
-        boot: Boot::Kernel {
-            kernel: dir.join("vmlinuz"),
-            initrd: Some(dir.join("initrd.img")),
-            cmdline,
-        },
-        disks: vec![],
-        nics: vec![],
-        consoles: vec![],
-        channels: vec![Channel {
-            kind: ChannelKind::GuestAgent,
-            name: None,
-        }],
-        on_poweroff: options.policies.on_poweroff,
-        on_reboot: options.policies.on_reboot,
-        on_crash: options.policies.on_crash,
-        qemu: QemuSettings {
-            binary: None,
-            accel: Accel::Tcg,
-            pvpanic: true,
-        },
-        xen: XenSettings::default(),
-    }
+    let mut config =
+        options.guest_config(name, dir.join("vmlinuz"), dir.join("initrd.img"), "ttyS0");
+    config.channels.push(Channel {
+        kind: ChannelKind::GuestAgent,
+        name: None,
+    });
+    config.qemu.accel = Accel::Tcg;
+    config.qemu.pvpanic = true;
+    config
 }
 
 /// The QEMU backend under test.
