@@ -70,7 +70,7 @@ qga_libs() {
 compute_stamp() { # $1 = kernel "pkg version"
   {
     echo "kernel $1"
-    sha256sum "$self"
+    sha256sum <"$self"  # content only: the checkout's location must not matter
     (cd "$guest_src" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
     (cd "$guest_src" && find . -print0 | sort -z | xargs -0 stat -c '%n %a')
     sha256sum "$busybox_bin" "$qga_bin"
