@@ -115,7 +115,8 @@ impl<D: SupervisedDomain> Supervisor<D> {
                 event = self.events.recv(), if monitor_open => match event {
                     Ok(event) => self.handle_event(event).await,
                     Err(EventRecvError::Lagged(n)) => {
-                        tracing::warn!(pid = self.pid, lost = n, "supervisor lost QMP events");
+                        tracing::warn!(pid = self.pid, lost = n, "supervisor lost QMP events: re-reading the run state");
+                        self.reconcile().await;
                     }
                     Err(EventRecvError::Closed) => {
                         monitor_open = false;
@@ -180,6 +181,26 @@ impl<D: SupervisedDomain> Supervisor<D> {
         self.kill_at = None;
         if let Err(e) = self.child.start_kill() {
             tracing::debug!(pid = self.pid, error = %e, "SIGKILL failed (already exited?)");
+        }
+    }
+
+    /// After lost events, bring the core to QEMU's current run state (not during our own
+    /// restart, whose transient states the translator is swallowing).
+    async fn reconcile(&mut self) {
+        if self.translator.in_own_restart() {
+            return;
+        }
+        match self.qmp.query_status().await {
+            Ok(status) => {
+                if let Some(observation) = crate::translate::reconcile(&status.status) {
+                    if let Some(action) = self.domain.cell().observe(observation) {
+                        self.carry_out(action).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pid = self.pid, error = %e, "query-status after lost events failed")
+            }
         }
     }
 

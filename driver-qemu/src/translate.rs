@@ -45,7 +45,7 @@ use domkit_core::{
 };
 use serde_json::Value;
 
-use crate::qmp::types::{QemuTimestamp, QmpEvent, QmpEventKind, ShutdownCause};
+use crate::qmp::types::{QemuTimestamp, QmpEvent, QmpEventKind, RunState, ShutdownCause};
 
 /// Default width of the sliding RESET burst window.
 pub const DEFAULT_RESET_WINDOW: Duration = Duration::from_secs(1);
@@ -273,6 +273,36 @@ impl QmpTranslator {
             ("WATCHDOG", Some("pause")) => self.next_stop_cause = Some(StopCause::Watchdog),
             _ => tracing::debug!(event = name, "QMP event without an observation"),
         }
+    }
+}
+
+/// What QEMU's current run state says about the domain, for reconciling after events were
+/// lost (a subscriber that lagged behind the QMP event ring): the observation that brings
+/// the core to where QEMU is. The core's guards make it a no-op when nothing was missed.
+/// `None` for transient or migration states, which an operation in progress owns.
+pub fn reconcile(status: &RunState) -> Option<Observation> {
+    match status {
+        RunState::Running => Some(Observation::CpusResumed),
+        RunState::Paused | RunState::Prelaunch | RunState::Debug => {
+            Some(Observation::CpusStopped {
+                cause: StopCause::Command,
+            })
+        }
+        RunState::IoError => Some(Observation::CpusStopped {
+            cause: StopCause::IoError,
+        }),
+        RunState::Watchdog => Some(Observation::CpusStopped {
+            cause: StopCause::Watchdog,
+        }),
+        RunState::Suspended => Some(Observation::PmSuspended {
+            detail: PmSuspendedDetail::Memory,
+        }),
+        RunState::GuestPanicked => Some(Observation::Crashed {
+            detail: CrashedDetail::Panicked,
+        }),
+        // -no-shutdown after the guest powered off: the lost SHUTDOWN.
+        RunState::Shutdown => Some(Observation::GuestPoweredOff),
+        _ => None,
     }
 }
 

@@ -861,3 +861,57 @@ fn fixture_timestamps_are_qemu_wall_clock() {
     let t = ts.to_system_time().expect("valid");
     assert!(t > UNIX_EPOCH + Duration::from_secs(1_600_000_000));
 }
+
+#[test]
+fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
+    use crate::qmp::types::RunState;
+    use crate::translate::reconcile;
+    // Lost STOP: QEMU says paused while the core believes running.
+    let mut l = Lifecycle::new(
+        DomainId {
+            name: "r".into(),
+            uuid: uuid::Uuid::nil(),
+        },
+        defaults(),
+    );
+    let at = std::time::SystemTime::now();
+    l.observe(
+        Observation::Created {
+            how: Creation::Boot,
+            paused: false,
+        },
+        at,
+    );
+    let out = l.observe(reconcile(&RunState::Paused).unwrap(), at);
+    assert_eq!(l.state(), DomainState::Paused(PausedReason::Unknown));
+    assert_eq!(out.events.len(), 1);
+    // Reconciling again with the same state changes nothing.
+    let out = l.observe(reconcile(&RunState::Paused).unwrap(), at);
+    assert!(out.events.is_empty());
+    let out = l.observe(reconcile(&RunState::Running).unwrap(), at);
+    assert_eq!(l.state(), DomainState::Running(RunningReason::Unpaused));
+    assert_eq!(out.events.len(), 1);
+    assert_eq!(
+        reconcile(&RunState::GuestPanicked),
+        Some(Observation::Crashed {
+            detail: CrashedDetail::Panicked
+        })
+    );
+    assert_eq!(
+        reconcile(&RunState::Suspended),
+        Some(Observation::PmSuspended {
+            detail: PmSuspendedDetail::Memory
+        })
+    );
+    assert_eq!(
+        reconcile(&RunState::Shutdown),
+        Some(Observation::GuestPoweredOff)
+    );
+    for transient in [
+        RunState::InMigrate,
+        RunState::PostMigrate,
+        RunState::FinishMigrate,
+    ] {
+        assert_eq!(reconcile(&transient), None, "{transient:?}");
+    }
+}
