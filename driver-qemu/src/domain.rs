@@ -269,6 +269,19 @@ impl QemuDomain {
         self.inner.options.command_timeout
     }
 
+    /// Wait until the vCPUs run or the domain is gone: the end of a `cont` or a
+    /// `system_wakeup` (their RESUME / WAKEUP may arrive before or after the reply).
+    async fn wait_running_or_gone(&self, operation: Operation) -> Result<()> {
+        self.inner
+            .cell
+            .wait_for(operation, self.command_timeout(), |s| {
+                s.is_running() || !s.is_active()
+            })
+            .await
+            .map_err(|e| self.interrupted(operation, e))?;
+        Ok(())
+    }
+
     /// Launch QEMU for this domain (`incoming`: wait for a migration stream) and start its
     /// supervisor. The lifecycle is not told anything yet.
     async fn launch(&self, operation: Operation, incoming: bool) -> Result<Arc<Instance>> {
@@ -947,13 +960,7 @@ impl Domain for QemuDomain {
             .cont()
             .await
             .map_err(|e| self.qmp_error(operation, "cont", e))?;
-        self.inner
-            .cell
-            .wait_for(operation, self.command_timeout(), |s| {
-                s.is_running() || !s.is_active()
-            })
-            .await
-            .map_err(|e| self.interrupted(operation, e))?;
+        self.wait_running_or_gone(operation).await?;
         if !self.state().is_running() {
             return Err(self.interrupted(operation, self.invalid(operation)));
         }
@@ -1078,13 +1085,7 @@ impl Domain for QemuDomain {
             .system_wakeup()
             .await
             .map_err(|e| self.qmp_error(operation, "system_wakeup", e))?;
-        self.inner
-            .cell
-            .wait_for(operation, self.command_timeout(), |s| {
-                s.is_running() || !s.is_active()
-            })
-            .await
-            .map_err(|e| self.interrupted(operation, e))?;
+        self.wait_running_or_gone(operation).await?;
         Ok(())
     }
 }

@@ -12,6 +12,8 @@
 //! `record_transcripts` (ignored) re-records tests/fixtures/transcripts/agent-*.raw:
 //! `DOMKIT_RECORD=1 cargo test -p domkit-qemu --test agent_host -- --ignored`.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -188,25 +190,9 @@ impl Drop for HostAgent {
 
 /// No qemu-ga (or QEMU) process whose parent is this test process.
 fn assert_no_agent_children() {
-    let me = std::process::id().to_string();
-    let mut leaked = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, tail)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map_or("", |(_, c)| c);
-        let ppid = tail.split_whitespace().nth(1).unwrap_or("");
-        if ppid == me && (comm == "qemu-ga" || comm.starts_with("qemu-system")) {
-            leaked.push(entry.file_name());
-        }
-    }
-    assert!(
-        leaked.is_empty(),
-        "leaked qemu-ga/qemu children: {leaked:?}"
-    );
+    common::assert_no_children("qemu-ga/qemu", |comm| {
+        comm == "qemu-ga" || comm.starts_with("qemu-system")
+    });
 }
 
 fn options() -> GuestAgentOptions {

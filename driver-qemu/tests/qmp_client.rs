@@ -10,6 +10,8 @@
 //! `record_transcripts` (ignored) re-records tests/fixtures/transcripts/qmp-*.raw from the
 //! installed QEMU: `DOMKIT_RECORD=1 cargo test -p domkit-qemu --test qmp_client -- --ignored`.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,23 +142,7 @@ impl Drop for Qemu {
 
 /// No `qemu-system-*` process whose parent is this test process.
 fn assert_no_qemu_children() {
-    let me = std::process::id().to_string();
-    let mut leaked = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'.
-        let Some((head, tail)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map_or("", |(_, c)| c);
-        let ppid = tail.split_whitespace().nth(1).unwrap_or("");
-        if ppid == me && comm.starts_with("qemu-system") {
-            leaked.push(entry.file_name());
-        }
-    }
-    assert!(leaked.is_empty(), "leaked qemu children: {leaked:?}");
+    common::assert_no_children("qemu", |comm| comm.starts_with("qemu-system"));
 }
 
 /// Receives events until one satisfies `pred` (bounded by [`LONG`]).
