@@ -2,7 +2,7 @@
 //! published to subscribers and its state watchable, so operations can wait for a state.
 
 use crate::event::DomainEvent;
-use crate::lifecycle::{Intent, Lifecycle, Observation, PolicyAction};
+use crate::lifecycle::{Intent, IntentToken, Lifecycle, Observation, PolicyAction};
 use crate::state::{ControlState, DomainState};
 use crate::{Error, Operation, Result};
 use futures::Stream;
@@ -77,7 +77,10 @@ impl Stream for EventStream {
 
 /// A [`Lifecycle`] shared between a domain's operations and its event task.
 ///
-/// Locking: a plain mutex held only for the pure state-machine step, never across an await.
+/// Locking: a plain mutex held for the pure state-machine step and the publication of its
+/// events and state, never across an await. Publishing under the lock is what orders events:
+/// two observers at once (an event task and an operation) cannot deliver seq N+1 before N,
+/// and the state watch is never older than the last event delivered (§5).
 #[derive(Debug)]
 pub struct LifecycleCell {
     inner: Mutex<Lifecycle>,
@@ -130,20 +133,26 @@ impl LifecycleCell {
 
     /// Apply an observation now, publish its events, and return the policy action.
     pub fn observe(&self, obs: Observation) -> Option<PolicyAction> {
-        let (outcome, state) = {
-            let mut lc = self.lock();
-            let outcome = lc.observe(obs, SystemTime::now());
-            (outcome, lc.state())
-        };
-        self.state_tx.send_replace(state);
+        let mut lc = self.lock();
+        let outcome = lc.observe(obs, SystemTime::now());
+        // Under the lock: see the type's docs.
+        self.state_tx.send_replace(lc.state());
         for ev in outcome.events {
-            self.publish(ev);
+            self.send(ev);
         }
         outcome.action
     }
 
-    /// Publish an event produced outside `observe` (e.g. `Defined`).
-    pub fn publish(&self, ev: DomainEvent) {
+    /// Produce and publish an event outside `observe` (e.g. `Defined`), under the lock so
+    /// it is ordered with every other event of the domain.
+    pub fn emit(&self, make: impl FnOnce(&mut Lifecycle, SystemTime) -> DomainEvent) {
+        let mut lc = self.lock();
+        let ev = make(&mut lc, SystemTime::now());
+        self.send(ev);
+    }
+
+    /// Send one event to both streams; the caller holds the lock.
+    fn send(&self, ev: DomainEvent) {
         tracing::debug!(domain = %ev.domain.name, seq = ev.seq, event = %ev.kind, "domain event");
         if let Some(d) = &self.driver_events {
             let _ = d.send(ev.clone());
@@ -156,10 +165,25 @@ impl LifecycleCell {
         EventStream::new(self.events.subscribe())
     }
 
-    /// Stash `intent` until the returned guard is dropped.
+    /// The current state, the `seq` of the last event it reflects, and a stream of every
+    /// event after that one: taken under one lock, so no event falls between the snapshot
+    /// and the stream and none is in both (§5).
+    pub fn snapshot_and_subscribe(&self) -> (DomainState, u64, EventStream) {
+        let lc = self.lock();
+        (
+            lc.state(),
+            lc.last_seq(),
+            EventStream::new(self.events.subscribe()),
+        )
+    }
+
+    /// Stash `intent` until the returned guard is dropped; other operations' intents stay.
     pub fn intent(&self, intent: Intent) -> IntentGuard<'_> {
-        self.lock().set_intent(intent);
-        IntentGuard { cell: self, intent }
+        let token = self.lock().push_intent(intent);
+        IntentGuard {
+            cell: self,
+            token: Some(token),
+        }
     }
 
     /// Wait until the state satisfies `pred`, at most `timeout`.
@@ -192,15 +216,17 @@ impl LifecycleCell {
     }
 }
 
-/// Keeps an [`Intent`] stashed in a [`LifecycleCell`]; clears it on drop.
+/// Keeps an [`Intent`] stashed in a [`LifecycleCell`]; removes exactly that one on drop.
 #[derive(Debug)]
 pub struct IntentGuard<'a> {
     cell: &'a LifecycleCell,
-    intent: Intent,
+    token: Option<IntentToken>,
 }
 
 impl Drop for IntentGuard<'_> {
     fn drop(&mut self) {
-        self.cell.lock().clear_intent(self.intent);
+        if let Some(token) = self.token.take() {
+            self.cell.lock().pop_intent(token);
+        }
     }
 }

@@ -119,6 +119,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The operation was preempted by another one (a `destroy`, §6.0) and did not finish.
+    #[error("{operation} was interrupted by a {by}: the domain is now {state}")]
+    Interrupted {
+        /// The operation that was interrupted.
+        operation: Operation,
+        /// The operation that preempted it.
+        by: Operation,
+        /// The state the domain ended in.
+        state: DomainState,
+    },
     /// A peer spoke the protocol wrongly (malformed bytes, unexpected reply).
     #[error("protocol error: {message}")]
     Protocol {

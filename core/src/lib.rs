@@ -33,7 +33,9 @@ pub use event::{
     CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,
     ShutdownRequester, StartedDetail, StoppedDetail, SuspendedDetail,
 };
-pub use lifecycle::{Creation, Intent, Lifecycle, Observation, Outcome, PolicyAction, StopCause};
+pub use lifecycle::{
+    Creation, Intent, IntentToken, Lifecycle, Observation, Outcome, PolicyAction, StopCause,
+};
 pub use state::{
     BlockedReason, ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason,
     RunningReason, ShutoffReason, ShuttingDownReason,

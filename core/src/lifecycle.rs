@@ -29,6 +29,10 @@ use std::time::SystemTime;
 
 /// What an operation in progress means to do; stashed before the backend command is sent and
 /// cleared when the operation ends.
+///
+/// Several may be stashed at once (an operation and a `destroy` that preempts it, §6.0); each
+/// belongs to the operation that stashed it ([`IntentToken`]). The one in force is `Destroy`
+/// if any operation stashed it, else the newest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Intent {
@@ -36,8 +40,13 @@ pub enum Intent {
     Pause,
     /// Resume through the API.
     Resume,
-    /// Save to a file.
+    /// Save to a file: the stop and a resume after a failure belong to the save. A backend
+    /// domain that ends while only this is stashed did not save anything (its end is
+    /// whatever the backend's evidence says, never `saved`).
     Save,
+    /// The save file is committed under its final name; the end that follows is
+    /// `shutoff(saved)`. Stashed only after the file is durable.
+    SaveCommitted,
     /// Graceful shutdown requested by the host.
     Shutdown,
     /// Graceful reboot requested by the host.
@@ -49,6 +58,12 @@ pub enum Intent {
     /// Power-management suspend through the API.
     PmSuspend,
 }
+
+/// Proof of one stashed [`Intent`]: [`Lifecycle::pop_intent`] removes exactly that one (an
+/// operation never clears another's intent).
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "an intent stays stashed until its token is popped"]
+pub struct IntentToken(u64);
 
 /// Why the vCPUs stopped, as far as the backend can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +178,9 @@ pub struct Lifecycle {
     policies: LifecyclePolicies,
     state: DomainState,
     control: ControlState,
-    intent: Option<Intent>,
+    /// Stashed intents, oldest first, each with its token number.
+    intents: Vec<(u64, Intent)>,
+    next_token: u64,
     /// The shutoff reason decided earlier (by a guest poweroff or crash with policy destroy)
     /// for the `Gone` that follows.
     pending_end: Option<ShutoffReason>,
@@ -180,7 +197,8 @@ impl Lifecycle {
             policies,
             state: DomainState::Shutoff(ShutoffReason::Unknown),
             control: ControlState::Ok,
-            intent: None,
+            intents: Vec::new(),
+            next_token: 0,
             pending_end: None,
             restarting: None,
             seq: 0,
@@ -217,21 +235,30 @@ impl Lifecycle {
         self.policies = policies;
     }
 
-    /// The intent in force, if any.
+    /// The intent in force, if any: `Destroy` if stashed (it preempts every other
+    /// operation, §6.0), else the newest.
     pub fn intent(&self) -> Option<Intent> {
-        self.intent
-    }
-
-    /// Stash an intent before sending the backend command (replaces any other).
-    pub fn set_intent(&mut self, intent: Intent) {
-        self.intent = Some(intent);
-    }
-
-    /// Clear `intent` if it is the one in force (an operation ending).
-    pub fn clear_intent(&mut self, intent: Intent) {
-        if self.intent == Some(intent) {
-            self.intent = None;
+        if self.intents.iter().any(|(_, i)| *i == Intent::Destroy) {
+            return Some(Intent::Destroy);
         }
+        self.intents.last().map(|(_, i)| *i)
+    }
+
+    /// True if `intent` is stashed by any operation (in force or not).
+    pub fn has_intent(&self, intent: Intent) -> bool {
+        self.intents.iter().any(|(_, i)| *i == intent)
+    }
+
+    /// Stash an intent before sending the backend command; other operations' intents stay.
+    pub fn push_intent(&mut self, intent: Intent) -> IntentToken {
+        self.next_token += 1;
+        self.intents.push((self.next_token, intent));
+        IntentToken(self.next_token)
+    }
+
+    /// Remove the intent `token` stands for (the operation that stashed it is ending).
+    pub fn pop_intent(&mut self, token: IntentToken) {
+        self.intents.retain(|(t, _)| *t != token.0);
     }
 
     /// True while a policy restart is carried out.
@@ -289,8 +316,22 @@ impl Lifecycle {
                 O::RestartDone { ok: false } => {
                     self.restarting = None;
                     self.pending_end = None;
-                    self.state = S::Shutoff(ShutoffReason::Failed);
-                    ev.push(EventKind::Stopped(StoppedDetail::Failed));
+                    // A destroy that preempted the restart explains why it did not finish.
+                    let reason = if self.intent() == Some(Intent::Destroy) {
+                        ShutoffReason::Destroyed
+                    } else {
+                        ShutoffReason::Failed
+                    };
+                    self.state = S::Shutoff(reason);
+                    ev.push(EventKind::Stopped(stopped_detail(reason)));
+                }
+                O::Gone { .. } if self.intent() == Some(Intent::Destroy) => {
+                    // A destroy preempts a policy restart (§6.0): the domain ends destroyed,
+                    // and the restart's completion that may follow is stale.
+                    self.restarting = None;
+                    self.pending_end = None;
+                    self.state = S::Shutoff(ShutoffReason::Destroyed);
+                    ev.push(EventKind::Stopped(StoppedDetail::Destroyed));
                 }
                 _ => {}
             }
@@ -317,18 +358,26 @@ impl Lifecycle {
                 None
             }
             O::CreateFailed => {
+                // Every failed start or restore is reported (libvirt: STOPPED_FAILED), so a
+                // subscriber sees why the state became shutoff(failed).
                 if !self.state.is_active() {
                     self.state = S::Shutoff(ShutoffReason::Failed);
+                    ev.push(EventKind::Stopped(StoppedDetail::Failed));
                 }
                 None
             }
             O::CpusStopped { cause } => {
-                if !self.state.is_running() {
+                // A shutdown request the guest has not acted on leaves the domain operable
+                // (§6.3): a pause or save of it stops the vCPUs like from running.
+                let pending_request = self.state == S::ShuttingDown(ShuttingDownReason::User)
+                    && self.pending_end.is_none()
+                    && matches!(self.intent(), Some(Intent::Pause | Intent::Save));
+                if !self.state.is_running() && !pending_request {
                     // Paused already (idempotent), shutting down (QEMU's STOP after SHUTDOWN
                     // with -no-shutdown), crashed (panic=pause), suspended, or gone.
                     return None;
                 }
-                let (reason, detail) = match (self.intent, cause) {
+                let (reason, detail) = match (self.intent(), cause) {
                     (Some(Intent::Save), _) => (PausedReason::Save, SuspendedDetail::Saving),
                     (_, StopCause::IoError) => (PausedReason::IoError, SuspendedDetail::IoError),
                     (_, StopCause::Watchdog) => (PausedReason::Watchdog, SuspendedDetail::Watchdog),
@@ -344,7 +393,7 @@ impl Lifecycle {
             O::CpusResumed => {
                 let reason = match self.state {
                     S::Paused(PausedReason::ShuttingDown) => return None, // preserved: no
-                    S::Paused(_) if self.intent == Some(Intent::Save) => {
+                    S::Paused(_) if self.intent() == Some(Intent::Save) => {
                         ev.push(EventKind::Resumed(ResumedDetail::SaveCanceled));
                         RunningReason::SaveCanceled
                     }
@@ -362,7 +411,7 @@ impl Lifecycle {
                 None
             }
             O::ShutdownRequestDelivered => {
-                if self.intent == Some(Intent::Reboot) {
+                if self.intent() == Some(Intent::Reboot) {
                     return None; // the power button of a host reboot: a reboot, not a shutdown
                 }
                 match self.state {
@@ -384,13 +433,13 @@ impl Lifecycle {
                 ) {
                     return None; // preserved: the guest is not running to power off
                 }
-                if self.intent == Some(Intent::Reboot) {
+                if self.intent() == Some(Intent::Reboot) {
                     // Host reboot done as power-off + restart (QEMU fake reboot): one reboot.
                     ev.push(EventKind::Rebooted);
                     self.restarting = Some(RunningReason::Booted);
                     return Some(PolicyAction::Restart);
                 }
-                let host_requested = self.intent == Some(Intent::Shutdown)
+                let host_requested = self.intent() == Some(Intent::Shutdown)
                     || self.state == S::ShuttingDown(ShuttingDownReason::User);
                 if host_requested {
                     // An explicit shutdown request is completed, whatever on_poweroff says.
@@ -438,7 +487,7 @@ impl Lifecycle {
                 ) {
                     return None;
                 }
-                let host_requested = matches!(self.intent, Some(Intent::Reboot | Intent::Reset))
+                let host_requested = matches!(self.intent(), Some(Intent::Reboot | Intent::Reset))
                     || by == ShutdownRequester::Host;
                 let policy = if host_requested {
                     LifecycleAction::Restart // an explicit reboot request is a reboot
@@ -531,8 +580,10 @@ impl Lifecycle {
                 if !self.state.is_active() {
                     return None; // already shut off: the process exit after a quit, say
                 }
-                let reason = match (self.intent, self.pending_end) {
-                    (Some(Intent::Save), _) => ShutoffReason::Saved,
+                let reason = match (self.intent(), self.pending_end) {
+                    // Only a committed save explains an end as saved: a domain that dies
+                    // during the save itself saved nothing (§4.12).
+                    (Some(Intent::SaveCommitted), _) => ShutoffReason::Saved,
                     (_, Some(end)) => end,
                     (Some(Intent::Destroy), None) => ShutoffReason::Destroyed,
                     (Some(Intent::Shutdown), None) if matches!(self.state, S::ShuttingDown(_)) => {

@@ -135,7 +135,11 @@ fn s4_1_created_when_active_is_noop() {
 fn s4_2_create_failed() {
     let mut l = lc();
     let (ev, _) = obs(&mut l, Observation::CreateFailed);
-    assert!(ev.is_empty(), "a failed start emits nothing (§2.3)");
+    assert_eq!(
+        ev,
+        vec![E::Stopped(StoppedDetail::Failed)],
+        "a failed start is reported (§2.3)"
+    );
     assert_eq!(l.state(), S::Shutoff(ShutoffReason::Failed));
     // on an active domain it is a no-op
     let mut l = running();
@@ -147,7 +151,7 @@ fn s4_2_create_failed() {
 #[test]
 fn s4_3_stop_with_pause_intent_is_user() {
     let mut l = running();
-    l.set_intent(Intent::Pause);
+    let _intent1 = l.push_intent(Intent::Pause);
     let (ev, _) = obs(&mut l, STOP);
     assert_eq!(ev, vec![E::Suspended(SuspendedDetail::Paused)]);
     assert_eq!(l.state(), S::Paused(PausedReason::User));
@@ -156,7 +160,7 @@ fn s4_3_stop_with_pause_intent_is_user() {
 #[test]
 fn s4_3_stop_with_save_intent_is_save_not_user() {
     let mut l = running();
-    l.set_intent(Intent::Save);
+    let _intent2 = l.push_intent(Intent::Save);
     let (ev, _) = obs(&mut l, STOP);
     assert_eq!(ev, vec![E::Suspended(SuspendedDetail::Saving)]);
     assert_eq!(l.state(), S::Paused(PausedReason::Save));
@@ -182,7 +186,7 @@ fn s4_3_stop_causes_io_error_and_watchdog() {
     assert_eq!(ev, vec![E::Suspended(SuspendedDetail::IoError)]);
     assert_eq!(l.state(), S::Paused(PausedReason::IoError));
     let mut l = running();
-    l.set_intent(Intent::Pause); // the cause wins over a pause intent
+    let _intent3 = l.push_intent(Intent::Pause); // the cause wins over a pause intent
     let (ev, _) = obs(
         &mut l,
         Observation::CpusStopped {
@@ -196,7 +200,7 @@ fn s4_3_stop_causes_io_error_and_watchdog() {
 #[test]
 fn s4_3_stop_is_idempotent_and_guarded() {
     let mut l = running();
-    l.set_intent(Intent::Pause);
+    let _intent4 = l.push_intent(Intent::Pause);
     obs(&mut l, STOP);
     let (ev, _) = obs(&mut l, STOP);
     assert!(ev.is_empty(), "a second stop is a no-op");
@@ -211,7 +215,7 @@ fn s4_3_stop_is_idempotent_and_guarded() {
 fn s4_3_stop_during_reboot_or_reset_is_transient() {
     for intent in [Intent::Reboot, Intent::Reset] {
         let mut l = running();
-        l.set_intent(intent);
+        let _intent5 = l.push_intent(intent);
         let (ev, _) = obs(&mut l, STOP);
         assert!(ev.is_empty());
         assert!(l.state().is_running());
@@ -222,10 +226,10 @@ fn s4_3_stop_during_reboot_or_reset_is_transient() {
 #[test]
 fn s4_4_resume_after_pause() {
     let mut l = running();
-    l.set_intent(Intent::Pause);
+    let _intent6 = l.push_intent(Intent::Pause);
     obs(&mut l, STOP);
-    l.clear_intent(Intent::Pause);
-    l.set_intent(Intent::Resume);
+    l.pop_intent(_intent6);
+    let _intent7 = l.push_intent(Intent::Resume);
     let (ev, _) = obs(&mut l, Observation::CpusResumed);
     assert_eq!(ev, vec![E::Resumed(ResumedDetail::Unpaused)]);
     assert_eq!(l.state(), S::Running(RunningReason::Unpaused));
@@ -236,7 +240,7 @@ fn s4_4_resume_after_pause() {
 #[test]
 fn s4_4_resume_during_save_is_save_canceled() {
     let mut l = running();
-    l.set_intent(Intent::Save);
+    let _intent8 = l.push_intent(Intent::Save);
     obs(&mut l, STOP);
     let (ev, _) = obs(&mut l, Observation::CpusResumed);
     assert_eq!(ev, vec![E::Resumed(ResumedDetail::SaveCanceled)]);
@@ -276,7 +280,7 @@ fn s4_4_resume_of_preserved_crash_is_from_crashed() {
 #[test]
 fn s4_5_shutdown_request_delivered_once() {
     let mut l = running();
-    l.set_intent(Intent::Shutdown);
+    let _intent9 = l.push_intent(Intent::Shutdown);
     let (ev, _) = obs(&mut l, Observation::ShutdownRequestDelivered);
     assert_eq!(ev, vec![E::ShutdownRequested(ShutdownRequester::Host)]);
     assert_eq!(l.state(), S::ShuttingDown(ShuttingDownReason::User));
@@ -287,7 +291,7 @@ fn s4_5_shutdown_request_delivered_once() {
 #[test]
 fn s4_5_shutdown_request_during_reboot_is_noop() {
     let mut l = running();
-    l.set_intent(Intent::Reboot);
+    let _intent10 = l.push_intent(Intent::Reboot);
     let (ev, _) = obs(&mut l, Observation::ShutdownRequestDelivered);
     assert!(ev.is_empty());
     assert!(
@@ -305,7 +309,7 @@ fn s4_6_host_shutdown_completes_as_shutdown_even_with_restart_policy() {
         LifecycleAction::Destroy,
     ));
     obs(&mut l, boot(false));
-    l.set_intent(Intent::Shutdown);
+    let _intent11 = l.push_intent(Intent::Shutdown);
     obs(&mut l, Observation::ShutdownRequestDelivered);
     let (ev, act) = obs(&mut l, Observation::GuestPoweredOff);
     assert!(
@@ -315,7 +319,7 @@ fn s4_6_host_shutdown_completes_as_shutdown_even_with_restart_policy() {
     assert_eq!(act, Some(PolicyAction::Destroy));
     assert_eq!(l.state(), S::ShuttingDown(ShuttingDownReason::User));
     // the intent may already be cleared (shutdown returned Acknowledged)
-    l.clear_intent(Intent::Shutdown);
+    l.pop_intent(_intent11);
     let (ev, _) = obs(&mut l, GONE_CRASH);
     assert_eq!(ev, vec![E::Stopped(StoppedDetail::Shutdown)]);
     assert_eq!(l.state(), S::Shutoff(ShutoffReason::Shutdown));
@@ -327,7 +331,7 @@ fn s4_6_host_shutdown_completes_as_shutdown_even_with_restart_policy() {
 #[test]
 fn s4_6_host_shutdown_completed_before_its_acknowledgement() {
     let mut l = running();
-    l.set_intent(Intent::Shutdown);
+    let _intent12 = l.push_intent(Intent::Shutdown);
     let (ev, act) = obs(&mut l, Observation::GuestPoweredOff);
     assert_eq!(ev, vec![E::ShutdownRequested(ShutdownRequester::Host)]);
     assert_eq!(act, Some(PolicyAction::Destroy));
@@ -419,7 +423,7 @@ fn s4_6_guest_poweroff_preserve_policy() {
     // a preserved domain does not resume, and is destroyed on request
     let (ev, _) = obs(&mut l, Observation::CpusResumed);
     assert!(ev.is_empty());
-    l.set_intent(Intent::Destroy);
+    let _intent13 = l.push_intent(Intent::Destroy);
     let (ev, _) = obs(&mut l, GONE_CRASH);
     assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
 }
@@ -429,7 +433,7 @@ fn s4_6_guest_poweroff_preserve_policy() {
 fn s4_6_fake_reboot_stays_running_with_one_rebooted() {
     let mut l = running();
     let mut all = Vec::new();
-    l.set_intent(Intent::Reboot);
+    let _intent14 = l.push_intent(Intent::Reboot);
     let seq = [
         Observation::ShutdownRequestDelivered, // POWERDOWN
         Observation::GuestPoweredOff,          // SHUTDOWN guest-shutdown
@@ -562,7 +566,7 @@ fn s5_host_reset_is_a_reboot_even_with_destroy_policy() {
         LifecycleAction::Destroy,
     ));
     obs(&mut l, boot(false));
-    l.set_intent(Intent::Reset);
+    let _intent15 = l.push_intent(Intent::Reset);
     let (ev, act) = obs(
         &mut l,
         Observation::Rebooted {
@@ -677,11 +681,11 @@ fn s4_11_stale_restart_done_is_noop() {
 #[test]
 fn s4_12_save_is_paused_save_then_shutoff_saved() {
     let mut l = running();
-    l.set_intent(Intent::Save);
+    let _intent16 = l.push_intent(Intent::Save);
     let mut all = Vec::new();
-    for o in [STOP, GONE_CRASH] {
-        all.extend(obs(&mut l, o).0);
-    }
+    all.extend(obs(&mut l, STOP).0);
+    let _committed = l.push_intent(Intent::SaveCommitted);
+    all.extend(obs(&mut l, GONE_CRASH).0);
     assert_eq!(
         all,
         vec![
@@ -697,10 +701,11 @@ fn s4_12_save_is_paused_save_then_shutoff_saved() {
 fn s4_12_save_of_paused_domain() {
     let mut l = lc();
     obs(&mut l, boot(true));
-    l.set_intent(Intent::Save);
+    let _intent17 = l.push_intent(Intent::Save);
     let (ev, _) = obs(&mut l, STOP);
     assert!(ev.is_empty());
     assert_eq!(l.state(), S::Paused(PausedReason::User));
+    let _committed = l.push_intent(Intent::SaveCommitted);
     let (ev, _) = obs(&mut l, GONE_CRASH);
     assert_eq!(ev, vec![E::Stopped(StoppedDetail::Saved)]);
 }
@@ -708,7 +713,7 @@ fn s4_12_save_of_paused_domain() {
 #[test]
 fn s4_12_destroy_intent_and_unexplained() {
     let mut l = running();
-    l.set_intent(Intent::Destroy);
+    let _intent18 = l.push_intent(Intent::Destroy);
     let (ev, _) = obs(&mut l, GONE_CRASH);
     assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
     assert_eq!(l.state(), S::Shutoff(ShutoffReason::Destroyed));
@@ -733,10 +738,10 @@ fn s4_12_destroy_intent_and_unexplained() {
 #[test]
 fn s4_12_shutdown_escalated_to_destroy_is_destroyed() {
     let mut l = running();
-    l.set_intent(Intent::Shutdown);
+    let _intent19 = l.push_intent(Intent::Shutdown);
     obs(&mut l, Observation::ShutdownRequestDelivered);
-    l.clear_intent(Intent::Shutdown);
-    l.set_intent(Intent::Destroy);
+    l.pop_intent(_intent19);
+    let _intent20 = l.push_intent(Intent::Destroy);
     let (ev, _) = obs(&mut l, GONE_CRASH);
     assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
 }
@@ -781,13 +786,165 @@ fn s2_event_carries_identity_and_timestamp() {
 #[test]
 fn s3_cleared_intent_no_longer_applies() {
     let mut l = running();
-    l.set_intent(Intent::Save);
-    l.clear_intent(Intent::Save);
+    let save = l.push_intent(Intent::Save);
+    l.pop_intent(save);
     let (ev, _) = obs(&mut l, STOP);
     assert_eq!(ev, vec![E::Suspended(SuspendedDetail::Paused)]);
     assert_eq!(l.state(), S::Paused(PausedReason::Unknown));
-    // clearing another intent does not clear the one in force
-    l.set_intent(Intent::Destroy);
-    l.clear_intent(Intent::Pause);
+    // ending another operation does not clear the one in force
+    let _intent22 = l.push_intent(Intent::Destroy);
+    let pause = l.push_intent(Intent::Pause);
+    l.pop_intent(pause);
     assert_eq!(l.intent(), Some(Intent::Destroy));
+}
+
+// §6.0: intents belong to the operation that stashed them.
+#[test]
+fn s6_0_an_operation_ending_never_clears_another_ones_intent() {
+    let mut l = running();
+    let destroy = l.push_intent(Intent::Destroy);
+    // A pause that started after the destroy and ends before it (issue 15, item 1).
+    let pause = l.push_intent(Intent::Pause);
+    assert_eq!(l.intent(), Some(Intent::Destroy), "destroy is in force");
+    l.pop_intent(pause);
+    assert_eq!(l.intent(), Some(Intent::Destroy));
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+    l.pop_intent(destroy);
+    assert_eq!(l.intent(), None);
+}
+
+#[test]
+fn s6_0_destroy_preempts_a_newer_intent() {
+    // reboot stashed after destroy (libxl stashed it before taking the ops lock)
+    let mut l = running();
+    let _destroy = l.push_intent(Intent::Destroy);
+    let _reboot = l.push_intent(Intent::Reboot);
+    assert_eq!(l.intent(), Some(Intent::Destroy));
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+}
+
+#[test]
+fn s6_0_the_newest_intent_is_in_force_without_destroy() {
+    let mut l = running();
+    let save = l.push_intent(Intent::Save);
+    let pause = l.push_intent(Intent::Pause);
+    assert_eq!(l.intent(), Some(Intent::Pause));
+    l.pop_intent(pause);
+    assert_eq!(l.intent(), Some(Intent::Save));
+    assert!(l.has_intent(Intent::Save));
+    l.pop_intent(save);
+    assert!(!l.has_intent(Intent::Save));
+}
+
+// §4.12: a domain that ends during a save, before its file is committed, saved nothing.
+#[test]
+fn s4_12_gone_during_an_uncommitted_save_is_never_saved() {
+    let mut l = running();
+    let _save = l.push_intent(Intent::Save);
+    obs(&mut l, STOP);
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Crashed)]);
+    assert_eq!(l.state(), S::Shutoff(ShutoffReason::Crashed));
+
+    // destroyed (libxl: xl destroy, Gone{destroyed}) during the save
+    let mut l = running();
+    let _save = l.push_intent(Intent::Save);
+    obs(&mut l, STOP);
+    let (ev, _) = obs(
+        &mut l,
+        Observation::Gone {
+            unexplained: ShutoffReason::Destroyed,
+        },
+    );
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+
+    // destroy() through the API during the save
+    let mut l = running();
+    let _save = l.push_intent(Intent::Save);
+    obs(&mut l, STOP);
+    let _destroy = l.push_intent(Intent::Destroy);
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+}
+
+// §6.0: a destroy preempts a policy restart: destroyed, not failed (issue 15, item 8).
+#[test]
+fn s6_0_destroy_during_a_policy_restart_is_destroyed() {
+    let mut l = lc_with(policies(
+        LifecycleAction::Restart,
+        LifecycleAction::Restart,
+        LifecycleAction::Destroy,
+    ));
+    obs(&mut l, boot(false));
+    let (_, action) = obs(&mut l, Observation::GuestPoweredOff);
+    assert_eq!(action, Some(PolicyAction::Restart));
+    let _destroy = l.push_intent(Intent::Destroy);
+    let (ev, _) = obs(&mut l, GONE_CRASH);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+    assert_eq!(l.state(), S::Shutoff(ShutoffReason::Destroyed));
+    assert!(!l.is_restarting());
+    let (ev, _) = obs(&mut l, Observation::RestartDone { ok: false });
+    assert!(ev.is_empty(), "the restart's late completion is stale");
+    assert_eq!(l.state(), S::Shutoff(ShutoffReason::Destroyed));
+
+    // the restart reports failure first (its new instance was killed by the destroy)
+    let mut l = lc_with(policies(
+        LifecycleAction::Restart,
+        LifecycleAction::Restart,
+        LifecycleAction::Destroy,
+    ));
+    obs(&mut l, boot(false));
+    obs(&mut l, Observation::GuestPoweredOff);
+    let _destroy = l.push_intent(Intent::Destroy);
+    let (ev, _) = obs(&mut l, Observation::RestartDone { ok: false });
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Destroyed)]);
+}
+
+// §6.1: every failed creation is reported with its event.
+#[test]
+fn s6_1_create_failed_emits_stopped_failed() {
+    let mut l = lc();
+    let (ev, _) = obs(&mut l, Observation::CreateFailed);
+    assert_eq!(ev, vec![E::Stopped(StoppedDetail::Failed)]);
+    assert_eq!(l.state(), S::Shutoff(ShutoffReason::Failed));
+    let (ev, _) = obs(&mut l, Observation::CreateFailed);
+    assert_eq!(
+        ev,
+        vec![E::Stopped(StoppedDetail::Failed)],
+        "each failure is reported"
+    );
+    let mut l = running();
+    let (ev, _) = obs(&mut l, Observation::CreateFailed);
+    assert!(
+        ev.is_empty(),
+        "an active domain is not shut off by a stale failure"
+    );
+}
+
+// §6.3: a shutdown request the guest ignores leaves the domain operable.
+#[test]
+fn s6_3_pending_shutdown_request_pause_and_save_stop_the_vcpus() {
+    for (intent, detail, reason) in [
+        (Intent::Pause, SuspendedDetail::Paused, PausedReason::User),
+        (Intent::Save, SuspendedDetail::Saving, PausedReason::Save),
+    ] {
+        let mut l = running();
+        let shutdown = l.push_intent(Intent::Shutdown);
+        obs(&mut l, Observation::ShutdownRequestDelivered);
+        l.pop_intent(shutdown);
+        assert_eq!(l.state(), S::ShuttingDown(ShuttingDownReason::User));
+        let _op = l.push_intent(intent);
+        let (ev, _) = obs(&mut l, STOP);
+        assert_eq!(ev, vec![E::Suspended(detail)]);
+        assert_eq!(l.state(), S::Paused(reason));
+    }
+    // QEMU's STOP after the guest's own poweroff (-no-shutdown) is still not a pause
+    let mut l = running();
+    let _shutdown = l.push_intent(Intent::Shutdown);
+    obs(&mut l, Observation::ShutdownRequestDelivered);
+    obs(&mut l, Observation::GuestPoweredOff);
+    let (ev, _) = obs(&mut l, STOP);
+    assert!(ev.is_empty());
 }

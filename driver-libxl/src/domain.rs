@@ -713,13 +713,14 @@ pub struct LibxlDomain {
 /// Clears an intent when dropped (for intents that outlive the blocking call: reboot).
 struct OwnedIntent {
     inner: Arc<DomainInner>,
-    intent: Intent,
+    token: Option<domkit_core::IntentToken>,
 }
 
 impl Drop for OwnedIntent {
     fn drop(&mut self) {
-        let intent = self.intent;
-        self.inner.cell.with(|l| l.clear_intent(intent));
+        if let Some(token) = self.token.take() {
+            self.inner.cell.with(|l| l.pop_intent(token));
+        }
     }
 }
 
@@ -874,10 +875,10 @@ impl Domain for LibxlDomain {
         self.check_mode(Operation::Reboot, mode)?;
         let t0 = Instant::now();
         let mut events = self.subscribe();
-        self.inner.cell.with(|l| l.set_intent(Intent::Reboot));
+        let token = self.inner.cell.with(|l| l.push_intent(Intent::Reboot));
         let _intent = OwnedIntent {
             inner: self.inner.clone(),
-            intent: Intent::Reboot,
+            token: Some(token),
         };
         self.run_op(Operation::Reboot, |d| d.reboot_request_blocking())
             .await?;

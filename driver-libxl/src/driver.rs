@@ -12,7 +12,6 @@ use domkit_core::{
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::SystemTime;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -203,8 +202,7 @@ impl Driver for LibxlDriver {
             self.shared.ctx.clone(),
             self.shared.registry.clone(),
         );
-        let defined = inner.cell.with(|l| l.defined(SystemTime::now()));
-        inner.cell.publish(defined);
+        inner.cell.emit(Lifecycle::defined);
         let domain = LibxlDomain { inner };
         domains.insert(domain.id().name.clone(), domain.clone());
         Ok(domain)
@@ -223,8 +221,7 @@ impl Driver for LibxlDriver {
             });
         }
         let d = domains.remove(name).expect("present");
-        let ev = d.inner.cell.with(|l| l.undefined(SystemTime::now()));
-        d.inner.cell.publish(ev);
+        d.inner.cell.emit(Lifecycle::undefined);
         Ok(())
     }
 

@@ -421,15 +421,13 @@ mod tests {
         let mut states = Vec::new();
         let mut events = Vec::new();
         let mut actions = Vec::new();
+        // One operation at a time in a trace: each entry's intent replaces the last one's.
+        let mut stashed = None;
         for e in trace {
-            match e.intent {
-                Some(i) => lc.set_intent(i),
-                None => {
-                    if let Some(i) = lc.intent() {
-                        lc.clear_intent(i)
-                    }
-                }
+            if let Some(token) = stashed.take() {
+                lc.pop_intent(token);
             }
+            stashed = e.intent.map(|i| lc.push_intent(i));
             if let Some(obs) = translate_input(e) {
                 let out = lc.observe(obs, SystemTime::now());
                 events.extend(out.events.into_iter().map(|ev| ev.kind));

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use domkit_core::cell::DRIVER_EVENT_BUFFER;
@@ -205,8 +205,7 @@ impl Driver for QemuDriver {
             domains.insert(domain.id().name.clone(), domain.clone());
             domain
         };
-        let event = domain.cell().with(|lc| lc.defined(SystemTime::now()));
-        domain.cell().publish(event);
+        domain.cell().emit(Lifecycle::defined);
         Ok(domain)
     }
 
@@ -215,8 +214,7 @@ impl Driver for QemuDriver {
         domain.ensure_inactive(domkit_core::Operation::Undefine)?;
         self.shared.domains().remove(name);
         domain.forget();
-        let event = domain.cell().with(|lc| lc.undefined(SystemTime::now()));
-        domain.cell().publish(event);
+        domain.cell().emit(Lifecycle::undefined);
         Ok(())
     }
 

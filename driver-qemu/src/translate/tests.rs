@@ -69,6 +69,8 @@ use LifecycleAction::{Destroy, Preserve, Restart};
 /// The driver around the translator and the core, replaying a fixture.
 struct Replay {
     lifecycle: Lifecycle,
+    /// The recording's current intent, as the driver would hold it.
+    stashed: Option<domkit_core::IntentToken>,
     translator: QmpTranslator,
     /// Every uniform event produced, in order.
     events: Vec<EventKind>,
@@ -90,6 +92,7 @@ impl Replay {
         };
         Replay {
             lifecycle: Lifecycle::new(id, policies),
+            stashed: None,
             translator: QmpTranslator::new(),
             events: Vec::new(),
             actions: Vec::new(),
@@ -135,14 +138,14 @@ impl Replay {
                 let paused = created["paused"].as_bool().unwrap_or(false);
                 r.observe(Observation::Created { how, paused });
             } else if let Some(intent) = line.get("intent") {
-                if intent.is_null() {
-                    if let Some(current) = r.lifecycle.intent() {
-                        r.lifecycle.clear_intent(current);
-                    }
-                } else {
+                // One operation at a time in a recording: each intent replaces the last.
+                if let Some(token) = r.stashed.take() {
+                    r.lifecycle.pop_intent(token);
+                }
+                if !intent.is_null() {
                     let intent: Intent =
                         serde_json::from_value(intent.clone()).expect("intent name");
-                    r.lifecycle.set_intent(intent);
+                    r.stashed = Some(r.lifecycle.push_intent(intent));
                 }
             } else if line.get("agent").and_then(Value::as_str) == Some("guest-shutdown") {
                 // As domain.rs: the agent accepting the request is the acknowledgement.
