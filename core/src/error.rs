@@ -129,6 +129,16 @@ pub enum Error {
         /// The state the domain ended in.
         state: DomainState,
     },
+    /// A save file that cannot be restored: truncated, damaged, not a domkit save file, or
+    /// saved from another domain. Checked before the backend reads the stream; the file is
+    /// left as it is.
+    #[error("cannot restore from {path}: {reason}")]
+    BadSaveFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A peer spoke the protocol wrongly (malformed bytes, unexpected reply).
     #[error("protocol error: {message}")]
     Protocol {
