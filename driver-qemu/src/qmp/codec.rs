@@ -29,12 +29,21 @@ pub struct LineTooLong {
 ///
 /// Trailing `\r` is removed and empty lines are skipped. Bytes after the last newline stay
 /// buffered until more input arrives.
+///
+/// The work is linear in the bytes pushed, however many lines arrive at once: taking a line
+/// only advances a read offset, and the consumed prefix is compacted away (moving the
+/// unconsumed rest to the front) only when it is at least as long as that rest, so every
+/// byte moved is paid for by a consumed byte ([`LineFramer::bytes_moved`] counts them).
 #[derive(Debug)]
 pub struct LineFramer {
     buf: Vec<u8>,
-    /// Bytes of `buf` already known to hold no newline, so a long line is scanned once.
+    /// Where the unconsumed bytes start in `buf`; what is before is dead.
+    start: usize,
+    /// `buf[start..scanned]` is known to hold no newline, so a long line is scanned once.
     scanned: usize,
     max_line: usize,
+    /// Bytes shifted by compaction so far.
+    moved: u64,
 }
 
 impl Default for LineFramer {
@@ -48,19 +57,29 @@ impl LineFramer {
     pub fn new(max_line: usize) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             scanned: 0,
             max_line,
+            moved: 0,
         }
     }
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        self.compact();
         self.buf.extend_from_slice(bytes);
     }
 
     /// The bytes received but not yet returned as a line.
     pub fn buffered(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.start..]
+    }
+
+    /// Total bytes shifted inside the buffer by compaction so far. It never exceeds the
+    /// bytes consumed (returned as lines, skipped, or discarded), which is what keeps the
+    /// framer linear; tests and fuzzers check it.
+    pub fn bytes_moved(&self) -> u64 {
+        self.moved
     }
 
     /// Takes the next complete line, without its terminator.
@@ -71,20 +90,23 @@ impl LineFramer {
         loop {
             let Some(offset) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
                 self.scanned = self.buf.len();
-                if self.buf.len() > self.max_line {
+                if self.buf.len() - self.start > self.max_line {
                     return Err(LineTooLong {
                         limit: self.max_line,
                     });
                 }
+                self.compact();
                 return Ok(None);
             };
-            let end = self.scanned + offset;
-            let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-            self.scanned = 0;
-            line.pop(); // the '\n'
-            if line.last() == Some(&b'\r') {
-                line.pop();
+            let newline = self.scanned + offset;
+            let begin = self.start;
+            let mut end = newline;
+            self.start = newline + 1;
+            self.scanned = self.start;
+            if end > begin && self.buf[end - 1] == b'\r' {
+                end -= 1;
             }
+            let line = &self.buf[begin..end];
             if line.len() > self.max_line {
                 return Err(LineTooLong {
                     limit: self.max_line,
@@ -93,7 +115,7 @@ impl LineFramer {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Ok(Some(line));
+            return Ok(Some(line.to_vec()));
         }
     }
 
@@ -102,17 +124,33 @@ impl LineFramer {
     /// Returns `true` if the delimiter was found. Otherwise every buffered byte is dropped
     /// (they all come before the delimiter that is still to arrive) and `false` is returned.
     pub fn discard_through(&mut self, delimiter: u8) -> bool {
-        self.scanned = 0;
-        match self.buf.iter().position(|&b| b == delimiter) {
+        let found = match self.buf[self.start..].iter().position(|&b| b == delimiter) {
             Some(pos) => {
-                self.buf.drain(..=pos);
+                self.start += pos + 1;
                 true
             }
             None => {
-                self.buf.clear();
+                self.start = self.buf.len();
                 false
             }
+        };
+        self.scanned = self.start;
+        self.compact();
+        found
+    }
+
+    /// Reclaims the consumed prefix once it is at least as long as the unconsumed rest, so
+    /// the bytes moved never exceed the bytes consumed since the previous compaction.
+    fn compact(&mut self) {
+        let live = self.buf.len() - self.start;
+        if self.start == 0 || self.start < live {
+            return;
         }
+        self.buf.copy_within(self.start.., 0);
+        self.buf.truncate(live);
+        self.scanned -= self.start;
+        self.start = 0;
+        self.moved += live as u64;
     }
 }
 
@@ -342,6 +380,65 @@ mod tests {
         framer.push(b"no delimiter here");
         assert!(!framer.discard_through(0xff));
         assert!(framer.buffered().is_empty());
+    }
+
+    /// Bytes shifted by 512 KiB of bare newlines (what a guest controls on the agent
+    /// channel) must stay linear in the input: at most twice its size.
+    #[test]
+    fn framer_moves_linear_bytes_for_512k_of_newlines() {
+        let input = vec![b'\n'; 512 * 1024];
+        for chunk in [input.len(), 4096, 1000] {
+            let mut framer = LineFramer::default();
+            for part in input.chunks(chunk) {
+                framer.push(part);
+                assert_eq!(framer.next_line(), Ok(None), "blank lines are skipped");
+            }
+            assert!(framer.buffered().is_empty());
+            let moved = framer.bytes_moved();
+            eprintln!("512 KiB of newlines in {chunk}-byte chunks: {moved} bytes moved");
+            assert!(moved <= 2 * input.len() as u64, "{moved} bytes moved");
+        }
+    }
+
+    /// Many small lines pushed in one chunk (and in chunks that cut lines), plus a partial
+    /// line at the end: returning each line must not shift the rest of the buffer.
+    #[test]
+    fn framer_moves_linear_bytes_for_many_small_lines() {
+        let mut input = b"{\"return\": {}}\r\n".repeat(40_000);
+        input.extend_from_slice(b"{\"return\": {\"partial");
+        for chunk in [input.len(), 65_536, 777] {
+            let mut framer = LineFramer::default();
+            let mut lines = 0;
+            for part in input.chunks(chunk) {
+                framer.push(part);
+                while let Some(line) = framer.next_line().expect("within limit") {
+                    assert_eq!(line, b"{\"return\": {}}");
+                    lines += 1;
+                }
+            }
+            assert_eq!(lines, 40_000);
+            assert_eq!(framer.buffered(), b"{\"return\": {\"partial");
+            let moved = framer.bytes_moved();
+            eprintln!("40k small lines in {chunk}-byte chunks: {moved} bytes moved");
+            assert!(moved <= 2 * input.len() as u64, "{moved} bytes moved");
+        }
+    }
+
+    /// The agent's resync drops junk up to each 0xFF: also linear.
+    #[test]
+    fn discard_through_moves_linear_bytes() {
+        let input = b"junk\xff".repeat(50_000);
+        let mut framer = LineFramer::default();
+        framer.push(&input);
+        let mut found = 0;
+        while framer.discard_through(0xff) {
+            found += 1;
+        }
+        assert_eq!(found, 50_000);
+        assert!(framer.buffered().is_empty());
+        let moved = framer.bytes_moved();
+        eprintln!("50k delimiters in one chunk: {moved} bytes moved");
+        assert!(moved <= 2 * input.len() as u64, "{moved} bytes moved");
     }
 
     #[test]
