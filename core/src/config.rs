@@ -345,6 +345,19 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// A socket the domain needs would get a path longer than a Unix socket path may be
+    /// (checked at define time against the driver's real runtime root).
+    #[error("{what} would be {path:?} ({len} bytes), longer than a Unix socket path may be ({max} bytes): use a shorter name or runtime root")]
+    SocketPathTooLong {
+        /// Which socket.
+        what: String,
+        /// The path it would have.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The kernel command line contains a character that cannot be passed safely.
     #[error("boot.cmdline contains a {0:?} character: newlines and NUL are not allowed")]
     BadCmdline(char),

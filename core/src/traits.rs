@@ -126,6 +126,11 @@ pub struct Capabilities {
     pub unsupported: BTreeMap<Operation, String>,
     /// Shutdown modes this backend supports.
     pub shutdown_modes: Vec<ShutdownMode>,
+    /// Modes and targets of supported operations that this backend refuses with
+    /// [`Error::Unsupported`], keyed `operation:variant` (`shutdown:paravirt`,
+    /// `pm_suspend:disk`), with the reason it gives.
+    #[serde(default)]
+    pub unsupported_variants: BTreeMap<String, String>,
 }
 
 impl Capabilities {

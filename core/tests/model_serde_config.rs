@@ -352,6 +352,7 @@ fn errors_say_what_to_do() {
         .into_iter()
         .collect(),
         shutdown_modes: vec![],
+        unsupported_variants: Default::default(),
     };
     assert!(caps.check(Operation::Pause).is_ok());
     let e = caps.check(Operation::PmSuspend).unwrap_err();

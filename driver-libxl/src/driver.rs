@@ -166,6 +166,7 @@ impl Driver for LibxlDriver {
             backend: BACKEND.into(),
             unsupported,
             shutdown_modes: vec![ShutdownMode::Default, ShutdownMode::Paravirt],
+            ..Capabilities::default()
         }
     }
 

@@ -453,6 +453,8 @@ async fn record(flow: &str, out: &Path, save_file: &Path) -> Result<(), Error> {
             s.cmd("migrate", Some(json!({"uri": "fd:domkit-save"})))
                 .await?;
             wait_migration(&s, m).await?;
+            // As the driver: the file is committed, and only that explains the end as saved.
+            s.intent(Some("save_committed"));
             s.quit().await;
             s.finish(out).await
         }

@@ -6,9 +6,14 @@
 //! the only observations they make are the ones no QMP event carries (`Created` after start /
 //! restore, `CreateFailed`, and the agent's acceptance of a shutdown request).
 //!
-//! Operations are serialised per domain, except `destroy`, which may interrupt a long wait
-//! (a shutdown that waits for a guest, say). State queries never wait.
+//! Concurrency and cancellation follow `docs/semantics.md` §6.0: a caller queues (FIFO) for
+//! the domain's operation lock, then the operation runs in a task of its own
+//! (`QemuDomain::run_op`), so a caller that gives up while queued never runs it and one
+//! that gives up later leaves it to complete in the background. `destroy` never queues: it
+//! preempts, and the preempted operation's error becomes `interrupted` (`QemuDomain::settle`).
+//! State queries never wait.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +24,7 @@ use domkit_core::{
     Creation, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, DomainState, Error,
     EventKind, EventStream, Intent, LifecycleCell, Observation, Operation, PausedReason,
     PmSuspendTarget, RestoreOptions, Result, ShutdownMode, ShutdownOptions, ShutdownOutcome,
-    ShutdownWait, ShutoffReason,
+    ShutdownWait, ShutoffReason, ShuttingDownReason,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -53,8 +58,8 @@ struct DomainInner {
     cell: LifecycleCell,
     paths: DomainPaths,
     options: Arc<QemuDriverOptions>,
-    /// Serialises operations (not state reads, not destroy).
-    ops: tokio::sync::Mutex<()>,
+    /// Serialises operations (not state reads, not destroy); tokio's mutex is FIFO.
+    ops: Arc<tokio::sync::Mutex<()>>,
     /// The running QEMU process, if any.
     instance: Mutex<Option<Arc<Instance>>>,
     /// Undefined, or its driver dropped: remove the runtime directory when nothing runs.
@@ -69,6 +74,8 @@ struct Instance {
     qemu_version: String,
     supervisor: SupervisorHandle,
     agent_socket: Option<PathBuf>,
+    /// Where this process's output starts in the QEMU log.
+    log_start: u64,
     /// The guest agent connection, made on first use.
     agent: tokio::sync::Mutex<Option<Arc<GuestAgent>>>,
 }
@@ -131,7 +138,7 @@ impl QemuDomain {
                 cell,
                 paths: DomainPaths::new(dir),
                 options,
-                ops: tokio::sync::Mutex::new(()),
+                ops: Arc::new(tokio::sync::Mutex::new(())),
                 instance: Mutex::new(None),
                 forgotten: AtomicBool::new(false),
             }),
@@ -247,21 +254,74 @@ impl QemuDomain {
     }
 
     fn qmp_error(&self, operation: Operation, command: &str, err: QmpError) -> Error {
-        self.interrupted(
-            operation,
-            qmp_to_core(operation, &self.inner.id.name, command, err),
-        )
+        qmp_to_core(operation, &self.inner.id.name, command, err)
     }
 
-    /// If the domain stopped while `operation` ran, say so (the raw error is secondary).
-    fn interrupted(&self, operation: Operation, err: Error) -> Error {
-        let state = self.state();
-        if state.is_shutoff() && !matches!(err, Error::InvalidState { .. }) {
-            backend(format!(
+    /// Queue for the operation lock in call order, then run `body` in a task of its own
+    /// (§6.0): dropped while queued, it never runs; dropped later, it completes in the
+    /// background and the next operation queues behind it. Errors are settled (`settle`).
+    async fn run_op<T, F, Fut>(&self, operation: Operation, body: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(QemuDomain) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let queued = self.inner.ops.clone().lock_owned().await;
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let _op = queued;
+            let was_active = me.state().is_active();
+            match body(me.clone()).await {
+                Ok(v) => Ok(v),
+                Err(e) if was_active => Err(me.settle(operation, e).await),
+                Err(e) => Err(e),
+            }
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(backend(format!(
+                "{operation}: the operation task failed: {e}"
+            )))
+        })
+    }
+
+    /// The error of an operation on an active domain, once the domain's end (if it is
+    /// ending) has been observed: preempted by our destroy -> `interrupted`; ended otherwise
+    /// meanwhile -> says so; else the error as it is.
+    async fn settle(&self, operation: Operation, err: Error) -> Error {
+        if matches!(
+            err,
+            Error::InvalidState { .. }
+                | Error::Unsupported { .. }
+                | Error::Interrupted { .. }
+                | Error::BadSaveFile { .. }
+        ) {
+            return err;
+        }
+        // A QMP error because the process is ending: wait for the supervisor's `Gone`, so
+        // the error can say why (a destroy of ours, or an end nobody asked for).
+        let ending = self.inner.cell.with(|l| l.has_intent(Intent::Destroy))
+            || self
+                .instance()
+                .map_or(true, |i| i.has_ended() || i.qmp.connection_end().is_some());
+        if ending {
+            let _ = self
+                .inner
+                .cell
+                .wait_for(operation, self.inner.options.destroy_timeout * 2, |s| {
+                    !s.is_active()
+                })
+                .await;
+        }
+        match self.state() {
+            state @ DomainState::Shutoff(ShutoffReason::Destroyed) => Error::Interrupted {
+                operation,
+                by: Operation::Destroy,
+                state,
+            },
+            state if !state.is_active() => backend(format!(
                 "{operation} failed because the domain stopped meanwhile (now {state}): {err}"
-            ))
-        } else {
-            err
+            )),
+            _ => err,
         }
     }
 
@@ -277,8 +337,7 @@ impl QemuDomain {
             .wait_for(operation, self.command_timeout(), |s| {
                 s.is_running() || !s.is_active()
             })
-            .await
-            .map_err(|e| self.interrupted(operation, e))?;
+            .await?;
         Ok(())
     }
 
@@ -336,6 +395,7 @@ impl QemuDomain {
             qemu_version: format!("{}.{}.{}", qemu.major, qemu.minor, qemu.micro),
             supervisor: handle,
             agent_socket,
+            log_start: proc.log_start,
             agent: tokio::sync::Mutex::new(None),
         });
         *slot = Some(instance.clone());
@@ -462,10 +522,10 @@ impl QemuDomain {
                     }
                     Err(EventRecvError::Lagged(_)) => {}
                     Err(EventRecvError::Closed) => {
-                        return Err(self.interrupted(operation, Error::ControlBroken {
+                        return Err(Error::ControlBroken {
                             domain: self.inner.id.name.clone(),
                             reason: format!("the QMP connection closed during the {operation} migration"),
-                        }));
+                        });
                     }
                 },
                 _ = poll.tick() => {
@@ -506,13 +566,14 @@ impl QemuDomain {
     async fn save_inner(&self, path: &Path) -> Result<()> {
         let operation = Operation::Save;
         let state = self.state();
-        if !matches!(state, DomainState::Running(_) | DomainState::Paused(_))
-            || matches!(state, DomainState::Paused(PausedReason::ShuttingDown))
-        {
-            return Err(self.invalid(operation));
-        }
+        let was_paused = match state {
+            DomainState::Paused(PausedReason::ShuttingDown) => return Err(self.invalid(operation)),
+            DomainState::Paused(_) => true,
+            // §6.3: a pending shutdown request leaves the domain operable.
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => false,
+            _ => return Err(self.invalid(operation)),
+        };
         let instance = self.running_instance(operation)?;
-        let was_paused = state.is_paused();
         let header = SaveHeader {
             format: FORMAT_VERSION,
             backend: BACKEND.into(),
@@ -533,22 +594,24 @@ impl QemuDomain {
         })?;
         let qmp = &instance.qmp;
         let mut events = qmp.subscribe();
-        // Intent::Save is held where it explains what QEMU does (the stop: paused(save); the
-        // resume after a failure: running(save_canceled); the quit after success:
-        // shutoff(saved)) but not during the migration itself: a QEMU that dies then did not
-        // save anything and must end as crashed, not as saved.
+        // Intent::Save explains the stop (paused(save)) and the resume after a failure
+        // (running(save_canceled)); a QEMU that dies meanwhile saved nothing and ends as the
+        // evidence says (crashed), §4.12. Only SaveCommitted, once the file is durable under
+        // its final name, explains the end as saved.
+        let _save = self.inner.cell.intent(Intent::Save);
         let migrated = async {
             qmp.migrate_set_capabilities(&[("events", true)])
                 .await
                 .map_err(|e| self.qmp_error(operation, "migrate-set-capabilities", e))?;
             if !was_paused {
-                let _intent = self.inner.cell.intent(Intent::Save);
                 qmp.stop()
                     .await
                     .map_err(|e| self.qmp_error(operation, "stop", e))?;
                 self.inner
                     .cell
-                    .wait_for(operation, self.command_timeout(), |s| !s.is_running())
+                    .wait_for(operation, self.command_timeout(), |s| {
+                        s.is_paused() || !s.is_active()
+                    })
                     .await?;
             }
             qmp.send_fd(SAVE_FD, temp.file())
@@ -559,13 +622,20 @@ impl QemuDomain {
                 return Err(self.qmp_error(operation, "migrate", e));
             }
             self.wait_migration(qmp, &mut events, operation).await?;
-            temp.commit()
-                .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e))
+            Ok::<(), Error>(())
         }
         .await;
-        let _intent = self.inner.cell.intent(Intent::Save);
+        let migrated = match migrated {
+            // fsync of a multi-GiB file: not on a runtime worker.
+            Ok(()) => tokio::task::spawn_blocking(move || temp.commit())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e)),
+            Err(e) => Err(e), // `temp` is dropped here: the temporary file is removed
+        };
         match migrated {
             Ok(()) => {
+                let _committed = self.inner.cell.intent(Intent::SaveCommitted);
                 self.end_instance(&instance, operation).await?;
                 self.inner
                     .cell
@@ -574,48 +644,47 @@ impl QemuDomain {
                 Ok(())
             }
             Err(err) => {
-                // The temporary file is gone (dropped); the domain goes back as it was.
+                // The domain goes back as it was.
                 if !was_paused && instance.qmp.connection_end().is_none() {
                     if let Err(e) = qmp.cont().await {
                         tracing::warn!(error = %e, "resuming after a failed save failed");
                     }
-                    let _ = self
-                        .inner
-                        .cell
-                        .wait_for(operation, self.command_timeout(), |s| s.is_running())
-                        .await;
+                    let _ = self.wait_running_or_gone(operation).await;
                 }
-                Err(self.interrupted(operation, err))
+                Err(err)
             }
         }
     }
 
     /// Open a save file and check that it belongs to this domain and config.
     fn check_save_file(&self, path: &Path) -> Result<(std::fs::File, SaveHeader)> {
-        let (file, header) = savefile::open_for_restore(path)
-            .map_err(|e| Error::io(format!("reading the save file {}", path.display()), e))?;
+        let bad = |reason: String| Error::BadSaveFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let (file, header) = savefile::open_for_restore(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                bad(e.to_string())
+            }
+            _ => Error::io(format!("reading the save file {}", path.display()), e),
+        })?;
         if header.backend != BACKEND {
-            return Err(backend(format!(
-                "{} was saved by the {} backend; restore it with that backend",
-                path.display(),
+            return Err(bad(format!(
+                "it was saved by the {} backend; restore it with that backend",
                 header.backend
             )));
         }
         if header.domain.uuid != self.inner.id.uuid {
-            return Err(backend(format!(
-                "{} holds domain {}, not {}: restore it into the domain it was saved from",
-                path.display(),
-                header.domain,
-                self.inner.id
+            return Err(bad(format!(
+                "it holds domain {}, not {}: restore it into the domain it was saved from",
+                header.domain, self.inner.id
             )));
         }
         if header.memory_mib != self.inner.config.memory_mib {
-            return Err(backend(format!(
-                "{} was saved with {} MiB of memory but the domain now has {} MiB: restore \
+            return Err(bad(format!(
+                "it was saved with {} MiB of memory but the domain now has {} MiB: restore \
                  with the config it was saved with",
-                path.display(),
-                header.memory_mib,
-                self.inner.config.memory_mib
+                header.memory_mib, self.inner.config.memory_mib
             )));
         }
         Ok((file, header))
@@ -655,7 +724,18 @@ impl QemuDomain {
             )
             .await
             .map_err(|e| self.qmp_error(operation, "migrate-incoming", e))?;
-            self.wait_migration(qmp, &mut events, operation).await?;
+            // QEMU rejecting the stream (or dying on it) means the file is damaged: the
+            // header was checked already.
+            match self.wait_migration(qmp, &mut events, operation).await {
+                Ok(()) => {}
+                Err(e @ Error::Timeout { .. }) => return Err(e),
+                Err(e) => {
+                    return Err(Error::BadSaveFile {
+                        path: path.to_owned(),
+                        reason: format!("QEMU could not load the saved state: {e}"),
+                    })
+                }
+            }
             if !paused {
                 qmp.cont()
                     .await
@@ -672,65 +752,98 @@ impl QemuDomain {
         Ok(())
     }
 
-    async fn shutdown_inner(&self, options: ShutdownOptions) -> Result<ShutdownOutcome> {
+    /// The request half of a shutdown, under the operation lock: check the state (§6.3),
+    /// send the request, and wait (until `deadline`) for its acknowledgement.
+    async fn shutdown_request(&self, mode: ShutdownMode, deadline: Instant) -> Result<()> {
         let operation = Operation::Shutdown;
-        if options.mode == ShutdownMode::Paravirt {
+        if mode == ShutdownMode::Paravirt {
             return Err(unsupported_paravirt(operation));
         }
-        let state = self.state();
-        if !state.is_active() {
-            return Err(self.invalid(operation));
+        match self.state() {
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
+            _ => return Err(self.invalid(operation)),
         }
         let instance = self.running_instance(operation)?;
-        let deadline = Instant::now() + options.timeout;
-        let acknowledged =
-            |s: &DomainState| matches!(s, DomainState::ShuttingDown(_) | DomainState::Shutoff(_));
+        let within = |d: Instant| d.saturating_duration_since(Instant::now());
         // The intent is held until the request is acknowledged (state shutting_down(user)),
         // not until completion: from then on the state alone says the end is a shutdown, and
         // an end nobody explains (QEMU killed while we wait) stays a crash.
-        let waited = {
-            let _intent = self.inner.cell.intent(Intent::Shutdown);
-            match options.mode {
-                ShutdownMode::Agent => {
-                    self.agent_shutdown(&instance, operation, false).await?;
-                    // No QMP event says the agent took the request: its success does.
-                    self.inner
-                        .cell
-                        .observe(Observation::ShutdownRequestDelivered);
-                }
-                _ => instance
-                    .qmp
-                    .system_powerdown()
+        let _intent = self.inner.cell.intent(Intent::Shutdown);
+        match mode {
+            ShutdownMode::Agent => {
+                // The caller's timeout bounds the agent too (its resync has a timeout of its
+                // own that may be longer).
+                let asked = self.agent_shutdown(&instance, operation, false);
+                tokio::time::timeout(within(deadline), asked)
                     .await
-                    .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            self.inner
-                .cell
-                .wait_for(operation, left, acknowledged)
-                .await
-        };
-        let waited = match (waited, options.wait) {
-            (Ok(DomainState::Shutoff(s)), _) => Ok(DomainState::Shutoff(s)),
-            (Ok(s), ShutdownWait::Acknowledged) => Ok(s),
-            (Ok(_), ShutdownWait::Completed) => {
-                let left = deadline.saturating_duration_since(Instant::now());
+                    .map_err(|_| {
+                        timeout(
+                            operation,
+                            within(deadline),
+                            "the guest agent did not take the shutdown request in time",
+                        )
+                    })??;
+                // No QMP event says the agent took the request: its success does.
                 self.inner
                     .cell
-                    .wait_for(operation, left, DomainState::is_shutoff)
+                    .observe(Observation::ShutdownRequestDelivered);
+            }
+            _ => instance
+                .qmp
+                .system_powerdown()
+                .await
+                .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
+        }
+        self.inner
+            .cell
+            .wait_for(operation, within(deadline), |s| {
+                matches!(s, DomainState::ShuttingDown(_)) || !s.is_active()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The waiting half of a shutdown: the caller's, not the operation lock's (§6.0).
+    async fn shutdown_wait(
+        &self,
+        options: ShutdownOptions,
+        deadline: Instant,
+    ) -> Result<ShutdownOutcome> {
+        let operation = Operation::Shutdown;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let state = match options.wait {
+            ShutdownWait::Acknowledged => Ok(self.state()),
+            // Ends at once on an end that can never be a shutdown (§6.3).
+            ShutdownWait::Completed => {
+                self.inner
+                    .cell
+                    .wait_for(operation, left, |s| {
+                        !s.is_active()
+                            || matches!(
+                                s,
+                                DomainState::Crashed(_)
+                                    | DomainState::Paused(PausedReason::ShuttingDown)
+                            )
+                    })
                     .await
             }
-            (Err(e), _) => Err(e),
         };
-        match waited {
+        match state {
             Ok(DomainState::Shutoff(ShutoffReason::Shutdown)) => Ok(ShutdownOutcome::Completed),
-            Ok(DomainState::Shutoff(other)) => Err(backend(format!(
-                "shutdown: the domain ended as {other:?} instead of shutting down"
-            ))),
+            Ok(state @ DomainState::Shutoff(ShutoffReason::Destroyed)) => Err(Error::Interrupted {
+                operation,
+                by: Operation::Destroy,
+                state,
+            }),
+            Ok(state) if options.wait == ShutdownWait::Completed || !state.is_active() => {
+                Err(backend(format!(
+                    "shutdown: the domain ended as {state} instead of shutting down"
+                )))
+            }
             Ok(_) => Ok(ShutdownOutcome::Acknowledged),
             Err(Error::Timeout { .. }) if options.destroy_on_timeout => {
                 tracing::info!(domain = %self.inner.id.name, "shutdown timed out: destroying");
-                self.destroy_inner().await?;
+                self.destroy().await?;
                 Ok(ShutdownOutcome::Destroyed)
             }
             Err(Error::Timeout { .. }) => Err(timeout(
@@ -738,7 +851,8 @@ impl QemuDomain {
                 options.timeout,
                 format!(
                     "the guest did not shut down (it is {}); the request stays pending in the \
-                     guest: destroy the domain, or ask with destroy_on_timeout",
+                     guest and the domain stays operable: destroy it, or ask with \
+                     destroy_on_timeout",
                     self.state()
                 ),
             )),
@@ -817,7 +931,7 @@ impl QemuDomain {
         agent
             .shutdown(mode)
             .await
-            .map_err(|e| self.interrupted(operation, agent_to_core(operation, e)))
+            .map_err(|e| agent_to_core(operation, e))
     }
 
     async fn agent_suspend_ram(&self, instance: &Instance) -> Result<()> {
@@ -826,7 +940,7 @@ impl QemuDomain {
         agent
             .suspend_ram()
             .await
-            .map_err(|e| self.interrupted(operation, agent_to_core(operation, e)))
+            .map_err(|e| agent_to_core(operation, e))
     }
 }
 
@@ -862,31 +976,13 @@ fn unsupported_paravirt(operation: Operation) -> Error {
     Error::Unsupported {
         operation,
         backend: BACKEND.into(),
-        reason: "QEMU guests have no paravirtual shutdown channel: use mode acpi or agent".into(),
+        reason: UNSUPPORTED_PARAVIRT.into(),
     }
 }
 
-#[async_trait]
-impl Domain for QemuDomain {
-    fn id(&self) -> &DomainId {
-        &self.inner.id
-    }
-
-    fn state(&self) -> DomainState {
-        self.inner.cell.state()
-    }
-
-    async fn info(&self) -> Result<DomainInfo> {
-        Ok(self.info_now())
-    }
-
-    fn subscribe(&self) -> EventStream {
-        self.inner.cell.subscribe()
-    }
-
-    async fn start(&self, options: domkit_core::StartOptions) -> Result<()> {
+impl QemuDomain {
+    async fn start_inner(&self, options: domkit_core::StartOptions) -> Result<()> {
         let operation = Operation::Start;
-        let _op = self.inner.ops.lock().await;
         self.ensure_inactive(operation)?;
         let instance = match self.launch(operation, false).await {
             Ok(i) => i,
@@ -900,6 +996,7 @@ impl Domain for QemuDomain {
             // the lifecycle ignores it, and Created below says "running".
             if let Err(e) = instance.qmp.cont().await {
                 let err = self.qmp_error(operation, "cont", e);
+                let err = self.launch_failure_after_start(&instance, err).await;
                 self.abandon(&instance).await;
                 return Err(err);
             }
@@ -908,12 +1005,28 @@ impl Domain for QemuDomain {
         Ok(())
     }
 
-    async fn pause(&self) -> Result<()> {
+    /// A QEMU that exits right after its monitor came up (bad kernel, no memory for the
+    /// guest) has said why in its log: that is the error, not the broken monitor.
+    async fn launch_failure_after_start(&self, instance: &Instance, err: Error) -> Error {
+        if !instance.wait_ended(Duration::from_secs(1)).await {
+            return err;
+        }
+        let said = process::read_log_since(&self.inner.paths.qemu_log, instance.log_start);
+        let said = said.trim();
+        if said.is_empty() {
+            return err;
+        }
+        backend(format!(
+            "QEMU failed to start the domain: it exited right after launch; QEMU said: {said}"
+        ))
+    }
+
+    async fn pause_inner(&self) -> Result<()> {
         let operation = Operation::Pause;
-        let _op = self.inner.ops.lock().await;
         match self.state() {
             DomainState::Paused(_) => return Ok(()), // §6.2: no-op, no event
-            DomainState::Running(_) => {}
+            // §6.3: a pending shutdown request leaves the domain operable.
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
             _ => return Err(self.invalid(operation)),
         }
         let instance = self.running_instance(operation)?;
@@ -927,21 +1040,18 @@ impl Domain for QemuDomain {
         let state = self
             .inner
             .cell
-            .wait_for(operation, self.command_timeout(), |s| !s.is_running())
-            .await
-            .map_err(|e| self.interrupted(operation, e))?;
+            .wait_for(operation, self.command_timeout(), |s| {
+                s.is_paused() || !s.is_active()
+            })
+            .await?;
         if !state.is_paused() {
-            return Err(self.interrupted(
-                operation,
-                backend(format!("pause: the domain became {state} instead")),
-            ));
+            return Err(backend(format!("pause: the domain became {state} instead")));
         }
         Ok(())
     }
 
-    async fn resume(&self) -> Result<()> {
+    async fn resume_inner(&self) -> Result<()> {
         let operation = Operation::Resume;
-        let _op = self.inner.ops.lock().await;
         match self.state() {
             DomainState::Running(_) => return Ok(()), // §6.2: no-op, no event
             // §6.2: a preserved poweroff or crash is kept for inspection, not resumable
@@ -962,54 +1072,47 @@ impl Domain for QemuDomain {
             .map_err(|e| self.qmp_error(operation, "cont", e))?;
         self.wait_running_or_gone(operation).await?;
         if !self.state().is_running() {
-            return Err(self.interrupted(operation, self.invalid(operation)));
+            return Err(self.invalid(operation));
         }
         Ok(())
     }
 
-    async fn shutdown(&self, options: ShutdownOptions) -> Result<ShutdownOutcome> {
-        let _op = self.inner.ops.lock().await;
-        self.shutdown_inner(options).await
-    }
-
-    async fn reboot(&self, mode: ShutdownMode, within: Duration) -> Result<()> {
+    async fn reboot_inner(&self, mode: ShutdownMode, within: Duration) -> Result<()> {
         let operation = Operation::Reboot;
-        let _op = self.inner.ops.lock().await;
-        if !self.state().is_running() {
-            return Err(self.invalid(operation));
+        match self.state() {
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
+            _ => return Err(self.invalid(operation)),
+        }
+        if mode == ShutdownMode::Paravirt {
+            return Err(unsupported_paravirt(operation));
         }
         let instance = self.running_instance(operation)?;
         let mut events = self.subscribe();
-        let started = Instant::now();
-        {
-            let _intent = self.inner.cell.intent(Intent::Reboot);
-            match mode {
-                // QEMU fake reboot: power button; the guest powers off; the lifecycle turns
-                // that into one Rebooted and a Restart (system_reset + cont), see
-                // supervisor.rs.
-                ShutdownMode::Default | ShutdownMode::Acpi => instance
-                    .qmp
-                    .system_powerdown()
-                    .await
-                    .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
-                ShutdownMode::Agent => self.agent_shutdown(&instance, operation, true).await?,
-                ShutdownMode::Paravirt => return Err(unsupported_paravirt(operation)),
-            }
-            self.wait_event(&mut events, operation, within, |k| {
-                *k == EventKind::Rebooted
-            })
-            .await?;
+        // Held until the reboot happened: the guest's poweroff that a fake reboot produces
+        // must read as a reboot, not as the guest's own poweroff.
+        let _intent = self.inner.cell.intent(Intent::Reboot);
+        match mode {
+            // QEMU fake reboot: power button; the guest powers off; the lifecycle turns
+            // that into one Rebooted and a Restart (system_reset + cont), see
+            // supervisor.rs.
+            ShutdownMode::Agent => self.agent_shutdown(&instance, operation, true).await?,
+            _ => instance
+                .qmp
+                .system_powerdown()
+                .await
+                .map_err(|e| self.qmp_error(operation, "system_powerdown", e))?,
         }
-        let left = within.saturating_sub(started.elapsed());
-        self.wait_restart_done(operation, left.max(Duration::from_secs(5)))
-            .await
+        self.wait_event(&mut events, operation, within, |k| {
+            *k == EventKind::Rebooted
+        })
+        .await?;
+        Ok(())
     }
 
-    async fn reset(&self) -> Result<()> {
+    async fn reset_inner(&self) -> Result<()> {
         let operation = Operation::Reset;
-        let _op = self.inner.ops.lock().await;
         match self.state() {
-            DomainState::Running(_) => {}
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
             DomainState::Paused(reason) if reason != PausedReason::ShuttingDown => {}
             _ => return Err(self.invalid(operation)),
         }
@@ -1028,33 +1131,13 @@ impl Domain for QemuDomain {
         Ok(())
     }
 
-    async fn destroy(&self) -> Result<()> {
-        // Not serialised with the other operations: destroy must be able to end a domain
-        // whose operation hangs on the guest.
-        self.destroy_inner().await
-    }
-
-    async fn save(&self, path: &Path) -> Result<()> {
-        let _op = self.inner.ops.lock().await;
-        self.save_inner(path).await
-    }
-
-    async fn restore(&self, path: &Path, options: RestoreOptions) -> Result<()> {
-        let _op = self.inner.ops.lock().await;
-        self.restore_inner(path, options).await
-    }
-
-    async fn pm_suspend(&self, target: PmSuspendTarget) -> Result<()> {
+    async fn pm_suspend_inner(&self, target: PmSuspendTarget) -> Result<()> {
         let operation = Operation::PmSuspend;
-        let _op = self.inner.ops.lock().await;
         if target == PmSuspendTarget::Disk {
             return Err(Error::Unsupported {
                 operation,
                 backend: BACKEND.into(),
-                reason: "suspend to disk (S4) makes the guest write its memory to its own disk \
-                         and QEMU exit, which domkit cannot tell from a poweroff; use save \
-                         instead"
-                    .into(),
+                reason: UNSUPPORTED_S4.into(),
             });
         }
         if !self.state().is_running() {
@@ -1068,14 +1151,12 @@ impl Domain for QemuDomain {
             .wait_for(operation, Duration::from_secs(60), |s| {
                 matches!(s, DomainState::PmSuspended(_)) || !s.is_active()
             })
-            .await
-            .map_err(|e| self.interrupted(operation, e))?;
+            .await?;
         Ok(())
     }
 
-    async fn pm_wakeup(&self) -> Result<()> {
+    async fn pm_wakeup_inner(&self) -> Result<()> {
         let operation = Operation::PmWakeup;
-        let _op = self.inner.ops.lock().await;
         if !matches!(self.state(), DomainState::PmSuspended(_)) {
             return Err(self.invalid(operation));
         }
@@ -1087,5 +1168,124 @@ impl Domain for QemuDomain {
             .map_err(|e| self.qmp_error(operation, "system_wakeup", e))?;
         self.wait_running_or_gone(operation).await?;
         Ok(())
+    }
+}
+
+/// Why S4 is refused (also in the driver's capabilities).
+pub(crate) const UNSUPPORTED_S4: &str = "suspend to disk (S4) makes the guest write its memory \
+     to its own disk and QEMU exit, which domkit cannot tell from a poweroff; use save instead";
+
+/// Why paravirtual shutdown is refused (also in the driver's capabilities).
+pub(crate) const UNSUPPORTED_PARAVIRT: &str =
+    "QEMU guests have no paravirtual shutdown channel: use mode acpi or agent";
+
+#[async_trait]
+impl Domain for QemuDomain {
+    fn id(&self) -> &DomainId {
+        &self.inner.id
+    }
+
+    fn state(&self) -> DomainState {
+        self.inner.cell.state()
+    }
+
+    async fn info(&self) -> Result<DomainInfo> {
+        Ok(self.info_now())
+    }
+
+    fn subscribe(&self) -> EventStream {
+        self.inner.cell.subscribe()
+    }
+
+    async fn start(&self, options: domkit_core::StartOptions) -> Result<()> {
+        self.run_op(Operation::Start, move |d| async move {
+            d.start_inner(options).await
+        })
+        .await
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.run_op(Operation::Pause, |d| async move { d.pause_inner().await })
+            .await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.run_op(Operation::Resume, |d| async move { d.resume_inner().await })
+            .await
+    }
+
+    async fn shutdown(&self, options: ShutdownOptions) -> Result<ShutdownOutcome> {
+        let deadline = Instant::now() + options.timeout;
+        let requested = self
+            .run_op(Operation::Shutdown, move |d| async move {
+                d.shutdown_request(options.mode, deadline).await
+            })
+            .await;
+        match requested {
+            Ok(()) => self.shutdown_wait(options, deadline).await,
+            Err(Error::Timeout { .. }) if options.destroy_on_timeout => {
+                tracing::info!(domain = %self.inner.id.name, "shutdown request timed out: destroying");
+                self.destroy().await?;
+                Ok(ShutdownOutcome::Destroyed)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reboot(&self, mode: ShutdownMode, within: Duration) -> Result<()> {
+        let started = Instant::now();
+        self.run_op(Operation::Reboot, move |d| async move {
+            d.reboot_inner(mode, within).await
+        })
+        .await?;
+        let left = within.saturating_sub(started.elapsed());
+        self.wait_restart_done(Operation::Reboot, left.max(Duration::from_secs(5)))
+            .await
+    }
+
+    async fn reset(&self) -> Result<()> {
+        self.run_op(Operation::Reset, |d| async move { d.reset_inner().await })
+            .await
+    }
+
+    async fn destroy(&self) -> Result<()> {
+        // Never queued (§6.0): destroy must be able to end a domain whose operation hangs on
+        // the guest. Its own task, so a caller that gives up cannot drop the destroy intent
+        // before the end it explains.
+        let me = self.clone();
+        tokio::spawn(async move { me.destroy_inner().await })
+            .await
+            .unwrap_or_else(|e| Err(backend(format!("destroy: the task failed: {e}"))))
+    }
+
+    async fn save(&self, path: &Path) -> Result<()> {
+        let path = path.to_owned();
+        self.run_op(Operation::Save, move |d| async move {
+            d.save_inner(&path).await
+        })
+        .await
+    }
+
+    async fn restore(&self, path: &Path, options: RestoreOptions) -> Result<()> {
+        let path = path.to_owned();
+        self.run_op(Operation::Restore, move |d| async move {
+            d.restore_inner(&path, options).await
+        })
+        .await
+    }
+
+    async fn pm_suspend(&self, target: PmSuspendTarget) -> Result<()> {
+        self.run_op(Operation::PmSuspend, move |d| async move {
+            d.pm_suspend_inner(target).await
+        })
+        .await
+    }
+
+    async fn pm_wakeup(&self) -> Result<()> {
+        self.run_op(
+            Operation::PmWakeup,
+            |d| async move { d.pm_wakeup_inner().await },
+        )
+        .await
     }
 }

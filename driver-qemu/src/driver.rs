@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::accel::AutoAccel;
+use crate::argv::DomainPaths;
 use crate::domain::QemuDomain;
 use crate::error::BACKEND;
 
@@ -175,19 +176,28 @@ impl Driver for QemuDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             backend: BACKEND.into(),
-            // Every operation exists; what does not (S4, paravirt shutdown) is a target or
-            // mode of one and is refused with Error::Unsupported and its reason.
+            // Every operation exists; what does not is a target or mode of one, refused
+            // with Error::Unsupported and the same reason.
             unsupported: BTreeMap::new(),
             shutdown_modes: vec![
                 ShutdownMode::Default,
                 ShutdownMode::Acpi,
                 ShutdownMode::Agent,
             ],
+            unsupported_variants: [
+                ("pm_suspend:disk", crate::domain::UNSUPPORTED_S4),
+                ("shutdown:paravirt", crate::domain::UNSUPPORTED_PARAVIRT),
+                ("reboot:paravirt", crate::domain::UNSUPPORTED_PARAVIRT),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
         }
     }
 
     async fn define(&self, mut config: DomainConfig) -> Result<QemuDomain> {
         config.validate()?;
+        check_socket_paths(&self.shared.options.runtime_root, &config)?;
         let uuid = *config.uuid.get_or_insert_with(Uuid::new_v4);
         let domain = {
             let mut domains = self.shared.domains();
@@ -245,4 +255,31 @@ impl Driver for QemuDriver {
     fn subscribe(&self) -> EventStream {
         EventStream::new(self.shared.events.subscribe())
     }
+}
+
+/// Every socket of `config` under `root` must fit a Unix socket path: found at define time,
+/// not as an `io` error at every start.
+fn check_socket_paths(root: &Path, config: &DomainConfig) -> Result<()> {
+    let paths = DomainPaths::new(root.join(&config.name));
+    let sockets = std::iter::once(("the QMP socket".to_owned(), paths.qmp_socket.clone())).chain(
+        config.channels.iter().map(|c| {
+            (
+                format!("the socket of channel {:?}", c.port_name()),
+                paths.channel_socket(c.kind, c.port_name()),
+            )
+        }),
+    );
+    for (what, path) in sockets {
+        let len = path.as_os_str().len();
+        if len > crate::process::MAX_SOCKET_PATH {
+            return Err(domkit_core::ConfigError::SocketPathTooLong {
+                what,
+                path,
+                len,
+                max: crate::process::MAX_SOCKET_PATH,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }

@@ -97,6 +97,8 @@ pub struct QemuProcess {
     pub events: QmpEventStream,
     /// The command line it runs.
     pub argv: Vec<String>,
+    /// Where this process's output starts in the QEMU log.
+    pub log_start: u64,
 }
 
 /// Timeouts of a launch.
@@ -228,6 +230,19 @@ pub async fn launch(
     let qmp = match handshake {
         Ok(qmp) => qmp,
         Err(e) => {
+            // QEMU opens its monitor before it builds the machine: one that fails then (no
+            // memory for the guest, a bad kernel) closes the handshake and exits at once.
+            // Its exit status and output are the error, not the broken handshake.
+            let exited = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            if let Ok(Ok(status)) = exited {
+                let output = read_log_since(&paths.qemu_log, log_start);
+                return Err(failure(
+                    "QEMU exited during the QMP handshake".into(),
+                    Some(status),
+                    output,
+                    &argv,
+                ));
+            }
             kill_and_reap(&mut child).await;
             return Err(QemuError::qmp("qmp_capabilities", e));
         }
@@ -247,6 +262,7 @@ pub async fn launch(
         qmp,
         events,
         argv,
+        log_start,
     })
 }
 

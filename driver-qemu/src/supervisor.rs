@@ -103,7 +103,6 @@ impl<D: SupervisedDomain> Supervisor<D> {
         ended: watch::Sender<bool>,
     ) {
         let mut monitor_open = true;
-        let mut requests_open = true;
         let mut broken_at: Option<Instant> = None;
         let far = Duration::from_secs(86400 * 365);
         let status = loop {
@@ -124,14 +123,9 @@ impl<D: SupervisedDomain> Supervisor<D> {
                     }
                 },
                 status = self.child.wait() => break status,
-                request = requests.recv(), if requests_open => match request {
-                    Some(SupervisorRequest::Kill) => self.kill(),
-                    // Every handle is gone (the domain was dropped): nobody may outlive it.
-                    None => {
-                        requests_open = false;
-                        self.kill();
-                    }
-                },
+                // The domain holds the sender for as long as this task runs (it owns the
+                // instance that owns the handle), so the channel cannot close under us.
+                Some(SupervisorRequest::Kill) = requests.recv() => self.kill(),
                 _ = tokio::time::sleep_until(kill_at), if self.kill_at.is_some() => {
                     tracing::warn!(pid = self.pid, "QEMU did not quit in time: SIGKILL");
                     self.kill();
@@ -166,7 +160,12 @@ impl<D: SupervisedDomain> Supervisor<D> {
             Ok(status) => tracing::debug!(pid = self.pid, %status, "QEMU exited"),
             Err(e) => tracing::warn!(pid = self.pid, error = %e, "waiting for QEMU failed"),
         }
-        self.domain.process_ended(self.pid);
+        // Sockets and maybe the runtime directory are removed there: file-system work,
+        // not on a runtime worker.
+        let (domain, pid) = (self.domain.clone(), self.pid);
+        if let Err(e) = tokio::task::spawn_blocking(move || domain.process_ended(pid)).await {
+            tracing::warn!(pid = self.pid, error = %e, "cleaning up after QEMU failed");
+        }
         let cell = self.domain.cell();
         if matches!(cell.control(), ControlState::Broken { .. }) {
             cell.set_control(ControlState::Ok);
@@ -192,7 +191,8 @@ impl<D: SupervisedDomain> Supervisor<D> {
         }
         match self.qmp.query_status().await {
             Ok(status) => {
-                if let Some(observation) = crate::translate::reconcile(&status.status) {
+                let current = self.domain.cell().state();
+                if let Some(observation) = crate::translate::reconcile(&status.status, &current) {
                     if let Some(action) = self.domain.cell().observe(observation) {
                         self.carry_out(action).await;
                     }

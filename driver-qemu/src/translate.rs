@@ -41,7 +41,8 @@
 use std::time::{Duration, SystemTime};
 
 use domkit_core::{
-    CrashedDetail, Observation, PmSuspendedDetail, ShutdownRequester, ShutoffReason, StopCause,
+    CrashedDetail, DomainState, Observation, PmSuspendedDetail, ShutdownRequester, ShutoffReason,
+    StopCause,
 };
 use serde_json::Value;
 
@@ -280,8 +281,13 @@ impl QmpTranslator {
 /// lost (a subscriber that lagged behind the QMP event ring): the observation that brings
 /// the core to where QEMU is. The core's guards make it a no-op when nothing was missed.
 /// `None` for transient or migration states, which an operation in progress owns.
-pub fn reconcile(status: &RunState) -> Option<Observation> {
+/// `current` is the core's state: QEMU running while the core says pm_suspended is a lost
+/// WAKEUP, not a resume.
+pub fn reconcile(status: &RunState, current: &DomainState) -> Option<Observation> {
     match status {
+        RunState::Running if matches!(current, DomainState::PmSuspended(_)) => {
+            Some(Observation::PmWokeUp)
+        }
         RunState::Running => Some(Observation::CpusResumed),
         RunState::Paused | RunState::Prelaunch | RunState::Debug => {
             Some(Observation::CpusStopped {

@@ -885,29 +885,38 @@ fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
         },
         at,
     );
-    let out = l.observe(reconcile(&RunState::Paused).unwrap(), at);
+    let out = l.observe(reconcile(&RunState::Paused, &l.state()).unwrap(), at);
     assert_eq!(l.state(), DomainState::Paused(PausedReason::Unknown));
     assert_eq!(out.events.len(), 1);
     // Reconciling again with the same state changes nothing.
-    let out = l.observe(reconcile(&RunState::Paused).unwrap(), at);
+    let out = l.observe(reconcile(&RunState::Paused, &l.state()).unwrap(), at);
     assert!(out.events.is_empty());
-    let out = l.observe(reconcile(&RunState::Running).unwrap(), at);
+    let out = l.observe(reconcile(&RunState::Running, &l.state()).unwrap(), at);
     assert_eq!(l.state(), DomainState::Running(RunningReason::Unpaused));
     assert_eq!(out.events.len(), 1);
     assert_eq!(
-        reconcile(&RunState::GuestPanicked),
+        reconcile(
+            &RunState::GuestPanicked,
+            &DomainState::Running(RunningReason::Booted)
+        ),
         Some(Observation::Crashed {
             detail: CrashedDetail::Panicked
         })
     );
     assert_eq!(
-        reconcile(&RunState::Suspended),
+        reconcile(
+            &RunState::Suspended,
+            &DomainState::Running(RunningReason::Booted)
+        ),
         Some(Observation::PmSuspended {
             detail: PmSuspendedDetail::Memory
         })
     );
     assert_eq!(
-        reconcile(&RunState::Shutdown),
+        reconcile(
+            &RunState::Shutdown,
+            &DomainState::Running(RunningReason::Booted)
+        ),
         Some(Observation::GuestPoweredOff)
     );
     for transient in [
@@ -915,6 +924,43 @@ fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
         RunState::PostMigrate,
         RunState::FinishMigrate,
     ] {
-        assert_eq!(reconcile(&transient), None, "{transient:?}");
+        assert_eq!(
+            reconcile(&transient, &DomainState::Running(RunningReason::Booted)),
+            None,
+            "{transient:?}"
+        );
     }
+}
+
+#[test]
+fn reconcile_a_lost_wakeup_is_a_wakeup() {
+    use crate::qmp::types::RunState;
+    use crate::translate::reconcile;
+    let mut l = Lifecycle::new(
+        DomainId {
+            name: "r".into(),
+            uuid: uuid::Uuid::nil(),
+        },
+        defaults(),
+    );
+    let at = std::time::SystemTime::now();
+    l.observe(
+        Observation::Created {
+            how: Creation::Boot,
+            paused: false,
+        },
+        at,
+    );
+    l.observe(
+        Observation::PmSuspended {
+            detail: PmSuspendedDetail::Memory,
+        },
+        at,
+    );
+    // The WAKEUP was lost: QEMU says running while the core says pm_suspended.
+    let obs = reconcile(&RunState::Running, &l.state()).unwrap();
+    assert_eq!(obs, Observation::PmWokeUp);
+    let out = l.observe(obs, at);
+    assert_eq!(l.state(), DomainState::Running(RunningReason::Wakeup));
+    assert_eq!(out.events.len(), 1);
 }
