@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use domkit_core::{
-    ControlState, Domain, DomainState, Error, EventKind, ShutdownMode, ShutdownOptions,
+    ControlState, Domain, DomainState, Driver, Error, EventKind, ShutdownMode, ShutdownOptions,
     ShutdownRequester, ShutdownWait, ShutoffReason, StartOptions, StoppedDetail,
 };
 use driver_support::*;
@@ -217,4 +217,78 @@ async fn qemu_killed_mid_operation_is_shutoff_crashed_at_once() {
     );
     assert!(domain.pid().is_none());
     h.finish().await;
+}
+
+/// Issue 15 (outside run): a real QEMU that cannot build the machine (no memory for 1 TiB,
+/// a kernel that is not one) exits right after its monitor came up; the error must carry
+/// what QEMU said, not `control_broken`, and the failed start is reported with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_launch_failures_carry_qemus_own_reason() {
+    let h = Harness::new();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let garbage = scratch.path().join("not-a-kernel");
+    std::fs::write(&garbage, vec![0x5a_u8; 64 * 1024]).expect("garbage kernel");
+
+    let mut huge = guest_config("huge", "");
+    huge.memory_mib = 1024 * 1024; // 1 TiB
+    let mut bad_kernel = guest_config("badkernel", "");
+    if let domkit_core::Boot::Kernel { kernel, .. } = &mut bad_kernel.boot {
+        *kernel = garbage.clone();
+    }
+    for config in [huge, bad_kernel] {
+        let name = config.name.clone();
+        let domain = h.define(config).await;
+        let log = EventLog::new(&domain);
+        let err = domain
+            .start(StartOptions::default())
+            .await
+            .expect_err("QEMU cannot launch this");
+        let msg = err.to_string();
+        eprintln!("{name}: {msg}");
+        assert!(matches!(err, Error::Backend { .. }), "{name}: {msg}");
+        assert!(
+            msg.contains("QEMU said:"),
+            "{name}: no QEMU output in: {msg}"
+        );
+        assert_eq!(domain.state(), DomainState::Shutoff(ShutoffReason::Failed));
+        log.wait_for(
+            EventKind::Stopped(StoppedDetail::Failed),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(log.kinds(), [EventKind::Stopped(StoppedDetail::Failed)]);
+        assert!(domain.pid().is_none());
+    }
+    h.finish().await;
+}
+
+/// Issue 15 (outside run): names of 56-64 characters passed `define()` and every `start()`
+/// failed with `io`; the socket paths are checked against the real runtime root at define.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_too_long_for_the_socket_paths_is_refused_at_define() {
+    let base = tempfile::Builder::new()
+        .prefix("dk")
+        .tempdir_in("/tmp")
+        .expect("temp root");
+    // ~60 bytes of root: a 64-character name cannot fit `<root>/<name>/qmp.sock` (107 max),
+    // a short one can.
+    let root = base.path().join("r".repeat(44));
+    let driver = domkit_qemu::QemuDriver::new(domkit_qemu::QemuDriverOptions::with_runtime_root(
+        root.clone(),
+    ))
+    .expect("driver");
+    let long = "n".repeat(64);
+    match driver.define(guest_config(&long, "")).await {
+        Err(Error::InvalidConfig(e)) => {
+            let msg = e.to_string();
+            eprintln!("{msg}");
+            assert!(msg.contains("Unix socket path"), "{msg}");
+        }
+        other => panic!("want invalid_config, got {:?}", other.map(|_| ())),
+    }
+    driver
+        .define(guest_config("short", ""))
+        .await
+        .expect("a short name fits");
+    driver.close().await.expect("close");
 }
