@@ -139,12 +139,28 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Another manager process holds this driver's root (one manager per root): nothing of
+    /// its domains was touched.
+    #[error("{path} is in use by another domkit manager{}: stop it, or give this one another root", holder_suffix(.holder_pid))]
+    RootInUse {
+        /// The lock file of the root.
+        path: std::path::PathBuf,
+        /// The holder's pid, if it wrote one.
+        holder_pid: Option<u32>,
+    },
     /// A peer spoke the protocol wrongly (malformed bytes, unexpected reply).
     #[error("protocol error: {message}")]
     Protocol {
         /// What was wrong.
         message: String,
     },
+}
+
+fn holder_suffix(pid: &Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!(" (pid {pid})"),
+        None => String::new(),
+    }
 }
 
 fn hint_suffix(hint: &str) -> String {

@@ -90,6 +90,8 @@ pub struct QemuDriver {
 #[derive(Debug)]
 struct DriverShared {
     options: Arc<QemuDriverOptions>,
+    /// One manager per runtime root, for the driver's life.
+    _root_lock: crate::rootlock::RootLock,
     domains: Mutex<BTreeMap<String, QemuDomain>>,
     events: broadcast::Sender<DomainEvent>,
 }
@@ -128,9 +130,13 @@ impl QemuDriver {
                     e,
                 )
             })?;
+        // Before anything under the root is touched (a second manager would delete the
+        // first one's live sockets).
+        let root_lock = crate::rootlock::RootLock::acquire(&options.runtime_root)?;
         let (events, _) = broadcast::channel(DRIVER_EVENT_BUFFER);
         Ok(QemuDriver {
             shared: Arc::new(DriverShared {
+                _root_lock: root_lock,
                 options: Arc::new(options),
                 domains: Mutex::new(BTreeMap::new()),
                 events,

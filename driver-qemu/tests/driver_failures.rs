@@ -292,3 +292,43 @@ async fn a_name_too_long_for_the_socket_paths_is_refused_at_define() {
         .expect("a short name fits");
     driver.close().await.expect("close");
 }
+
+/// Issue 15 (outside run): a second driver on the same runtime root deleted the first one's
+/// live agent socket and, on undefine, its whole directory. One manager per root now: the
+/// second gets `root_in_use` naming the holder and touches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_driver_on_the_same_root_is_refused_and_touches_nothing() {
+    let h = Harness::new();
+    let domain = h.define(guest_config("first", "")).await;
+    domain
+        .start(StartOptions { paused: true })
+        .await
+        .expect("start paused");
+    h.track(&domain);
+    let dir = domain.runtime_dir().to_owned();
+    let before: Vec<_> = std::fs::read_dir(&dir)
+        .expect("runtime dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    match domkit_qemu::QemuDriver::new(domkit_qemu::QemuDriverOptions::with_runtime_root(
+        h.runtime_root(),
+    )) {
+        Err(Error::RootInUse { holder_pid, .. }) => {
+            assert_eq!(holder_pid, Some(std::process::id()))
+        }
+        Err(e) => panic!("want root_in_use, got {e}"),
+        Ok(_) => panic!("a second driver opened the same root"),
+    }
+    let after: Vec<_> = std::fs::read_dir(&dir)
+        .expect("runtime dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        before, after,
+        "the refused driver touched the first one's files"
+    );
+    assert!(domain.state().is_active());
+    h.finish().await;
+}

@@ -156,8 +156,14 @@ impl Harness {
             }
         }
         let root = self.runtime_root();
+        // The root's lock file is the root's, not a domain's: it stays with the root.
         let left: Vec<PathBuf> = std::fs::read_dir(&root)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| !p.ends_with("lock"))
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(
             left.is_empty(),
