@@ -1,28 +1,54 @@
-//! domkit's libxl save file: a small header, then libxl's own save stream.
+//! domkit's libxl save file: a small header, a digest of the stream, then libxl's own save
+//! stream.
 //!
-//! Layout: `DOMKIT-LIBXL-SAVE\n` (18 bytes of magic), a little-endian `u32` length, that many
-//! bytes of JSON ([`SaveHeader`]), then the stream `libxl_domain_suspend` writes. libxl and its
-//! save helper write and read the fd sequentially from its current offset (no `lseek`,
-//! checked on the real host by `t11_save_restore_keeps_identity`), so the stream simply
-//! follows the header and a restore hands libxl the fd positioned right after it.
+//! Layout (format 2):
+//! - `DOMKIT-LIBXL-SAVE\n` (18 bytes of magic), a little-endian `u32` length, that many bytes
+//!   of JSON ([`SaveHeader`]);
+//! - the digest block ([`DIGEST_BLOCK_LEN`] bytes): `SHA256\0\0`, the stream's length as a
+//!   little-endian `u64`, and the SHA-256 of the stream (32 bytes);
+//! - the stream `libxl_domain_suspend` writes, up to the end of the file.
+//!
+//! libxl and its save helper write and read the fd sequentially from its current offset (no
+//! `lseek`, checked on the real host by `t11_save_restore_keeps_identity`), so the stream
+//! simply follows the digest block, and a restore hands libxl the fd positioned at the
+//! stream. The digest block is written as zeros before the stream and filled in once libxl
+//! is done ([`SaveTarget::seal`]), so the stream ends the file.
+//!
+//! **Why a digest.** libxl 4.17 trusts its input: a valid stream header followed by random
+//! bytes made `libxl_domain_create_restore` crash the whole process (SIGSEGV in the restore
+//! thread, or libxl's "FATAL ERROR: memory allocation failure" and `exit(255)`), and a file
+//! holding only the 16-byte stream header blocked it for 10.6 s. [`open`] therefore reads the
+//! whole stream and checks its length and SHA-256 *before* libxl reads a byte: a truncated,
+//! damaged or foreign file is refused at once ([`SaveFileError::Format`]). The digest is not
+//! keyed: it detects damage and truncation, not a file crafted on purpose with a matching
+//! digest (that needs a keyed MAC or a restore isolated in a child process).
 //!
 //! Writing is crash- and failure-safe: [`SaveTarget::create`] makes the temporary file in the
 //! destination's directory first (an unwritable directory fails before the domain is
-//! touched); [`SaveTarget::persist`] fsyncs and renames it over the destination; dropping a
-//! `SaveTarget` removes the temporary file, so a failed save leaves any older file alone.
+//! touched); [`SaveTarget::seal`] writes the digest and fsyncs, [`SaveTarget::commit`] renames
+//! it over the destination; dropping a `SaveTarget` removes the temporary file, so a failed
+//! save leaves any older file alone.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The magic at offset 0.
 pub const MAGIC: &[u8; 18] = b"DOMKIT-LIBXL-SAVE\n";
-/// The header format written by this version.
-pub const FORMAT: u32 = 1;
+/// The header format written by this version (2: with the stream digest).
+pub const FORMAT: u32 = 2;
 /// The largest header JSON accepted when reading (a corrupt length must not allocate GiBs).
 pub const MAX_HEADER_LEN: u32 = 1 << 20;
+/// The tag the digest block starts with.
+pub const DIGEST_TAG: &[u8; 8] = b"SHA256\0\0";
+/// The digest block's length: tag, stream length (`u64` LE), SHA-256.
+pub const DIGEST_BLOCK_LEN: usize = 8 + 8 + 32;
+/// How much of the stream is read at a time when hashing it.
+const CHUNK: usize = 1 << 20;
 
 /// The JSON header of a save file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +81,7 @@ pub enum SaveFileError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not a domkit libxl save file (or is damaged).
+    /// The file is not a domkit libxl save file of this format, or is truncated or damaged.
     #[error("{path}: {problem}")]
     Format {
         /// The file.
@@ -70,6 +96,8 @@ pub enum SaveFileError {
 pub struct SaveTarget {
     tmp: tempfile::NamedTempFile,
     dest: PathBuf,
+    /// Where the digest block is (right after the JSON header); set by `write_header`.
+    digest_at: Option<u64>,
 }
 
 impl SaveTarget {
@@ -107,27 +135,33 @@ impl SaveTarget {
         Ok(SaveTarget {
             tmp,
             dest: dest.to_path_buf(),
+            digest_at: None,
         })
     }
 
-    /// Write the header; the file offset is then where libxl's stream starts.
+    /// Write the header and an empty digest block; the file offset is then where libxl's
+    /// stream starts.
     pub fn write_header(&mut self, header: &SaveHeader) -> Result<(), SaveFileError> {
         let path = self.tmp.path().to_path_buf();
         let json = serde_json::to_vec(header).map_err(|e| SaveFileError::Format {
             path: path.clone(),
             problem: format!("cannot encode the header: {e}"),
         })?;
-        let mut buf = Vec::with_capacity(MAGIC.len() + 4 + json.len());
+        let mut buf = Vec::with_capacity(MAGIC.len() + 4 + json.len() + DIGEST_BLOCK_LEN);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
         buf.extend_from_slice(&json);
+        let digest_at = buf.len() as u64;
+        buf.extend_from_slice(&[0u8; DIGEST_BLOCK_LEN]);
         self.tmp
             .as_file_mut()
             .write_all(&buf)
             .map_err(|source| SaveFileError::Io {
                 context: format!("writing the save header to {}", path.display()),
                 source,
-            })
+            })?;
+        self.digest_at = Some(digest_at);
+        Ok(())
     }
 
     /// The fd libxl writes its stream to.
@@ -140,70 +174,156 @@ impl SaveTarget {
         self.tmp.path()
     }
 
-    /// fsync the file, rename it over the destination, fsync the directory.
-    pub fn persist(self) -> Result<(), SaveFileError> {
-        let dest = self.dest.clone();
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|source| SaveFileError::Io {
-                context: format!("flushing the save file for {}", dest.display()),
-                source,
+    /// The destination path.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Once libxl wrote its stream: hash it (from the end of the digest block to the end of
+    /// the file), fill in the digest block, and fsync the file.
+    pub fn seal(&mut self) -> Result<(), SaveFileError> {
+        let path = self.tmp.path().to_path_buf();
+        let io = |what: &str| {
+            let context = format!("{what} {}", path.display());
+            move |source| SaveFileError::Io { context, source }
+        };
+        let digest_at = self.digest_at.ok_or_else(|| SaveFileError::Format {
+            path: path.clone(),
+            problem: "seal before write_header".into(),
+        })?;
+        let start = digest_at + DIGEST_BLOCK_LEN as u64;
+        let file = self.tmp.as_file();
+        let size = file.metadata().map_err(io("reading the size of"))?.len();
+        let len = size
+            .checked_sub(start)
+            .ok_or_else(|| SaveFileError::Format {
+                path: path.clone(),
+                problem: "the file is shorter than its header".into(),
             })?;
+        let sum = hash_range(file, start, len).map_err(io("reading back the stream of"))?;
+        file.write_all_at(&digest_block(len, &sum), digest_at)
+            .map_err(io("writing the stream digest to"))?;
+        file.sync_all().map_err(io("flushing"))
+    }
+
+    /// Rename the (sealed) file over the destination. Fast (no fsync): the caller fsyncs the
+    /// directory afterwards with [`sync_dir`].
+    pub fn commit(self) -> Result<PathBuf, SaveFileError> {
+        let dest = self.dest.clone();
         self.tmp.persist(&dest).map_err(|e| SaveFileError::Io {
             context: format!("renaming the save file to {}", dest.display()),
             source: e.error,
         })?;
-        if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        Ok(dest)
+    }
+
+    /// Seal, commit and fsync the directory (a save file outside a domain's save).
+    pub fn persist(mut self) -> Result<(), SaveFileError> {
+        self.seal()?;
+        let dest = self.commit()?;
+        sync_dir(&dest);
         Ok(())
     }
 }
 
-/// Open a save file and read its header; the returned file is positioned at libxl's stream.
+/// fsync the directory holding `file` (after a rename into it); best effort.
+pub fn sync_dir(file: &Path) {
+    if let Some(dir) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+fn digest_block(len: u64, sum: &[u8; 32]) -> [u8; DIGEST_BLOCK_LEN] {
+    let mut b = [0u8; DIGEST_BLOCK_LEN];
+    b[..8].copy_from_slice(DIGEST_TAG);
+    b[8..16].copy_from_slice(&len.to_le_bytes());
+    b[16..].copy_from_slice(sum);
+    b
+}
+
+/// SHA-256 of `len` bytes of `f` from `start` (positional reads: the offset is not moved).
+/// Fails with `UnexpectedEof` if the file ends first.
+pub fn hash_range(f: &File, start: u64, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK.min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = f.read_at(&mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+/// Open a save file, read its header, and verify its stream (length and SHA-256) before
+/// anyone reads the stream: the returned file is positioned at libxl's stream. Every
+/// problem with the bytes is [`SaveFileError::Format`]; [`SaveFileError::Io`] only for
+/// errors of the file system (e.g. the file does not exist).
 pub fn open(path: &Path) -> Result<(File, SaveHeader), SaveFileError> {
     let mut f = File::open(path).map_err(|source| SaveFileError::Io {
         context: format!("opening save file {}", path.display()),
         source,
     })?;
     let header = read_header(&mut f, path)?;
-    check_stream_start(&mut f, path)?;
+    verify_stream(&mut f, path)?;
     Ok((f, header))
+}
+
+/// With `f` positioned right after the JSON header: read the digest block, check the
+/// stream's length and digest and its libxl header, and leave `f` at the stream's start.
+pub fn verify_stream(f: &mut File, path: &Path) -> Result<(), SaveFileError> {
+    let bad = |problem: String| SaveFileError::Format {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let io = |what: &'static str| {
+        let context = format!("{what} {}", path.display());
+        move |source| SaveFileError::Io { context, source }
+    };
+    let mut block = [0u8; DIGEST_BLOCK_LEN];
+    read_exact(f, &mut block, path, "the stream digest")?;
+    if &block[..8] != DIGEST_TAG {
+        return Err(bad("no stream digest after the header: damaged file".into()));
+    }
+    let len = u64::from_le_bytes(block[8..16].try_into().expect("8 bytes"));
+    let want: [u8; 32] = block[16..].try_into().expect("32 bytes");
+    let start = f.stream_position().map_err(io("reading"))?;
+    let size = f.metadata().map_err(io("reading the size of"))?.len();
+    let have = size - start.min(size);
+    if have < len {
+        return Err(bad(format!(
+            "truncated: the libxl stream has {have} of its {len} bytes"
+        )));
+    }
+    if have > len {
+        return Err(bad(format!(
+            "{} bytes follow the {len}-byte libxl stream: damaged file",
+            have - len
+        )));
+    }
+    let mut first = [0u8; 16];
+    let n = f.read_at(&mut first, start).map_err(io("reading"))?;
+    check_stream_header(&first[..n.min(len as usize)]).map_err(bad)?;
+    let sum = hash_range(f, start, len).map_err(io("reading the stream of"))?;
+    if sum != want {
+        return Err(bad(
+            "the libxl stream does not match its SHA-256 digest: the file is damaged".into(),
+        ));
+    }
+    f.seek(SeekFrom::Start(start)).map_err(io("seeking in"))?;
+    Ok(())
 }
 
 /// The ident a libxl migration v2 stream starts with (`RESTORE_STREAM_IDENT`, big-endian).
 pub const LIBXL_STREAM_IDENT: &[u8; 8] = b"LibxlFmt";
 /// The libxl stream version written by Xen 4.17 (`RESTORE_STREAM_VERSION`).
 pub const LIBXL_STREAM_VERSION: u32 = 2;
-
-/// Check that libxl's stream header follows at the file's current offset (without moving it):
-/// `LibxlFmt`, version 2. libxl 4.17 crashed the process (SIGSEGV, seen on the test host) when
-/// handed a stream with a bad header, so a damaged file is refused before libxl sees it.
-pub fn check_stream_start(f: &mut File, path: &Path) -> Result<(), SaveFileError> {
-    use std::io::Seek;
-    use std::os::unix::fs::FileExt;
-    let io = |source| SaveFileError::Io {
-        context: format!("reading the libxl stream header of {}", path.display()),
-        source,
-    };
-    let pos = f.stream_position().map_err(io)?;
-    let mut hdr = [0u8; 16];
-    let mut got = 0;
-    while got < hdr.len() {
-        let n = f.read_at(&mut hdr[got..], pos + got as u64).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    check_stream_header(&hdr[..got]).map_err(|problem| SaveFileError::Format {
-        path: path.to_path_buf(),
-        problem,
-    })
-}
 
 /// Check the first 16 bytes of a libxl stream (ident, version, options).
 pub fn check_stream_header(hdr: &[u8]) -> Result<(), String> {
@@ -225,7 +345,7 @@ pub fn check_stream_header(hdr: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Read and check the header from `r` (positioned at offset 0).
+/// Read and check the header from `r` (positioned at offset 0); `r` is left right after it.
 pub fn read_header(r: &mut impl Read, path: &Path) -> Result<SaveHeader, SaveFileError> {
     let bad = |problem: String| SaveFileError::Format {
         path: path.to_path_buf(),
@@ -252,6 +372,14 @@ pub fn read_header(r: &mut impl Read, path: &Path) -> Result<SaveHeader, SaveFil
     read_exact(r, &mut json, path, "the header")?;
     let header: SaveHeader =
         serde_json::from_slice(&json).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    if header.format == 1 {
+        return Err(bad(
+            "header format 1 (written before save files carried a stream digest) cannot be \
+             restored by this domkit: its stream cannot be checked before libxl reads it; \
+             restore it with the domkit that wrote it, or boot the domain afresh"
+                .into(),
+        ));
+    }
     if header.format != FORMAT {
         return Err(bad(format!(
             "header format {} is not supported (this domkit reads format {FORMAT})",
@@ -291,7 +419,7 @@ fn read_exact(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Cursor, Seek, SeekFrom};
+    use std::io::Cursor;
 
     fn header() -> SaveHeader {
         SaveHeader {
@@ -305,36 +433,107 @@ mod tests {
         }
     }
 
-    #[test]
-    fn header_roundtrip_leaves_the_offset_at_the_stream() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("x.save");
-        let mut t = SaveTarget::create(&dest).unwrap();
+    const STREAM: &[u8] = b"LibxlFmt\0\0\0\x02\0\0\0\0-STREAM-BODY";
+
+    /// A save file as `save` writes it: header, digest, `stream`.
+    fn write_file(dest: &Path, stream: &[u8]) {
+        let mut t = SaveTarget::create(dest).unwrap();
         t.write_header(&header()).unwrap();
         let mut f = t.tmp.as_file().try_clone().unwrap();
-        f.write_all(b"LibxlFmt\0\0\0\x02\0\0\0\0-STREAM").unwrap();
+        f.write_all(stream).unwrap();
         t.persist().unwrap();
-        let (mut f, h) = open(&dest).unwrap();
-        assert_eq!(h, header());
-        let mut rest = String::new();
-        f.read_to_string(&mut rest).unwrap();
-        assert_eq!(rest.as_bytes(), b"LibxlFmt\0\0\0\x02\0\0\0\0-STREAM");
-        let _ = f.seek(SeekFrom::Start(0));
+    }
+
+    fn format_err(path: &Path) -> String {
+        match open(path) {
+            Err(SaveFileError::Format { problem, .. }) => problem,
+            other => panic!("want a format error, got {other:?}"),
+        }
     }
 
     #[test]
-    fn libxl_stream_header_is_checked() {
-        assert!(check_stream_header(b"LibxlFmt\0\0\0\x02\0\0\0\0").is_ok());
-        assert!(check_stream_header(&[0u8; 16]).is_err());
-        assert!(check_stream_header(b"LibxlFmt\0\0\0\x01\0\0\0\0").is_err());
-        assert!(check_stream_header(b"LibxlFmt").is_err());
+    fn roundtrip_verifies_and_leaves_the_offset_at_the_stream() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.save");
-        let mut t = SaveTarget::create(&dest).unwrap();
+        write_file(&dest, STREAM);
+        let (mut f, h) = open(&dest).unwrap();
+        assert_eq!(h, header());
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, STREAM, "the stream ends the file");
+    }
+
+    #[test]
+    fn a_large_stream_is_hashed_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("big.save");
+        let mut stream = STREAM.to_vec();
+        stream.extend((0..(3 * CHUNK + 17)).map(|i| (i * 7) as u8));
+        write_file(&dest, &stream);
+        assert!(open(&dest).is_ok());
+        // One flipped bit deep inside is found.
+        let mut bytes = std::fs::read(&dest).unwrap();
+        let i = bytes.len() - CHUNK - 5;
+        bytes[i] ^= 0x10;
+        std::fs::write(&dest, &bytes).unwrap();
+        assert!(format_err(&dest).contains("SHA-256"));
+    }
+
+    #[test]
+    fn damaged_truncated_and_extended_streams_are_refused_before_libxl() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.save");
+        write_file(&good, STREAM);
+        let bytes = std::fs::read(&good).unwrap();
+        let stream_at = bytes.len() - STREAM.len();
+        let p = dir.path().join("bad.save");
+        // a valid libxl stream header followed by garbage
+        let mut garbage = bytes.clone();
+        for b in &mut garbage[stream_at + 16..] {
+            *b = 0xa5;
+        }
+        std::fs::write(&p, &garbage).unwrap();
+        assert!(format_err(&p).contains("SHA-256"));
+        // only the 16-byte libxl stream header (the 10.6 s "console tty: timed out" case)
+        std::fs::write(&p, &bytes[..stream_at + 16]).unwrap();
+        assert!(format_err(&p).contains("truncated"));
+        // truncated inside the digest block, and right after the header
+        std::fs::write(&p, &bytes[..stream_at - 10]).unwrap();
+        assert!(format_err(&p).contains("truncated"));
+        // bytes appended
+        std::fs::write(&p, [bytes.as_slice(), b"xx"].concat()).unwrap();
+        assert!(format_err(&p).contains("follow"));
+        // a damaged digest block
+        let mut d = bytes.clone();
+        d[stream_at - DIGEST_BLOCK_LEN] = b'X';
+        std::fs::write(&p, &d).unwrap();
+        assert!(format_err(&p).contains("digest"));
+        // a stream that is not libxl's, with a matching digest
+        let mut t = SaveTarget::create(&p).unwrap();
         t.write_header(&header()).unwrap();
+        t.tmp.as_file().write_all(&[0u8; 64]).unwrap();
         t.persist().unwrap();
-        let e = open(&dest).unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(format_err(&p).contains("LibxlFmt"));
+        // the good file still opens: nothing above touched it
+        assert!(open(&good).is_ok());
+    }
+
+    #[test]
+    fn format_1_files_are_refused_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.save");
+        let mut old = header();
+        old.format = 1;
+        let json = serde_json::to_vec(&old).unwrap();
+        let bytes = [
+            MAGIC.as_slice(),
+            &(json.len() as u32).to_le_bytes(),
+            &json,
+            STREAM,
+        ]
+        .concat();
+        std::fs::write(&p, bytes).unwrap();
+        assert!(format_err(&p).contains("format 1"));
     }
 
     #[test]
@@ -344,6 +543,8 @@ mod tests {
         std::fs::write(&dest, b"old").unwrap();
         let mut t = SaveTarget::create(&dest).unwrap();
         t.write_header(&header()).unwrap();
+        t.tmp.as_file().write_all(STREAM).unwrap();
+        t.seal().unwrap();
         let tmp = t.temp_path().to_path_buf();
         assert!(tmp.exists());
         assert_eq!(tmp.parent(), dest.parent());
@@ -360,10 +561,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = SaveTarget::create(dir.path()).unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");
+        let e = open(&dir.path().join("none.save")).unwrap_err();
+        assert!(matches!(e, SaveFileError::Io { .. }), "{e}");
     }
 
     #[test]
-    fn bad_files_are_format_errors_not_panics() {
+    fn bad_headers_are_format_errors_not_panics() {
         let p = Path::new("f");
         let cases: Vec<Vec<u8>> = vec![
             vec![],
@@ -384,5 +587,13 @@ mod tests {
         let bytes = [MAGIC.as_slice(), &(json.len() as u32).to_le_bytes(), &json].concat();
         let e = read_header(&mut Cursor::new(bytes), p).unwrap_err();
         assert!(e.to_string().contains("qemu"), "{e}");
+    }
+
+    #[test]
+    fn libxl_stream_header_is_checked() {
+        assert!(check_stream_header(b"LibxlFmt\0\0\0\x02\0\0\0\0").is_ok());
+        assert!(check_stream_header(&[0u8; 16]).is_err());
+        assert!(check_stream_header(b"LibxlFmt\0\0\0\x01\0\0\0\0").is_err());
+        assert!(check_stream_header(b"LibxlFmt").is_err());
     }
 }
