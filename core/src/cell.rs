@@ -81,12 +81,25 @@ impl Stream for EventStream {
 /// events and state, never across an await. Publishing under the lock is what orders events:
 /// two observers at once (an event task and an operation) cannot deliver seq N+1 before N,
 /// and the state watch is never older than the last event delivered (§5).
-#[derive(Debug)]
 pub struct LifecycleCell {
     inner: Mutex<Lifecycle>,
     events: broadcast::Sender<DomainEvent>,
     driver_events: Option<broadcast::Sender<DomainEvent>>,
     state_tx: watch::Sender<DomainState>,
+    persist: Option<PersistHook>,
+}
+
+/// Called under the cell's lock after every step that produced events, before they are
+/// published (a persistent driver records `seq` and state there, §11).
+pub type PersistHook = Box<dyn Fn(&Lifecycle) + Send + Sync>;
+
+impl std::fmt::Debug for LifecycleCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LifecycleCell")
+            .field("inner", &self.inner)
+            .field("persist", &self.persist.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl LifecycleCell {
@@ -102,6 +115,26 @@ impl LifecycleCell {
             events,
             driver_events,
             state_tx,
+            persist: None,
+        }
+    }
+
+    /// As [`LifecycleCell::new`], with `persist` called before each publication.
+    pub fn with_persist(
+        lifecycle: Lifecycle,
+        driver_events: Option<broadcast::Sender<DomainEvent>>,
+        persist: PersistHook,
+    ) -> Self {
+        let mut cell = LifecycleCell::new(lifecycle, driver_events);
+        cell.persist = Some(persist);
+        cell
+    }
+
+    /// Run the persist hook now (an operation recorded something of its own, e.g. a save
+    /// in flight).
+    pub fn persist_now(&self) {
+        if let Some(persist) = &self.persist {
+            persist(&self.lock());
         }
     }
 
@@ -133,8 +166,27 @@ impl LifecycleCell {
 
     /// Apply an observation now, publish its events, and return the policy action.
     pub fn observe(&self, obs: Observation) -> Option<PolicyAction> {
+        self.observe_as(obs, false)
+    }
+
+    /// As [`LifecycleCell::observe`], for a fact a new manager found on reattach (its
+    /// events are marked `reconciled`, §11.3).
+    pub fn observe_reconciled(&self, obs: Observation) -> Option<PolicyAction> {
+        self.observe_as(obs, true)
+    }
+
+    fn observe_as(&self, obs: Observation, reconciled: bool) -> Option<PolicyAction> {
         let mut lc = self.lock();
-        let outcome = lc.observe(obs, SystemTime::now());
+        let outcome = if reconciled {
+            lc.observe_reconciled(obs, SystemTime::now())
+        } else {
+            lc.observe(obs, SystemTime::now())
+        };
+        if !outcome.events.is_empty() {
+            if let Some(persist) = &self.persist {
+                persist(&lc);
+            }
+        }
         // Under the lock: see the type's docs.
         self.state_tx.send_replace(lc.state());
         for ev in outcome.events {
@@ -148,6 +200,9 @@ impl LifecycleCell {
     pub fn emit(&self, make: impl FnOnce(&mut Lifecycle, SystemTime) -> DomainEvent) {
         let mut lc = self.lock();
         let ev = make(&mut lc, SystemTime::now());
+        if let Some(persist) = &self.persist {
+            persist(&lc);
+        }
         self.send(ev);
     }
 

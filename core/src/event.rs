@@ -56,13 +56,17 @@ pub struct DomainEvent {
     /// The domain it is about.
     pub domain: DomainId,
     /// Per-domain sequence number, starting at 1, +1 per event, never reused for that domain
-    /// within one driver instance.
+    /// (a persistent driver continues it across managers, §11).
     pub seq: u64,
     /// Wall-clock time the event was produced, in microseconds since the Unix epoch.
     pub timestamp_us: u64,
     /// What happened.
     #[serde(flatten)]
     pub kind: EventKind,
+    /// True for an event a new manager derived on reattach, for something that happened
+    /// while no manager was attached (§11.3): its timestamp is when it was found out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
 }
 
 impl DomainEvent {

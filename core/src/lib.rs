@@ -8,7 +8,9 @@
 //!   [`Observation`]s and [`Intent`]s (pure), and [`LifecycleCell`] (its shared runtime form);
 //! - [`DomainConfig`] with lifecycle policies and validation;
 //! - the [`Driver`] / [`Domain`] traits and their option types;
-//! - [`Error`].
+//! - [`Error`];
+//! - [`store`]: the crash-safe store of a persistent driver (private directories, atomic
+//!   writes, per-domain definition and status records).
 //!
 //! The normative description is `docs/semantics.md`; tests cite its sections.
 
@@ -20,6 +22,7 @@ pub mod error;
 pub mod event;
 pub mod lifecycle;
 pub mod state;
+pub mod store;
 pub mod traits;
 
 pub use cell::{EventStream, IntentGuard, LifecycleCell};

@@ -187,6 +187,8 @@ pub struct Lifecycle {
     /// Set while a policy restart is carried out; the reason the restarted domain runs with.
     restarting: Option<RunningReason>,
     seq: u64,
+    /// Events produced now are reconciled on reattach (§11.3).
+    reconciling: bool,
 }
 
 impl Lifecycle {
@@ -202,7 +204,32 @@ impl Lifecycle {
             pending_end: None,
             restarting: None,
             seq: 0,
+            reconciling: false,
         }
+    }
+
+    /// A domain a new manager takes over (§11): it continues after `seq` from `state`, the
+    /// last state the previous manager recorded; what happened since is then reported by
+    /// [`Lifecycle::observe_reconciled`].
+    pub fn resume_from(
+        id: DomainId,
+        policies: LifecyclePolicies,
+        seq: u64,
+        state: DomainState,
+    ) -> Self {
+        let mut lc = Lifecycle::new(id, policies);
+        lc.seq = seq;
+        lc.state = state;
+        lc
+    }
+
+    /// As [`Lifecycle::observe`], for a fact found on reattach: its events are marked
+    /// `reconciled`.
+    pub fn observe_reconciled(&mut self, obs: Observation, at: SystemTime) -> Outcome {
+        self.reconciling = true;
+        let outcome = self.observe(obs, at);
+        self.reconciling = false;
+        outcome
     }
 
     /// The domain's identity.
@@ -288,6 +315,7 @@ impl Lifecycle {
             seq: self.seq,
             timestamp_us: unix_micros(at),
             kind,
+            reconciled: self.reconciling,
         }
     }
 

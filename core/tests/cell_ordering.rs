@@ -122,7 +122,10 @@ async fn snapshot_then_stream_has_no_gap_and_no_duplicate() {
         let mut expect = seq + 1;
         while expect <= last {
             let ev = events.next().await.expect("event");
-            assert_eq!(ev.seq, expect, "gap or duplicate after the snapshot at {seq}");
+            assert_eq!(
+                ev.seq, expect,
+                "gap or duplicate after the snapshot at {seq}"
+            );
             expect += 1;
         }
     }

@@ -151,6 +151,7 @@ fn s2_events_round_trip_and_have_stable_names() {
             seq: i as u64 + 1,
             timestamp_us: 1_700_000_000_000_000,
             kind,
+            reconciled: i % 2 == 0,
         };
         let json = serde_json::to_string(&ev).unwrap();
         assert_eq!(serde_json::from_str::<DomainEvent>(&json).unwrap(), ev);
@@ -163,6 +164,7 @@ fn s2_events_round_trip_and_have_stable_names() {
         seq: 3,
         timestamp_us: 5,
         kind: E::Stopped(StoppedDetail::Saved),
+        reconciled: false,
     };
     let v = serde_json::to_value(&ev).unwrap();
     assert_eq!(v["event"], "stopped");
