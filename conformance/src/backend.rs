@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use domkit_core::{Boot, DomainConfig, Driver, LifecyclePolicies, ShutoffReason};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Something the guest does by itself (not through the host API).
@@ -26,6 +26,8 @@ pub struct GuestOptions {
     /// The guest ignores graceful shutdown requests (kernel cmdline
     /// `domkit.ignore_shutdown=1`).
     pub ignore_shutdown: bool,
+    /// Leave out the guest agent channel (on backends whose test guest has one).
+    pub no_agent: bool,
 }
 
 impl GuestOptions {
@@ -107,4 +109,34 @@ pub trait TestBackend: Send + Sync + 'static {
     fn unwritable_path(&self) -> std::path::PathBuf {
         std::path::PathBuf::from("/proc/domkit-unwritable/save.img")
     }
+
+    /// Whether a backend domain (QEMU process, Xen domain) of the domain named `name` exists
+    /// on the host, asked of the host itself, not of the driver (leak checks, and whether
+    /// `state()` tells the truth). A domain being torn down may still count for a moment.
+    async fn backend_domain_exists(&self, name: &str) -> Result<bool, String>;
+
+    /// Whether the vCPUs of the running backend domain run (QEMU `query-status`, Xen
+    /// `libxl_domain_info`): checked against `state()` (running vs paused).
+    async fn backend_vcpus_running(
+        &self,
+        domain: &<Self::Driver as Driver>::Domain,
+    ) -> Result<bool, String>;
+
+    /// The offset in a save file written by this backend at which the bytes become opaque
+    /// stream data: after domkit's header and the backend stream's own header (QEMU: the
+    /// `QEVM` magic and version; libxl: the 16-byte `LibxlFmt` header). Used to build "a valid
+    /// header followed by garbage".
+    fn save_stream_start(&self, path: &Path) -> Result<u64, String>;
+
+    /// A config named `name` that this backend fails to launch (a kernel file of garbage),
+    /// and substrings of the backend's own reason, at least one of which the error of
+    /// `start()` must contain (`docs/semantics.md` §6.1).
+    fn launch_failure_config(
+        &self,
+        name: &str,
+    ) -> Result<(DomainConfig, &'static [&'static str]), String>;
+
+    /// Whether `pm_suspend(memory)` goes through the guest agent on this backend (QEMU: yes;
+    /// Xen: no, it is a PV suspend), i.e. whether it must be `unsupported` without one.
+    fn pm_suspend_uses_agent(&self) -> bool;
 }

@@ -7,9 +7,9 @@
 
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{DomainConfig, ShutoffReason, XenGuestType};
+use domkit_core::{Boot, DomainConfig, ShutoffReason, XenGuestType};
 use domkit_libxl::{LibxlDomain, LibxlDriver};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn env_path(var: &str, default: &str) -> PathBuf {
@@ -164,5 +164,54 @@ impl TestBackend for LibxlTestBackend {
 
     fn scratch_dir(&self) -> PathBuf {
         self.scratch.path().to_path_buf()
+    }
+
+    async fn backend_domain_exists(&self, name: &str) -> Result<bool, String> {
+        let ctx = self.driver.context().clone();
+        let domains = tokio::task::spawn_blocking(move || ctx.list_domains())
+            .await
+            .map_err(|e| format!("libxl_list_domain: {e}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(domains.iter().any(|d| d.name.as_deref() == Some(name)))
+    }
+
+    async fn backend_vcpus_running(&self, domain: &LibxlDomain) -> Result<bool, String> {
+        let domid = Self::domid(domain)?;
+        let ctx = self.driver.context().clone();
+        let info = tokio::task::spawn_blocking(move || ctx.domain_info(domid))
+            .await
+            .map_err(|e| format!("libxl_domain_info: {e}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(!info.paused && !info.shutdown && !info.dying)
+    }
+
+    fn save_stream_start(&self, path: &Path) -> Result<u64, String> {
+        use std::io::Seek;
+        let (mut file, _) = domkit_libxl::savefile::open(path).map_err(|e| e.to_string())?;
+        let at = file
+            .stream_position()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // libxl's stream header: ident `LibxlFmt`, version, options (16 bytes).
+        Ok(at + 16)
+    }
+
+    fn launch_failure_config(
+        &self,
+        name: &str,
+    ) -> Result<(DomainConfig, &'static [&'static str]), String> {
+        let garbage = self.scratch.path().join("garbage-kernel");
+        std::fs::write(&garbage, b"this is not a kernel\n".repeat(4096))
+            .map_err(|e| format!("writing {}: {e}", garbage.display()))?;
+        let mut config = self.guest_config(name, GuestOptions::default());
+        if let Boot::Kernel { kernel, .. } = &mut config.boot {
+            *kernel = garbage;
+        }
+        // libxenguest 4.17 (`xc_dom_find_loader` via xc_dom_panic, then libxl's
+        // libxl__build_dom), as logged to libxl's logger.
+        Ok((config, &["no loader found", "xc_dom_parse_image failed"]))
+    }
+
+    fn pm_suspend_uses_agent(&self) -> bool {
+        false
     }
 }

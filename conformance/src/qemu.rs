@@ -3,7 +3,7 @@
 
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{Accel, Channel, ChannelKind, DomainConfig, ShutoffReason};
+use domkit_core::{Accel, Boot, Channel, ChannelKind, DomainConfig, ShutoffReason};
 use domkit_qemu::agent::codec::GuestExecRequest;
 use domkit_qemu::{QemuDomain, QemuDriver, QemuDriverOptions};
 use std::path::{Path, PathBuf};
@@ -19,14 +19,17 @@ pub fn guest_dir() -> PathBuf {
         })
 }
 
-/// The test guest's config (`name`, 128 MiB, 1 vCPU, serial console, guest agent, TCG).
+/// The test guest's config (`name`, 128 MiB, 1 vCPU, serial console, guest agent unless
+/// `options.no_agent`, TCG).
 pub fn test_guest_config(dir: &Path, name: &str, options: GuestOptions) -> DomainConfig {
     let mut config =
         options.guest_config(name, dir.join("vmlinuz"), dir.join("initrd.img"), "ttyS0");
-    config.channels.push(Channel {
-        kind: ChannelKind::GuestAgent,
-        name: None,
-    });
+    if !options.no_agent {
+        config.channels.push(Channel {
+            kind: ChannelKind::GuestAgent,
+            name: None,
+        });
+    }
     config.qemu.accel = Accel::Tcg;
     config.qemu.pvpanic = true;
     config
@@ -172,4 +175,94 @@ impl TestBackend for QemuTestBackend {
     fn scratch_dir(&self) -> PathBuf {
         self.scratch.path().to_path_buf()
     }
+
+    async fn backend_domain_exists(&self, name: &str) -> Result<bool, String> {
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || !qemu_processes_named(&name).is_empty())
+            .await
+            .map_err(|e| format!("scanning /proc: {e}"))
+    }
+
+    async fn backend_vcpus_running(&self, domain: &QemuDomain) -> Result<bool, String> {
+        let qmp = domain.qmp().ok_or("the domain has no qemu process")?;
+        let status = qmp
+            .query_status()
+            .await
+            .map_err(|e| format!("query-status: {e}"))?;
+        Ok(status.running)
+    }
+
+    fn save_stream_start(&self, path: &Path) -> Result<u64, String> {
+        let bytes = read_prefix(path, domkit_qemu::savefile::MAX_HEADER_LEN + 64)?;
+        let (_, len) = domkit_qemu::savefile::parse_header(&bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // QEMU's stream: the magic `QEVM` and a 4-byte version, then sections.
+        if bytes.get(len..len + 4) != Some(b"QEVM".as_slice()) {
+            return Err(format!(
+                "{}: no QEVM stream after the domkit header",
+                path.display()
+            ));
+        }
+        Ok(len as u64 + 8)
+    }
+
+    fn launch_failure_config(
+        &self,
+        name: &str,
+    ) -> Result<(DomainConfig, &'static [&'static str]), String> {
+        let garbage = self.scratch.path().join("garbage-kernel");
+        std::fs::write(&garbage, b"this is not a kernel\n".repeat(4096))
+            .map_err(|e| format!("writing {}: {e}", garbage.display()))?;
+        let mut config = test_guest_config(&self.guest, name, GuestOptions::default());
+        if let Boot::Kernel { kernel, .. } = &mut config.boot {
+            *kernel = garbage;
+        }
+        // What QEMU 7.2's x86 loader prints (checked by hand): with an initrd (the test
+        // guest has one) a file without the `HdrS` magic is taken for an ancient kernel.
+        Ok((
+            config,
+            &[
+                "linux kernel too old to load a ram disk",
+                "invalid kernel header",
+            ],
+        ))
+    }
+
+    fn pm_suspend_uses_agent(&self) -> bool {
+        true
+    }
+}
+
+/// The first `limit` bytes of `path` (fewer if it is shorter).
+fn read_prefix(path: &Path, limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(bytes)
+}
+
+/// The pids of the QEMU processes whose `-name` is `guest=<name>,...` (the driver's argv),
+/// from `/proc` (a reaped or zombie process has no cmdline and does not count).
+fn qemu_processes_named(name: &str) -> Vec<u32> {
+    let want = format!("guest={name},");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.first()
+                .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu-system"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-name" && w[1].starts_with(want.as_bytes()))
+        })
+        .collect()
 }

@@ -3,7 +3,8 @@
 
 use crate::backend::{GuestOptions, TestBackend};
 use domkit_core::{
-    Domain, DomainEvent, DomainState, Driver, Error, EventKind, EventStream, Operation,
+    Domain, DomainConfig, DomainEvent, DomainState, Driver, Error, EventKind, EventStream,
+    Operation,
 };
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -124,14 +125,40 @@ impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
         suffix: &str,
         options: GuestOptions,
     ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
+        self.define_config(suffix, |name| Ok(self.backend.guest_config(name, options)))
+            .await
+    }
+
+    /// As [`ScenarioCtx::define`], with the config `make` builds for the domain's name.
+    pub async fn define_config(
+        &self,
+        suffix: &str,
+        make: impl FnOnce(&str) -> Result<DomainConfig, String>,
+    ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
         let name = format!("{}-{suffix}", self.prefix);
-        let config = self.backend.guest_config(&name, options);
+        let config = hook("building the domain's config", make(&name))?;
         let domain = self.driver().define(config).await?;
         self.defined
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(name);
         let watch = EventWatch::new(domain.subscribe());
+        Ok((domain, watch))
+    }
+
+    /// Define and start (running), check `Started(Booted)`, without waiting for the guest
+    /// (for scenarios where what the guest runs does not matter: pause, save, destroy...).
+    pub async fn launch(
+        &self,
+        suffix: &str,
+        options: GuestOptions,
+    ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
+        let (domain, mut watch) = self.define(suffix, options).await?;
+        domain.start(Default::default()).await?;
+        watch
+            .expect(&[EventKind::Started(domkit_core::StartedDetail::Booted)])
+            .await?;
+        expect_state(&domain, |s| s.is_running(), "running after start")?;
         Ok((domain, watch))
     }
 
@@ -155,7 +182,8 @@ impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
         Ok((domain, watch))
     }
 
-    /// Destroy and undefine every domain this scenario defined.
+    /// Destroy and undefine every domain this scenario defined, then check that no backend
+    /// domain of any of them is left on the host (the leak check).
     pub async fn cleanup(&self) -> Vec<String> {
         let names = std::mem::take(&mut *self.defined.lock().unwrap_or_else(|p| p.into_inner()));
         let mut problems = Vec::new();
@@ -172,8 +200,37 @@ impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
                 Err(Error::NotFound { .. }) => {}
                 Err(e) => problems.push(format!("lookup {name}: {e}")),
             }
+            if let Err(e) = expect_no_backend_domain(self.backend, &name).await {
+                problems.push(match e {
+                    Stop::Fail(m) | Stop::Unsupported(m) => m,
+                });
+            }
         }
         problems
+    }
+}
+
+/// How long a backend domain may take to disappear from the host after its domain shut off.
+pub const TEARDOWN: Duration = Duration::from_secs(5);
+
+/// Check that no backend domain named `name` is on the host (waiting up to [`TEARDOWN`] for
+/// one being torn down).
+pub async fn expect_no_backend_domain<B: TestBackend>(backend: &B, name: &str) -> Step {
+    let deadline = std::time::Instant::now() + TEARDOWN;
+    loop {
+        let exists = hook(
+            "looking for the backend domain",
+            backend.backend_domain_exists(name).await,
+        )?;
+        if !exists {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return fail(format!(
+                "a backend domain of {name} is left on the host {TEARDOWN:?} after it shut off"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -209,6 +266,12 @@ pub fn expect_err<T: std::fmt::Debug>(
 /// Check an `InvalidState` error for `op`.
 pub fn is_invalid_state(op: Operation) -> impl Fn(&Error) -> bool {
     move |e| matches!(e, Error::InvalidState { operation, .. } if *operation == op)
+}
+
+/// `[a, b, c]` for event kinds.
+pub fn kinds_list(kinds: &[EventKind]) -> String {
+    let v: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+    format!("[{}]", v.join(", "))
 }
 
 /// Reads a domain's events and checks them exactly: kinds in order, and sequence numbers
@@ -280,6 +343,32 @@ impl EventWatch {
             }
         }
         Ok(())
+    }
+
+    /// Every event until none arrives for `quiet` (at most [`EVENT_TIMEOUT`] in all), with
+    /// contiguous sequence numbers.
+    pub async fn collect_quiet(&mut self, quiet: Duration) -> Step<Vec<EventKind>> {
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        let mut got = Vec::new();
+        while let Some(ev) = self.next(quiet).await {
+            if let Some(last) = self.last_seq {
+                if ev.seq != last + 1 {
+                    return fail(format!(
+                        "event seq jumped from {last} to {} ({} lost or reordered)",
+                        ev.seq, ev.kind
+                    ));
+                }
+            }
+            self.last_seq = Some(ev.seq);
+            got.push(ev.kind);
+            if std::time::Instant::now() >= deadline {
+                return fail(format!(
+                    "events keep coming for {EVENT_TIMEOUT:?}: {}",
+                    kinds_list(&got)
+                ));
+            }
+        }
+        Ok(got)
     }
 
     /// No event may arrive for `quiet`.

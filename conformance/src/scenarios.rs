@@ -14,12 +14,24 @@ use std::time::Duration;
 
 use EventKind as E;
 
+mod faults;
+
 macro_rules! scenario {
     ($name:ident, $about:expr) => {
         Scenario {
             name: stringify!($name),
             about: $about,
             run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+}
+
+macro_rules! fault {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin(faults::$name(ctx)),
         }
     };
 }
@@ -51,6 +63,24 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         scenario!(killed_out_of_band, "backend domain killed out of band -> shutoff + stopped (§4.12, §10)"),
         scenario!(two_domains_isolated, "two domains do not see each other's events (§2)"),
         scenario!(pm_suspend_wakeup, "pm suspend to memory and wakeup (§4.9, §4.10, §6.8)"),
+        // The fault family (issue 15): concurrency, preemption, cancellation, deaths.
+        fault!(storm_pause_resume, "50 concurrent pause/resume callers: final state = last call to complete, events exactly its transitions, seq contiguous (§2.2, §2.4, §6.0, §6.2)"),
+        fault!(destroy_preempts_shutdown, "destroy during shutdown(completed) of a guest that ignores it: prompt, shutdown -> interrupted{by: destroy}, shutoff(destroyed) (§6.0, §6.3)"),
+        fault!(destroy_preempts_save, "destroy during a save: the save won (saved, restorable) or interrupted{by: destroy}, shutoff(destroyed), older file intact, no temp file (§3, §6.0, §6.6)"),
+        fault!(destroy_preempts_reboot, "destroy during a reboot waiting on the guest and during its restart: interrupted{by: destroy}, shutoff(destroyed), nothing left (§4.0a, §6.0, §6.4)"),
+        fault!(cancel_start, "start dropped at 1 ms / 30 ms / once the backend exists: completes in the background, the next operation queues behind it, state truthful (§6.0, §6.1)"),
+        fault!(cancel_save, "save dropped mid-stream and at 1 ms: committed as if awaited (or never ran), no stuck paused(save), no temp file (§6.0, §6.6)"),
+        fault!(cancel_restore, "restore dropped at 1 ms / once the backend exists: completes in the background, next operation queues behind it, file untouched (§6.0, §6.7)"),
+        fault!(cancel_shutdown, "shutdown dropped at once and while waiting: the request goes out, the domain stays operable (§6.0, §6.3)"),
+        fault!(killed_mid_save, "backend killed during a save: typed error or a real save, §10 reason, never saved without the file, older file intact, no temp file (§6.0, §6.6, §10)"),
+        fault!(killed_mid_restore, "backend killed during a restore: typed error, shut off with its event, file untouched, no leftover (§6.0, §6.7, §10)"),
+        fault!(killed_mid_shutdown, "backend killed while shutdown(completed) waits: backend error at once, the §10 reason, not shutdown (§6.0, §6.3, §10)"),
+        fault!(killed_mid_start, "backend killed during a start: typed error or Ok, shut off with its event, no leftover, startable again (§6.0, §6.1, §10)"),
+        fault!(shutdown_paused, "shutdown of a paused, pm_suspended, preserved crashed or preserved powered-off domain: invalid_state, nothing changes (§6.3)"),
+        fault!(restore_corrupt, "truncated, random, damaged, garbage-after-header, header-only and foreign save files: bad_save_file, shutoff(failed) + stopped(failed), file untouched, nothing left (§6.7, §7)"),
+        fault!(shutdown_ignored_then_operable, "after a shutdown the guest ignores times out: pause, resume, save, restore all work (§6.3)"),
+        fault!(launch_failure_reason, "a backend launch failure (garbage kernel): the backend's reason in the error, shutoff(failed) + stopped(failed), every time (§2.3, §6.1)"),
+        fault!(agent_absent, "agent-mode shutdown and agent pm_suspend without an agent channel: unsupported within 1 s, nothing changes (§6.3, §6.8)"),
     ]
 }
 
@@ -65,7 +95,7 @@ fn with_policies(
             on_reboot,
             on_crash,
         },
-        ignore_shutdown: false,
+        ..Default::default()
     }
 }
 
