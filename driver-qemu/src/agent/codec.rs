@@ -100,9 +100,11 @@ impl AgentDecoder {
 
     /// The next complete message, `Ok(None)` if more bytes are needed.
     ///
-    /// A delimiter byte inside a line is removed (a late reply to an earlier sync carries
-    /// one; `0xFF` never occurs in the UTF-8 JSON qemu-ga writes). Bytes that are not JSON
-    /// are an error: the caller should resync.
+    /// A line is cut after its last delimiter byte: qemu-ga writes `0xFF` only in front of a
+    /// `guest-sync-delimited` reply (it never occurs in the UTF-8 JSON qemu-ga writes), so
+    /// whatever precedes it on the line is junk, such as the unterminated start of a reply
+    /// cut short when the agent restarted. (A late reply to an earlier sync starts with one.)
+    /// Bytes that are not JSON are an error: the caller should resync.
     pub fn next_message(&mut self) -> Result<Option<QmpMessage>, DecodeError> {
         loop {
             if self.skipping {
@@ -118,7 +120,9 @@ impl AgentDecoder {
             let Some(mut line) = line else {
                 return Ok(None);
             };
-            line.retain(|&b| b != SYNC_DELIMITER);
+            if let Some(last) = line.iter().rposition(|&b| b == SYNC_DELIMITER) {
+                line.drain(..=last);
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -461,6 +465,45 @@ mod tests {
         );
         let ours: Vec<bool> = msgs.iter().map(|m| is_sync_reply(m, 2)).collect();
         assert_eq!(ours, vec![false, false, true]);
+    }
+
+    /// Fuzz finding (tests/fuzz_codecs.rs, agent_resync): junk without a newline after an
+    /// earlier delimiter (here `J`; in real life the start of a reply cut short when qemu-ga
+    /// restarted) ran into our `0xFF{"return": ID}` line. Only the 0xFF was removed, the line
+    /// `J{"return": ...}` failed to parse, and the resync that followed waited for a delimiter
+    /// that never came: the reply was lost.
+    #[test]
+    fn resync_finds_reply_after_unterminated_junk_following_an_earlier_delimiter() {
+        for (bytes, id) in [
+            (
+                &b"\xffJ\xff{\"return\": 231275785753688}\n"[..],
+                231_275_785_753_688,
+            ),
+            (b"\xff{\"return\": {\"host-na\xff{\"return\": 7}\n", 7),
+        ] {
+            for chunk in [bytes.len(), 1] {
+                let mut dec = AgentDecoder::new();
+                dec.start_resync();
+                let mut found = false;
+                for part in bytes.chunks(chunk) {
+                    dec.push(part);
+                    loop {
+                        match dec.next_message() {
+                            Ok(Some(m)) => found |= is_sync_reply(&m, id),
+                            Ok(None) => break,
+                            Err(_) => dec.start_resync(), // what the client does
+                        }
+                    }
+                }
+                assert!(found, "{}", bytes.escape_ascii());
+            }
+        }
+        // Outside a resync too: what precedes a delimiter on a line is junk, not an error.
+        let msgs = decode_all(&mut AgentDecoder::new(), b"half a rep\xff{\"return\": 5}\n");
+        assert!(
+            matches!(msgs.as_slice(), [m] if is_sync_reply(m, 5)),
+            "{msgs:?}"
+        );
     }
 
     #[test]
