@@ -85,12 +85,18 @@ impl LineFramer {
     /// Takes the next complete line, without its terminator.
     ///
     /// Returns `Ok(None)` when no complete line is buffered yet, and an error when the
-    /// buffered partial line already exceeds the limit.
+    /// buffered partial line already exceeds the limit (a trailing `\r` not counted: it may
+    /// be half of the terminator). After `Ok(None)` at most `max_line + 1` bytes are
+    /// buffered.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
         loop {
             let Some(offset) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
                 self.scanned = self.buf.len();
-                if self.buf.len() - self.start > self.max_line {
+                // A trailing '\r' may be the first half of the terminator: not counted, so
+                // that the outcome does not depend on where the input was cut.
+                let partial = &self.buf[self.start..];
+                let len = partial.len() - usize::from(partial.last() == Some(&b'\r'));
+                if len > self.max_line {
                     return Err(LineTooLong {
                         limit: self.max_line,
                     });
@@ -380,6 +386,32 @@ mod tests {
         framer.push(b"no delimiter here");
         assert!(!framer.discard_through(0xff));
         assert!(framer.buffered().is_empty());
+    }
+
+    /// Fuzz finding (tests/fuzz_codecs.rs, qmp_framer): a line of exactly the limit whose
+    /// `\r` arrived before its `\n` was rejected as too long, but accepted when the `\r\n`
+    /// came in one piece: the result depended on how the bytes were chunked.
+    #[test]
+    fn line_at_the_limit_with_split_crlf_is_accepted() {
+        let line = b"roseconds\":815127,\"seconds\":1795292741}}";
+        assert_eq!(line.len(), 40);
+        let mut framer = LineFramer::new(40);
+        for b in line.iter().chain(b"\r") {
+            framer.push(std::slice::from_ref(b));
+            assert_eq!(framer.next_line(), Ok(None));
+        }
+        framer.push(b"\n");
+        assert_eq!(framer.next_line(), Ok(Some(line.to_vec())));
+
+        // One byte more is too long as soon as it is buffered, with or without a '\r'.
+        let mut framer = LineFramer::new(40);
+        framer.push(line);
+        framer.push(b"x\r");
+        assert_eq!(framer.next_line(), Err(LineTooLong { limit: 40 }));
+        let mut framer = LineFramer::new(40);
+        framer.push(line);
+        framer.push(b"x");
+        assert_eq!(framer.next_line(), Err(LineTooLong { limit: 40 }));
     }
 
     /// Bytes shifted by 512 KiB of bare newlines (what a guest controls on the agent
