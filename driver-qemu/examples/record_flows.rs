@@ -76,7 +76,7 @@ struct Session {
     lines: Lines,
     started: Instant,
     qmp: QmpClient,
-    child: tokio::process::Child,
+    child: process::Proc,
     pid: u32,
     agent: Option<GuestAgent>,
     agent_socket: PathBuf,
@@ -119,6 +119,7 @@ impl Session {
         let paths = process::create_runtime_dir(dir.path(), &config.name)?;
         let argv = build_argv(&config, AccelChoice::Tcg, &paths, incoming)?;
         let options = LaunchOptions {
+            ownership: process::Ownership::Ephemeral,
             connect_timeout: Duration::from_secs(30),
             qmp: QmpClientOptions::default(),
         };
@@ -288,7 +289,7 @@ impl Session {
         let end = self.qmp.closed().await;
         // The event task delivers what was read before the end.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        self.note(json!({"end": end.to_string(), "exit": status.code()}));
+        self.note(json!({"end": end.to_string(), "exit": status.and_then(|s| s.code())}));
         let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut text = String::new();
         for l in &lines {

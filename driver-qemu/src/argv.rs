@@ -8,14 +8,19 @@
 //!   never used: it would turn guest reboots and host resets into shutdowns.
 //! - `-action panic=pause`: a panic stops the guest and keeps it; destroy and restart after a
 //!   crash are domkit's policy actions.
-//! - The monitor is a socket domkit listens on and QEMU connects to (`server=off`), so no
-//!   other process can grab it first; guest agent and channel sockets are QEMU's listening
-//!   sockets in the domain's private runtime directory, connected to on demand.
+//! - The monitor is a listening socket domkit binds in the domain's private runtime directory
+//!   before QEMU starts and hands to it as fd [`MONITOR_FD`] (`fd=3,server=on`, as libvirt
+//!   does): nobody can take it first, and QEMU accepts a new connection after a manager is
+//!   gone, so the next manager can reattach (§11). Guest agent and channel sockets are
+//!   QEMU's listening sockets in the same directory, connected to on demand.
 //! - `-nodefaults -no-user-config -display none`: only the devices the config asks for.
 
 use std::path::{Path, PathBuf};
 
 use domkit_core::{Boot, ChannelKind, ConsoleKind, DiskFormat, DomainConfig, NicBackend};
+
+/// The fd number QEMU inherits its listening monitor socket as.
+pub const MONITOR_FD: i32 = 3;
 
 /// The QEMU binary used when the config names none (looked up in `PATH`).
 pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
@@ -128,10 +133,9 @@ pub fn build_argv(
     push(&["-msg", "timestamp=on"]);
     push(&["-S", "-no-shutdown", "-action", "panic=pause"]);
 
-    let qmp = utf8("QMP socket", &paths.qmp_socket)?;
     push(&[
         "-chardev",
-        &format!("socket,id=mon0,path={},server=off", opt(&qmp)),
+        &format!("socket,id=mon0,fd={MONITOR_FD},server=on,wait=off"),
         "-mon",
         "chardev=mon0,mode=control",
     ]);
@@ -329,10 +333,10 @@ mod tests {
     }
 
     #[test]
-    fn monitor_is_a_client_socket_in_the_runtime_dir() {
+    fn monitor_is_an_inherited_listening_socket() {
         let argv = build_argv(&config(), AccelChoice::Kvm, &paths(), false).expect("argv");
         let chardevs = values(&argv, "-chardev");
-        assert!(chardevs.contains(&"socket,id=mon0,path=/run/domkit/qemu/web1/qmp.sock,server=off"));
+        assert!(chardevs.contains(&"socket,id=mon0,fd=3,server=on,wait=off"));
         assert_eq!(values(&argv, "-mon"), ["chardev=mon0,mode=control"]);
         assert_eq!(values(&argv, "-accel"), ["kvm"]);
     }

@@ -32,13 +32,15 @@ use tokio::time::Instant;
 
 use crate::agent::{AgentError, GuestAgent, GuestAgentOptions, ShutdownMode as AgentShutdownMode};
 use crate::argv::{build_argv, DomainPaths, DEFAULT_BINARY};
-use crate::driver::QemuDriverOptions;
+use crate::driver::{PersistedDomain, QemuDriverOptions};
 use crate::error::{backend, qmp_to_core, timeout, BACKEND};
 use crate::process::{self, LaunchOptions};
 use crate::qmp::types::MigrationStatus;
 use crate::qmp::{EventRecvError, QmpClient, QmpClientOptions, QmpError, QmpEventKind};
+use crate::reattach;
 use crate::savefile::{self, SaveHeader, TempSaveFile, FORMAT_VERSION};
 use crate::supervisor::{self, SupervisedDomain, SupervisorHandle, SupervisorRequest};
+use domkit_core::store::{InFlight, StoredStatus};
 
 /// The fd name a save passes to QEMU with `getfd`.
 const SAVE_FD: &str = "domkit-save";
@@ -64,6 +66,8 @@ struct DomainInner {
     instance: Mutex<Option<Arc<Instance>>>,
     /// Undefined, or its driver dropped: remove the runtime directory when nothing runs.
     forgotten: AtomicBool,
+    /// The durable store, for a persistent driver's domain.
+    persisted: Option<Arc<PersistedDomain>>,
 }
 
 /// One running QEMU process of a domain.
@@ -130,9 +134,11 @@ impl QemuDomain {
         cell: LifecycleCell,
         dir: PathBuf,
         options: Arc<QemuDriverOptions>,
+        persisted: Option<Arc<PersistedDomain>>,
     ) -> Self {
         QemuDomain {
             inner: Arc::new(DomainInner {
+                persisted,
                 id,
                 config,
                 cell,
@@ -358,23 +364,25 @@ impl QemuDomain {
         let accel = crate::accel::resolve(config.qemu.accel, auto_kvm);
         let argv =
             build_argv(config, accel, &paths, incoming).map_err(|e| backend(e.to_string()))?;
-        let launch_options = LaunchOptions {
-            connect_timeout: options.connect_timeout,
-            qmp: QmpClientOptions {
-                command_timeout: options.command_timeout,
-                greeting_timeout: options.connect_timeout,
-                ..QmpClientOptions::default()
-            },
-        };
+        let launch_options = self.launch_options();
         let proc = process::launch(argv, &paths, &launch_options)
             .await
             .map_err(|e| e.into_core(operation, &config.name))?;
+        Ok(self.supervise(proc))
+    }
+
+    /// Start supervising a QEMU process (launched now, or adopted on reattach) and publish
+    /// it as the domain's instance.
+    fn supervise(&self, proc: process::QemuProcess) -> Arc<Instance> {
+        let options = &self.inner.options;
         let qemu = proc.qmp.greeting().version.qemu;
-        let agent_socket = config
+        let agent_socket = self
+            .inner
+            .config
             .channels
             .iter()
             .find(|c| c.kind == domkit_core::ChannelKind::GuestAgent)
-            .map(|c| paths.channel_socket(c.kind, c.port_name()));
+            .map(|c| self.inner.paths.channel_socket(c.kind, c.port_name()));
         // Publish the instance under the slot lock, so a process that dies at once cannot
         // be reported ended before it is known.
         let mut slot = self.inner.instance_slot();
@@ -399,7 +407,130 @@ impl QemuDomain {
             agent: tokio::sync::Mutex::new(None),
         });
         *slot = Some(instance.clone());
-        Ok(instance)
+        instance
+    }
+
+    /// Record the operation in flight in the durable status (persistent drivers, §11.4).
+    fn set_in_flight(&self, in_flight: Option<InFlight>) {
+        if let Some(p) = &self.inner.persisted {
+            p.set_in_flight(in_flight);
+            self.inner.cell.persist_now();
+        }
+    }
+
+    /// Stop supervising and leave the process running (persistent driver detaching).
+    pub(crate) fn detach(&self) {
+        if let Some(instance) = self.inner.instance_slot().take() {
+            let _ = instance.supervisor.requests.send(SupervisorRequest::Detach);
+        }
+    }
+
+    /// Take over this domain after a manager restart (§11.3): from the status the previous
+    /// manager recorded and what is found now (its QEMU alive or not; a save in flight).
+    pub(crate) async fn reattach(&self, status: Option<StoredStatus>) -> Result<()> {
+        let Some(status) = status else {
+            return Ok(()); // defined, never started
+        };
+        let paths = &self.inner.paths;
+        let save = status.in_flight.map(|in_flight| match in_flight {
+            InFlight::Save {
+                target,
+                temp,
+                was_paused,
+                committing,
+            } => reattach::SaveEvidence {
+                target,
+                temp_exists: temp.exists(),
+                temp,
+                was_paused,
+                committing,
+            },
+        });
+        if !status.state.is_active() && save.is_none() {
+            return Ok(());
+        }
+        let alive = process::read_pid_file(paths)
+            .and_then(|(pid, start)| process::AdoptedProcess::open(pid, start).ok());
+        let Some(adopted) = alive else {
+            // Its QEMU ended while no manager was attached.
+            let plan = reattach::plan_gone(save.as_ref());
+            let _committed = plan
+                .committed
+                .then(|| self.inner.cell.intent(Intent::SaveCommitted));
+            if let Some(temp) = &plan.remove_temp {
+                let _ = std::fs::remove_file(temp);
+            }
+            self.inner.cell.observe_reconciled(plan.observation);
+            self.set_in_flight(None);
+            process::remove_sockets(paths);
+            return Ok(());
+        };
+        let proc = process::connect_adopted(adopted, paths, &self.launch_options()).await?;
+        let instance = self.supervise(proc);
+        if let Some(save) = save {
+            self.finish_save_on_reattach(&instance, &save).await;
+        }
+        let _ = instance
+            .supervisor
+            .requests
+            .send(SupervisorRequest::ReconcileOnReattach);
+        Ok(())
+    }
+
+    /// A save was in flight when the previous manager died (§11.4): committed -> end the
+    /// domain as saved; otherwise cancel it, remove its temporary file, and put the domain
+    /// back as it was.
+    async fn finish_save_on_reattach(&self, instance: &Instance, save: &reattach::SaveEvidence) {
+        let operation = Operation::Save;
+        let qmp = &instance.qmp;
+        if reattach::save_committed(save) {
+            let _committed = self.inner.cell.intent(Intent::SaveCommitted);
+            if let Err(e) = self.end_instance(instance, operation).await {
+                tracing::warn!(error = %e, "ending a saved domain on reattach failed");
+            }
+            let _ = self
+                .inner
+                .cell
+                .wait_for(operation, self.command_timeout(), |s| s.is_shutoff())
+                .await;
+        } else {
+            let _save = self.inner.cell.intent(Intent::Save);
+            if let Ok(info) = qmp.query_migrate().await {
+                if info.status.as_ref().is_some_and(|s| !is_final(s)) {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    let mut waited = 0;
+                    while waited < 100 {
+                        match qmp.query_migrate().await {
+                            Ok(i) if i.status.as_ref().is_some_and(|s| !is_final(s)) => {}
+                            _ => break,
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        waited += 1;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&save.temp);
+            if !save.was_paused {
+                if let Err(e) = qmp.cont().await {
+                    tracing::warn!(error = %e, "resuming after an interrupted save failed");
+                }
+                let _ = self.wait_running_or_gone(operation).await;
+            }
+        }
+        self.set_in_flight(None);
+    }
+
+    fn launch_options(&self) -> LaunchOptions {
+        let options = &self.inner.options;
+        LaunchOptions {
+            ownership: options.ownership,
+            connect_timeout: options.connect_timeout,
+            qmp: QmpClientOptions {
+                command_timeout: options.command_timeout,
+                greeting_timeout: options.connect_timeout,
+                ..QmpClientOptions::default()
+            },
+        }
     }
 
     /// Tell the lifecycle the domain exists, unless its process died meanwhile (then the
@@ -592,6 +723,12 @@ impl QemuDomain {
                 e,
             )
         })?;
+        self.set_in_flight(Some(InFlight::Save {
+            target: path.to_owned(),
+            temp: temp.temp_path().to_owned(),
+            was_paused,
+            committing: false,
+        }));
         let qmp = &instance.qmp;
         let mut events = qmp.subscribe();
         // Intent::Save explains the stop (paused(save)) and the resume after a failure
@@ -627,16 +764,38 @@ impl QemuDomain {
         .await;
         let migrated = match migrated {
             // fsync of a multi-GiB file: not on a runtime worker.
-            Ok(()) => tokio::task::spawn_blocking(move || temp.commit())
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e)),
+            Ok(()) => {
+                self.set_in_flight(Some(InFlight::Save {
+                    target: path.to_owned(),
+                    temp: temp.temp_path().to_owned(),
+                    was_paused,
+                    committing: true,
+                }));
+                tokio::task::spawn_blocking(move || temp.commit())
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map_err(|e| Error::io(format!("writing the save file {}", path.display()), e))
+            }
             Err(e) => Err(e), // `temp` is dropped here: the temporary file is removed
         };
+        let ended = self.save_end(&instance, migrated, was_paused).await;
+        self.set_in_flight(None);
+        ended
+    }
+
+    /// The end of a save: committed -> end the domain as saved; failed -> back as it was.
+    async fn save_end(
+        &self,
+        instance: &Instance,
+        migrated: Result<()>,
+        was_paused: bool,
+    ) -> Result<()> {
+        let operation = Operation::Save;
+        let qmp = &instance.qmp;
         match migrated {
             Ok(()) => {
                 let _committed = self.inner.cell.intent(Intent::SaveCommitted);
-                self.end_instance(&instance, operation).await?;
+                self.end_instance(instance, operation).await?;
                 self.inner
                     .cell
                     .wait_for(operation, self.command_timeout(), |s| s.is_shutoff())

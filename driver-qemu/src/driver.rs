@@ -21,13 +21,20 @@ use crate::accel::AutoAccel;
 use crate::argv::DomainPaths;
 use crate::domain::QemuDomain;
 use crate::error::BACKEND;
+pub use crate::process::Ownership;
+use domkit_core::store::{ensure_private_dir, DefinitionStore, InFlight, StoredStatus};
 
 /// Options of a [`QemuDriver`].
 #[derive(Debug, Clone)]
 pub struct QemuDriverOptions {
-    /// Where the per-domain runtime directories go (created 0700 if missing). Default:
-    /// [`default_runtime_root`].
+    /// Where the per-domain runtime directories go (created 0700 if missing, else verified:
+    /// §11.1). Default: [`default_runtime_root`].
     pub runtime_root: PathBuf,
+    /// Whether domains outlive this driver's process (§11). Default: ephemeral.
+    pub ownership: Ownership,
+    /// Where a persistent driver keeps definitions and statuses (created 0700 or verified).
+    /// Default: [`default_state_root`]. Unused when ephemeral.
+    pub state_root: PathBuf,
     /// What `accel = "auto"` means. Default: TCG.
     pub auto_accel: AutoAccel,
     /// How long QEMU may take from spawn to a negotiated monitor.
@@ -47,6 +54,8 @@ impl Default for QemuDriverOptions {
     fn default() -> Self {
         QemuDriverOptions {
             runtime_root: default_runtime_root(),
+            ownership: Ownership::Ephemeral,
+            state_root: default_state_root(),
             auto_accel: AutoAccel::Tcg,
             // Generous: TCG guests on a loaded, shared host are slow to do anything.
             connect_timeout: Duration::from_secs(30),
@@ -66,18 +75,48 @@ impl QemuDriverOptions {
             ..Default::default()
         }
     }
+
+    /// Persistent options (a host tool): definitions under `state_root`, runtime files
+    /// under `runtime_root`; domains outlive the process and the next driver reattaches.
+    pub fn persistent(state_root: impl Into<PathBuf>, runtime_root: impl Into<PathBuf>) -> Self {
+        QemuDriverOptions {
+            runtime_root: runtime_root.into(),
+            state_root: state_root.into(),
+            ownership: Ownership::Persistent,
+            ..Default::default()
+        }
+    }
 }
 
-/// `/run/domkit/qemu` for root, `$XDG_RUNTIME_DIR/domkit/qemu` otherwise, or
-/// `/tmp/domkit-<uid>/qemu` without `XDG_RUNTIME_DIR`.
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/nonexistent-home"))
+}
+
+/// `/run/domkit/qemu` for root, `$XDG_RUNTIME_DIR/domkit/qemu` otherwise, or, without
+/// `XDG_RUNTIME_DIR`, `~/.local/state/domkit/run/qemu` (never a predictable directory in
+/// a shared `/tmp`, §11.1).
 pub fn default_runtime_root() -> PathBuf {
-    let uid = nix::unistd::getuid();
-    if uid.is_root() {
+    if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/run/domkit/qemu");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("domkit/qemu"),
-        _ => PathBuf::from(format!("/tmp/domkit-{uid}/qemu")),
+        _ => home_dir().join(".local/state/domkit/run/qemu"),
+    }
+}
+
+/// `/var/lib/domkit/qemu` for root, `$XDG_STATE_HOME/domkit/qemu` otherwise (default
+/// `~/.local/state/domkit/qemu`).
+pub fn default_state_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/domkit/qemu");
+    }
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("domkit/qemu"),
+        _ => home_dir().join(".local/state/domkit/qemu"),
     }
 }
 
@@ -90,10 +129,14 @@ pub struct QemuDriver {
 #[derive(Debug)]
 struct DriverShared {
     options: Arc<QemuDriverOptions>,
-    /// One manager per runtime root, for the driver's life.
+    /// One manager per root, for the driver's life.
     _root_lock: crate::rootlock::RootLock,
+    /// The durable store (persistent drivers).
+    store: Option<DefinitionStore>,
     domains: Mutex<BTreeMap<String, QemuDomain>>,
     events: broadcast::Sender<DomainEvent>,
+    /// Serialises `define` (check, persist, insert).
+    defining: tokio::sync::Mutex<()>,
 }
 
 impl DriverShared {
@@ -115,33 +158,136 @@ impl Drop for DriverShared {
 impl QemuDriver {
     /// A driver with `options`. Creates the runtime root (0700) if missing.
     pub fn new(options: QemuDriverOptions) -> Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&options.runtime_root)
-            .map_err(|e| {
+        if options.ownership == Ownership::Persistent {
+            return Err(Error::InvalidConfig(domkit_core::ConfigError::Parse {
+                format: "options",
+                message: "a persistent QEMU driver reattaches its domains: open it with \
+                          QemuDriver::open"
+                    .into(),
+            }));
+        }
+        Self::open_roots(options)
+    }
+
+    /// Open a driver of either ownership: roots created or verified (§11.1), the root
+    /// locked (one manager per root), stale runtime directories of dead managers removed,
+    /// and, when persistent, every stored domain loaded and reattached (§11.3).
+    pub async fn open(options: QemuDriverOptions) -> Result<Self> {
+        let driver = Self::open_roots(options)?;
+        if let Some(store) = &driver.shared.store {
+            let stored = store.load_all().map_err(|e| {
                 Error::io(
                     format!(
-                        "creating the runtime root {} (set QemuDriverOptions::runtime_root to \
-                         a writable directory)",
-                        options.runtime_root.display()
+                        "reading the definitions under {}",
+                        driver.shared.options.state_root.display()
                     ),
                     e,
                 )
             })?;
-        // Before anything under the root is touched (a second manager would delete the
+            for record in stored {
+                let name = record.definition.config.name.clone();
+                let status = record.status.clone();
+                let domain = driver.insert(record.definition.config, status.as_ref());
+                if let Err(e) = domain.reattach(status).await {
+                    tracing::warn!(domain = %name, error = %e, "reattach failed");
+                }
+            }
+        }
+        Ok(driver)
+    }
+
+    fn open_roots(options: QemuDriverOptions) -> Result<Self> {
+        let root_error = |what: &str, path: &Path, e: std::io::Error| {
+            Error::io(
+                format!(
+                    "{what} {} (give the driver a directory of its own)",
+                    path.display()
+                ),
+                e,
+            )
+        };
+        ensure_private_dir(&options.runtime_root)
+            .map_err(|e| root_error("using the runtime root", &options.runtime_root, e))?;
+        let persistent = options.ownership == Ownership::Persistent;
+        let store = if persistent {
+            Some(
+                DefinitionStore::open(&options.state_root)
+                    .map_err(|e| root_error("using the state root", &options.state_root, e))?,
+            )
+        } else {
+            None
+        };
+        // Before anything under the roots is touched (a second manager would delete the
         // first one's live sockets).
-        let root_lock = crate::rootlock::RootLock::acquire(&options.runtime_root)?;
+        let lock_root = if persistent {
+            &options.state_root
+        } else {
+            &options.runtime_root
+        };
+        let root_lock = crate::rootlock::RootLock::acquire(lock_root)?;
+        if !persistent {
+            // Domains of an ephemeral driver die with it: what a dead one left is stale.
+            sweep_runtime_dirs(&options.runtime_root, |_| false);
+        }
         let (events, _) = broadcast::channel(DRIVER_EVENT_BUFFER);
         Ok(QemuDriver {
             shared: Arc::new(DriverShared {
                 _root_lock: root_lock,
+                store,
                 options: Arc::new(options),
                 domains: Mutex::new(BTreeMap::new()),
                 events,
+                defining: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Build and register a domain (defined now, or loaded from the store).
+    fn insert(&self, config: DomainConfig, status: Option<&StoredStatus>) -> QemuDomain {
+        let uuid = config.uuid.expect("uuid filled in");
+        let id = DomainId {
+            name: config.name.clone(),
+            uuid,
+        };
+        let lifecycle = match status {
+            Some(st) => Lifecycle::resume_from(id.clone(), config.policies(), st.seq, st.state),
+            None => Lifecycle::new(id.clone(), config.policies()),
+        };
+        let events = Some(self.shared.events.clone());
+        let persisted = self
+            .shared
+            .store
+            .clone()
+            .map(|store| Arc::new(PersistedDomain::new(store, uuid)));
+        let cell = match &persisted {
+            Some(p) => {
+                let p = p.clone();
+                LifecycleCell::with_persist(lifecycle, events, Box::new(move |lc| p.write(lc)))
+            }
+            None => LifecycleCell::new(lifecycle, events),
+        };
+        let dir = self.shared.options.runtime_root.join(&config.name);
+        let domain = QemuDomain::new(
+            id,
+            config,
+            cell,
+            dir,
+            self.shared.options.clone(),
+            persisted,
+        );
+        self.shared
+            .domains()
+            .insert(domain.id().name.clone(), domain.clone());
+        domain
+    }
+
+    /// Stop supervising and leave every domain as it is (a persistent driver's orderly
+    /// exit: the next driver on the same roots reattaches). The root stays locked until
+    /// the driver is dropped.
+    pub fn detach(&self) {
+        for domain in self.shared.domains().values() {
+            domain.detach();
+        }
     }
 
     /// The runtime root.
@@ -205,22 +351,24 @@ impl Driver for QemuDriver {
         config.validate()?;
         check_socket_paths(&self.shared.options.runtime_root, &config)?;
         let uuid = *config.uuid.get_or_insert_with(Uuid::new_v4);
-        let domain = {
-            let mut domains = self.shared.domains();
+        // One define at a time: the uniqueness check and the insert must not interleave
+        // with another define of the same name (the store write is in between).
+        let _defining = self.shared.defining.lock().await;
+        {
+            let domains = self.shared.domains();
             DomainId::check_unique(&config.name, uuid, domains.values().map(|d| d.id()))?;
-            let id = DomainId {
-                name: config.name.clone(),
-                uuid,
-            };
-            let cell = LifecycleCell::new(
-                Lifecycle::new(id.clone(), config.policies()),
-                Some(self.shared.events.clone()),
-            );
-            let dir = self.shared.options.runtime_root.join(&config.name);
-            let domain = QemuDomain::new(id, config, cell, dir, self.shared.options.clone());
-            domains.insert(domain.id().name.clone(), domain.clone());
-            domain
-        };
+        }
+        // Durable before define returns (§11.2).
+        if let Some(store) = &self.shared.store {
+            let (store, stored) = (store.clone(), config.clone());
+            tokio::task::spawn_blocking(move || store.save_definition(&stored))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| {
+                    Error::io(format!("persisting the definition of {}", config.name), e)
+                })?;
+        }
+        let domain = self.insert(config, None);
         domain.cell().emit(Lifecycle::defined);
         Ok(domain)
     }
@@ -228,6 +376,13 @@ impl Driver for QemuDriver {
     async fn undefine(&self, name: &str) -> Result<()> {
         let domain = self.lookup_by_name(name).await?;
         domain.ensure_inactive(domkit_core::Operation::Undefine)?;
+        if let Some(store) = &self.shared.store {
+            let (store, uuid) = (store.clone(), domain.id().uuid);
+            tokio::task::spawn_blocking(move || store.remove(uuid))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| Error::io(format!("removing the definition of {name}"), e))?;
+        }
         self.shared.domains().remove(name);
         domain.forget();
         domain.cell().emit(Lifecycle::undefined);
@@ -288,4 +443,64 @@ fn check_socket_paths(root: &Path, config: &DomainConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A persistent domain's link to the store: its status record is rewritten with every
+/// event (under the cell lock, before publication), with the operation in flight.
+#[derive(Debug)]
+pub(crate) struct PersistedDomain {
+    store: DefinitionStore,
+    uuid: Uuid,
+    in_flight: Mutex<Option<InFlight>>,
+}
+
+impl PersistedDomain {
+    fn new(store: DefinitionStore, uuid: Uuid) -> Self {
+        PersistedDomain {
+            store,
+            uuid,
+            in_flight: Mutex::new(None),
+        }
+    }
+
+    /// Record the operation in flight (taken into the next status write).
+    pub(crate) fn set_in_flight(&self, in_flight: Option<InFlight>) {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = in_flight;
+    }
+
+    /// Write the status now (called by the cell, under its lock).
+    pub(crate) fn write(&self, lc: &Lifecycle) {
+        let status = StoredStatus {
+            seq: lc.last_seq(),
+            state: lc.state(),
+            in_flight: self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
+        if let Err(e) = self.store.save_status(self.uuid, &status) {
+            tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");
+        }
+    }
+}
+
+/// Remove the runtime directories under `root` that `keep` does not claim (left by a
+/// manager that died; the root is locked by us, so nobody else uses them).
+pub(crate) fn sweep_runtime_dirs(root: &Path, keep: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || keep(&name) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a stale runtime directory");
+        } else {
+            tracing::info!(dir = %entry.path().display(), "removed a stale runtime directory");
+        }
+    }
 }

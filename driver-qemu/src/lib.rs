@@ -26,6 +26,7 @@ pub mod domain;
 pub mod driver;
 pub mod error;
 pub mod process;
+pub mod reattach;
 pub mod rootlock;
 pub mod savefile;
 pub mod supervisor;

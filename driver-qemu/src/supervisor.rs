@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::process::Proc;
 use domkit_core::{ControlState, LifecycleCell, Observation, PolicyAction};
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -27,6 +27,11 @@ use crate::translate::QmpTranslator;
 pub enum SupervisorRequest {
     /// SIGKILL the process now.
     Kill,
+    /// Stop supervising and leave the process running (a persistent driver closing: the
+    /// next manager reattaches, §11).
+    Detach,
+    /// Re-read the run state and reconcile it as found on reattach (§11.3).
+    ReconcileOnReattach,
 }
 
 /// What a supervisor needs from its domain.
@@ -59,7 +64,7 @@ pub struct SupervisorHandle {
 /// Start supervising `child`, whose monitor is `qmp` with event stream `events`.
 pub fn spawn<D: SupervisedDomain>(
     domain: Arc<D>,
-    child: Child,
+    child: Proc,
     pid: u32,
     qmp: QmpClient,
     events: QmpEventStream,
@@ -86,7 +91,7 @@ pub fn spawn<D: SupervisedDomain>(
 
 struct Supervisor<D> {
     domain: Arc<D>,
-    child: Child,
+    child: Proc,
     pid: u32,
     qmp: QmpClient,
     events: QmpEventStream,
@@ -115,7 +120,7 @@ impl<D: SupervisedDomain> Supervisor<D> {
                     Ok(event) => self.handle_event(event).await,
                     Err(EventRecvError::Lagged(n)) => {
                         tracing::warn!(pid = self.pid, lost = n, "supervisor lost QMP events: re-reading the run state");
-                        self.reconcile().await;
+                        self.reconcile(false).await;
                     }
                     Err(EventRecvError::Closed) => {
                         monitor_open = false;
@@ -125,7 +130,15 @@ impl<D: SupervisedDomain> Supervisor<D> {
                 status = self.child.wait() => break status,
                 // The domain holds the sender for as long as this task runs (it owns the
                 // instance that owns the handle), so the channel cannot close under us.
-                Some(SupervisorRequest::Kill) = requests.recv() => self.kill(),
+                Some(request) = requests.recv() => match request {
+                    SupervisorRequest::Kill => self.kill(),
+                    SupervisorRequest::Detach => {
+                        tracing::debug!(pid = self.pid, "detached: QEMU keeps running");
+                        let _ = ended.send(true);
+                        return;
+                    }
+                    SupervisorRequest::ReconcileOnReattach => self.reconcile(true).await,
+                },
                 _ = tokio::time::sleep_until(kill_at), if self.kill_at.is_some() => {
                     tracing::warn!(pid = self.pid, "QEMU did not quit in time: SIGKILL");
                     self.kill();
@@ -157,7 +170,8 @@ impl<D: SupervisedDomain> Supervisor<D> {
             let _ = tokio::time::timeout(Duration::from_millis(50), drain).await;
         }
         match &status {
-            Ok(status) => tracing::debug!(pid = self.pid, %status, "QEMU exited"),
+            Ok(Some(status)) => tracing::debug!(pid = self.pid, %status, "QEMU exited"),
+            Ok(None) => tracing::debug!(pid = self.pid, "QEMU (adopted) exited"),
             Err(e) => tracing::warn!(pid = self.pid, error = %e, "waiting for QEMU failed"),
         }
         // Sockets and maybe the runtime directory are removed there: file-system work,
@@ -183,9 +197,10 @@ impl<D: SupervisedDomain> Supervisor<D> {
         }
     }
 
-    /// After lost events, bring the core to QEMU's current run state (not during our own
-    /// restart, whose transient states the translator is swallowing).
-    async fn reconcile(&mut self) {
+    /// After lost events, or on reattach (`on_reattach`: the events say so), bring the core
+    /// to QEMU's current run state (not during our own restart, whose transient states the
+    /// translator is swallowing).
+    async fn reconcile(&mut self, on_reattach: bool) {
         if self.translator.in_own_restart() {
             return;
         }
@@ -193,7 +208,13 @@ impl<D: SupervisedDomain> Supervisor<D> {
             Ok(status) => {
                 let current = self.domain.cell().state();
                 if let Some(observation) = crate::translate::reconcile(&status.status, &current) {
-                    if let Some(action) = self.domain.cell().observe(observation) {
+                    let cell = self.domain.cell();
+                    let action = if on_reattach {
+                        cell.observe_reconciled(observation)
+                    } else {
+                        cell.observe(observation)
+                    };
+                    if let Some(action) = action {
                         self.carry_out(action).await;
                     }
                 }

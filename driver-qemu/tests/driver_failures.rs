@@ -25,14 +25,10 @@ mode = "MODE"
 if mode == "exit":
     sys.stderr.write("fake-qemu: -accel tcg: this accelerator is broken on purpose\n")
     sys.exit(3)
-path = None
-for i, a in enumerate(sys.argv):
-    if a == "-chardev" and sys.argv[i + 1].startswith("socket,id=mon0,"):
-        for kv in sys.argv[i + 1].split(","):
-            if kv.startswith("path="):
-                path = kv[5:]
-s = socket.socket(socket.AF_UNIX)
-s.connect(path)
+# Like QEMU: the monitor is the listening socket inherited as fd 3 (`fd=3,server=on`).
+assert any(a.startswith("socket,id=mon0,fd=3,server=on") for a in sys.argv)
+listener = socket.socket(fileno=3)
+s, _ = listener.accept()
 if mode == "garbage-greeting":
     s.sendall(b"\x00\xffthis is not QMP\r\n")
     time.sleep(600)
