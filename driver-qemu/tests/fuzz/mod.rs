@@ -391,7 +391,7 @@ pub fn chunk_sizes(rng: &mut Rng, len: usize) -> Vec<usize> {
     let mut left = len;
     while left > 0 {
         let max = match if mode == 5 { rng.range(1, 4) } else { mode } {
-            1 if len <= 2048 => 1,
+            1 if len <= 8192 => 1,
             1 | 2 => 16,
             3 => 512,
             _ => 65_536,
