@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use domkit_core::{Accel, Boot, Channel, ChannelKind, DomainConfig, ShutoffReason};
 use domkit_qemu::agent::codec::GuestExecRequest;
 use domkit_qemu::{QemuDomain, QemuDriver, QemuDriverOptions};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,9 @@ impl QemuTestBackend {
         let runtime = tempfile::Builder::new()
             .prefix("domkit-conf-run")
             .tempdir()
+            .map_err(|e| format!("runtime dir: {e}"))?;
+        // The driver refuses a runtime root that others can enter.
+        std::fs::set_permissions(runtime.path(), std::fs::Permissions::from_mode(0o700))
             .map_err(|e| format!("runtime dir: {e}"))?;
         let scratch = tempfile::Builder::new()
             .prefix("domkit-conf-scratch")

@@ -201,6 +201,47 @@ async fn backend_handle_appears<D: Domain>(domain: &D) {
     }
 }
 
+/// When, during a save, a fault is injected.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// As soon as `suspended(saving)` is seen (the stream is about to start).
+    SuspendedSaving,
+    /// Once the save's temporary file holds [`MID_STREAM`] bytes (the stream flows).
+    StreamWritten,
+}
+
+/// How much of a save's stream is written before a [`When::StreamWritten`] fault.
+const MID_STREAM: u64 = 256 * 1024;
+
+impl When {
+    /// Wait, after `suspended(saving)`, until it is time (or the save has finished).
+    async fn wait<T>(self, dir: &Path, task: &tokio::task::JoinHandle<T>) {
+        if let When::StreamWritten = self {
+            let deadline = Instant::now() + EVENT_TIMEOUT;
+            while !task.is_finished() && Instant::now() < deadline {
+                if temp_file_bytes(dir) >= MID_STREAM {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+/// The size of the largest file in `dir` other than [`SAVE`] (a save's temporary file).
+fn temp_file_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != SAVE)
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
 /// When a cancelled operation's future is dropped.
 #[derive(Debug, Clone, Copy)]
 enum Cancel {
@@ -502,7 +543,7 @@ pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, 
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
     // Destroy as soon as the save stopped the vCPUs, then a little later (mid-stream).
-    for (round, delay) in [Duration::ZERO, Duration::from_millis(400)]
+    for (round, when) in [When::SuspendedSaving, When::StreamWritten]
         .into_iter()
         .enumerate()
     {
@@ -518,7 +559,7 @@ pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, 
         watch
             .expect(&[E::Suspended(SuspendedDetail::Saving)])
             .await?;
-        tokio::time::sleep(delay).await;
+        when.wait(&dir, &task).await;
         let t0 = Instant::now();
         domain.destroy().await?;
         let took = t0.elapsed();
@@ -527,11 +568,7 @@ pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, 
         })?;
         let r = join(task, PROMPT, "the save").await?;
         tracing::info!("destroy_preempts_save round {round}: save returned {r:?}");
-        let prefix = |m: String| {
-            Stop::Fail(format!(
-                "round {round} (destroy {delay:?} after suspended(saving)): {m}"
-            ))
-        };
+        let prefix = |m: String| Stop::Fail(format!("round {round} (destroy {when:?}): {m}"));
         match r {
             Ok(()) => {
                 // The save won the race: a real, restorable save.
@@ -973,7 +1010,7 @@ pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
     let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
-    for (round, delay) in [Duration::ZERO, Duration::from_millis(400)]
+    for (round, when) in [When::SuspendedSaving, When::StreamWritten]
         .into_iter()
         .enumerate()
     {
@@ -989,11 +1026,11 @@ pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
         watch
             .expect(&[E::Suspended(SuspendedDetail::Saving)])
             .await?;
-        tokio::time::sleep(delay).await;
+        when.wait(&dir, &task).await;
         let killed = kill(ctx, &domain).await;
         let r = join(task, PROMPT, "the save whose backend was killed").await?;
         tracing::info!("killed_mid_save round {round}: kill {killed:?}, save {r:?}");
-        let at = format!("round {round} (kill {delay:?} after suspended(saving))");
+        let at = format!("round {round} (kill {when:?})");
         match (r, killed) {
             (Ok(()), _) => {
                 // The save finished first.
@@ -1354,12 +1391,17 @@ pub(super) async fn restore_corrupt<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
     };
     add("truncated", bytes[..bytes.len() / 2].to_vec())?;
     add("random", rng.bytes(1 << 20))?;
-    let mut damaged = bytes.clone();
     let mid = stream_start + (bytes.len() - stream_start) / 2;
+    let mut damaged = bytes.clone();
     for byte in &mut damaged[mid..mid + 4096] {
         *byte ^= 0x5a;
     }
     add("damaged_stream", damaged)?;
+    // One bit, in what is most likely guest memory: nothing in the backend's own stream
+    // format may notice, the file is damaged all the same.
+    let mut flipped = bytes.clone();
+    flipped[mid + 2048] ^= 0x01;
+    add("flipped_bit", flipped)?;
     let mut garbage = bytes[..stream_start].to_vec();
     garbage.extend_from_slice(&rng.bytes(1 << 20));
     add("header_then_garbage", garbage)?;
