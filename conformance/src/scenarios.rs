@@ -65,6 +65,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         scenario!(pm_suspend_wakeup, "pm suspend to memory and wakeup (§4.9, §4.10, §6.8)"),
         // The fault family (issue 15): concurrency, preemption, cancellation, deaths.
         fault!(storm_pause_resume, "50 concurrent pause/resume callers: final state = last call to complete, events exactly its transitions, seq contiguous (§2.2, §2.4, §6.0, §6.2)"),
+        fault!(destroy_during_storm, "destroy with 40 pause/resume calls queued: prompt, shutoff(destroyed) + stopped(destroyed) last, each call Ok / interrupted / invalid_state, events a prefix in call order (§3, §6.0)"),
         fault!(destroy_preempts_shutdown, "destroy during shutdown(completed) of a guest that ignores it: prompt, shutdown -> interrupted{by: destroy}, shutoff(destroyed) (§6.0, §6.3)"),
         fault!(destroy_preempts_save, "destroy during a save (at suspended(saving), mid-stream): the save won (saved, restorable) or interrupted{by: destroy}, shutoff(destroyed), older file intact, no temp file (§3, §6.0, §6.6)"),
         fault!(destroy_preempts_reboot, "destroy during a reboot waiting on the guest and during its restart: interrupted{by: destroy}, shutoff(destroyed), nothing left (§4.0a, §6.0, §6.4)"),
@@ -75,6 +76,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         fault!(killed_mid_save, "backend killed during a save (at suspended(saving), mid-stream): typed error or a real save, §10 reason, never saved without the file, older file intact, no temp file (§6.0, §6.6, §10)"),
         fault!(killed_mid_restore, "backend killed during a restore: typed error, shut off with its event, file untouched, no leftover (§6.0, §6.7, §10)"),
         fault!(killed_mid_shutdown, "backend killed while shutdown(completed) waits: backend error at once, the §10 reason, not shutdown (§6.0, §6.3, §10)"),
+        fault!(crash_mid_shutdown, "guest crash while shutdown(completed) waits, on_crash destroy and preserve: a backend error at once, not Completed (§4.8, §6.3)"),
         fault!(killed_mid_start, "backend killed during a start: typed error or Ok, shut off with its event, no leftover, startable again (§6.0, §6.1, §10)"),
         fault!(shutdown_paused, "shutdown of a paused, pm_suspended, preserved crashed or preserved powered-off domain: invalid_state, nothing changes (§6.3)"),
         fault!(restore_corrupt, "truncated, random, damaged (4 KiB, one bit), garbage-after-header, header-only and foreign save files: bad_save_file, shutoff(failed) + stopped(failed), file untouched, nothing left (§6.7, §7)"),

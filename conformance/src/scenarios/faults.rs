@@ -370,14 +370,27 @@ async fn restore_running<D: Domain>(domain: &D, watch: &mut EventWatch, path: &P
 // ---------------------------------------------------------------------------------------
 // Concurrency
 
-pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    const CALLERS: usize = 50;
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+/// The result of one storm caller: (completion order, caller = call order, pause?, result).
+type CallerResult = (usize, usize, bool, domkit_core::Result<()>);
+
+/// Make `callers` pause/resume calls on clones of `domain`, one after the other from this
+/// task (each call's first poll queues it for the domain's operation lock: that is the call
+/// order §6.0 runs them in), each then waited for in its own task, all at once. Returns the
+/// calls (`true` = pause) in call order, the tasks, and the completion counter.
+fn storm<D: Domain + Clone + 'static>(
+    domain: &D,
+    callers: usize,
+    seed: u64,
+) -> (
+    Vec<bool>,
+    Vec<tokio::task::JoinHandle<CallerResult>>,
+    Arc<AtomicUsize>,
+) {
     let completed = Arc::new(AtomicUsize::new(0));
-    let mut rng = XorShift(0x0015_5eed_0f57_0a11);
-    let mut calls = Vec::with_capacity(CALLERS);
-    let mut tasks = Vec::with_capacity(CALLERS);
-    for caller in 0..CALLERS {
+    let mut rng = XorShift(seed);
+    let mut calls = Vec::with_capacity(callers);
+    let mut tasks = Vec::with_capacity(callers);
+    for caller in 0..callers {
         let pause = rng.next() & 1 == 0;
         calls.push(pause);
         let d = domain.clone();
@@ -389,20 +402,76 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
                     d.resume().await
                 }
             });
-        // The first poll makes the call (it queues for the domain's operation lock), here,
-        // one caller after the other: that is the call order §6.0 runs them in. Each caller
-        // then waits in its own task, all at once.
-        let first = futures::poll!(call.as_mut());
+        let first = match call.as_mut().poll(&mut std::task::Context::from_waker(
+            futures::task::noop_waker_ref(),
+        )) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        };
         let completed = completed.clone();
         tasks.push(tokio::spawn(async move {
             let r = match first {
-                Poll::Ready(r) => r,
-                Poll::Pending => call.await,
+                Some(r) => r,
+                None => call.await,
             };
             let order = completed.fetch_add(1, Ordering::SeqCst);
             (order, caller, pause, r)
         }));
     }
+    (calls, tasks, completed)
+}
+
+/// The events that pause (`true`) / resume calls starting from running make, in order.
+fn transitions(calls: impl IntoIterator<Item = bool>) -> Vec<EventKind> {
+    let mut paused = false;
+    let mut out = Vec::new();
+    for pause in calls {
+        if pause != paused {
+            out.push(if pause {
+                E::Suspended(SuspendedDetail::Paused)
+            } else {
+                E::Resumed(ResumedDetail::Unpaused)
+            });
+            paused = pause;
+        }
+    }
+    out
+}
+
+/// Events must alternate suspended(paused) / resumed(unpaused) from running, no duplicate.
+fn expect_alternating(got: &[EventKind]) -> Step {
+    for (i, pair) in got.windows(2).enumerate() {
+        check(pair[0] != pair[1], || {
+            format!(
+                "events {i} and {} are both {} (a duplicate or a lost transition): {}",
+                i + 1,
+                pair[0],
+                kinds_list(got)
+            )
+        })?;
+    }
+    check(
+        got.iter().all(|k| {
+            matches!(
+                k,
+                E::Suspended(SuspendedDetail::Paused) | E::Resumed(ResumedDetail::Unpaused)
+            )
+        }) && got
+            .first()
+            .map_or(true, |k| *k == E::Suspended(SuspendedDetail::Paused)),
+        || {
+            format!(
+                "events must alternate suspended(paused)/resumed(unpaused) from running: {}",
+                kinds_list(got)
+            )
+        },
+    )
+}
+
+pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    const CALLERS: usize = 50;
+    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (calls, tasks, _) = storm(&domain, CALLERS, 0x0015_5eed_0f57_0a11);
     let mut done = Vec::with_capacity(CALLERS);
     for task in tasks {
         done.push(join(task, EVENT_TIMEOUT, "a pause/resume caller").await?);
@@ -415,27 +484,12 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
     }
     // One at a time in call order (§6.0); each call that changes the state makes exactly
     // one event (§6.2).
-    let transitions = |order: &mut dyn Iterator<Item = bool>| {
-        let mut paused = false;
-        let mut out = Vec::new();
-        for pause in order {
-            if pause != paused {
-                out.push(if pause {
-                    E::Suspended(SuspendedDetail::Paused)
-                } else {
-                    E::Resumed(ResumedDetail::Unpaused)
-                });
-                paused = pause;
-            }
-        }
-        out
-    };
-    let expected = transitions(&mut calls.iter().copied());
+    let expected = transitions(calls.iter().copied());
     check(expected.len() >= 2, || {
         "the caller mix made no transitions".into()
     })?;
     done.sort_by_key(|d| d.0);
-    let by_completion = transitions(&mut done.iter().map(|d| d.2));
+    let by_completion = transitions(done.iter().map(|d| d.2));
     let last_pause = calls.last().copied().unwrap_or(false);
     let last_completed = done.last().map(|d| (d.1, d.2));
     let want = if last_pause {
@@ -451,30 +505,7 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
         )
     })?;
     let got = watch.collect_quiet(QUIET).await?;
-    for (i, pair) in got.windows(2).enumerate() {
-        check(pair[0] != pair[1], || {
-            format!(
-                "events {i} and {} are both {} (a duplicate or a lost transition): {}",
-                i + 1,
-                pair[0],
-                kinds_list(&got)
-            )
-        })?;
-    }
-    check(
-        got.iter().all(|k| {
-            matches!(
-                k,
-                E::Suspended(SuspendedDetail::Paused) | E::Resumed(ResumedDetail::Unpaused)
-            )
-        }) && got.first() == Some(&E::Suspended(SuspendedDetail::Paused)),
-        || {
-            format!(
-                "events must alternate suspended(paused)/resumed(unpaused) from running: {}",
-                kinds_list(&got)
-            )
-        },
-    )?;
+    expect_alternating(&got)?;
     check(got == expected, || {
         format!(
             "{} events, but the calls in call order make {} transitions ({} in the order they \
@@ -491,6 +522,91 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
     check(info.state == want, || {
         format!("info() says {}, state() {want}", info.state)
     })?;
+    destroy_checked(&domain, &mut watch).await
+}
+
+pub(super) async fn destroy_during_storm<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    const CALLERS: usize = 50;
+    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (calls, tasks, completed) = storm(&domain, CALLERS, 0x0de5_7e0d_5707_3a11);
+    // Destroy while most of the calls are still queued.
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while completed.load(Ordering::SeqCst) < 10 {
+        if Instant::now() >= deadline {
+            return fail("10 of the pause/resume calls did not complete");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t0 = Instant::now();
+    domain.destroy().await?;
+    let took = t0.elapsed();
+    check(took < PROMPT, || {
+        format!("destroy took {took:?} with pause/resume calls queued (§6.0: it never queues)")
+    })?;
+    expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Destroyed))?;
+    let mut done = Vec::with_capacity(CALLERS);
+    for task in tasks {
+        done.push(join(task, EVENT_TIMEOUT, "a pause/resume caller").await?);
+    }
+    // Each call ran before the destroy (Ok), was preempted by it (interrupted), or ran on
+    // the destroyed domain (invalid_state); none may have turned the end into anything but
+    // destroyed (§3: destroy is the intent in force).
+    for (_, caller, pause, r) in &done {
+        let op = if *pause {
+            Operation::Pause
+        } else {
+            Operation::Resume
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if is_interrupted_by_destroy(op)(e) => {}
+            Err(Error::InvalidState {
+                current: DomainState::Shutoff(ShutoffReason::Destroyed),
+                operation,
+            }) if *operation == op => {}
+            Err(e) => {
+                return fail(format!(
+                    "caller {caller} ({op}) around a destroy returned `{e}` (want Ok, \
+                     interrupted{{by: destroy}} or invalid_state from shutoff (destroyed))"
+                ))
+            }
+        }
+    }
+    let ok = done.iter().filter(|d| d.3.is_ok()).count();
+    let interrupted = done
+        .iter()
+        .filter(|d| matches!(d.3, Err(Error::Interrupted { .. })))
+        .count();
+    tracing::info!(
+        "destroy_during_storm: {ok} Ok, {interrupted} interrupted, {} invalid_state",
+        CALLERS - ok - interrupted
+    );
+    let got = watch.collect_quiet(QUIET).await?;
+    let Some((last, before)) = got.split_last() else {
+        return fail("no event at all; want the transitions, then stopped(destroyed)");
+    };
+    check(*last == E::Stopped(StoppedDetail::Destroyed), || {
+        format!(
+            "events end with {last}, want stopped(destroyed): {}",
+            kinds_list(&got)
+        )
+    })?;
+    expect_alternating(before)?;
+    // The calls that ran did so in call order: their events are a prefix of what all of
+    // them would have made.
+    let expected = transitions(calls.iter().copied());
+    check(expected.starts_with(before), || {
+        format!(
+            "the events before stopped(destroyed) ({}) are not a prefix of the transitions of \
+             the calls in call order ({})",
+            kinds_list(before),
+            kinds_list(&expected)
+        )
+    })?;
+    expect_truthful(ctx, &domain).await?;
+    // Usable again.
+    domain.start(StartOptions::default()).await?;
+    watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
     destroy_checked(&domain, &mut watch).await
 }
 
@@ -1188,6 +1304,59 @@ pub(super) async fn killed_mid_shutdown<B: TestBackend>(ctx: &ScenarioCtx<'_, B>
     destroy_checked(&domain, &mut watch).await
 }
 
+pub(super) async fn crash_mid_shutdown<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    use LifecycleAction::*;
+    for (suffix, on_crash) in [("a", Destroy), ("b", Preserve)] {
+        let options = GuestOptions {
+            ignore_shutdown: true,
+            ..with_policies(Destroy, Restart, on_crash)
+        };
+        let (domain, mut watch) = ctx.boot(suffix, options).await?;
+        let d = domain.clone();
+        let task = tokio::spawn(async move {
+            d.shutdown(shutdown_opts(
+                ShutdownWait::Completed,
+                Duration::from_secs(60),
+                false,
+            ))
+            .await
+        });
+        watch
+            .expect(&[E::ShutdownRequested(ShutdownRequester::Host)])
+            .await?;
+        hook(
+            "guest panic",
+            ctx.backend.guest_do(&domain, GuestAction::Panic).await,
+        )?;
+        watch.expect(&[E::Crashed(CrashedDetail::Panicked)]).await?;
+        let t0 = Instant::now();
+        let end = if on_crash == Destroy {
+            watch.expect(&[E::Stopped(StoppedDetail::Crashed)]).await?;
+            DomainState::Shutoff(ShutoffReason::Crashed)
+        } else {
+            DomainState::Crashed(CrashedReason::Panicked)
+        };
+        let r = join(task, PROMPT, "the shutdown the guest's crash ended").await?;
+        let took = t0.elapsed();
+        tracing::info!("crash_mid_shutdown on_crash={on_crash:?}: shutdown {r:?} after {took:?}");
+        expect_err(
+            r,
+            &format!("a backend error naming the crash (on_crash = {on_crash:?})"),
+            |e| matches!(e, Error::Backend { .. }),
+        )?;
+        check(took < Duration::from_secs(5), || {
+            format!(
+                "shutdown(completed) returned {took:?} after the crash (on_crash = \
+                 {on_crash:?}; §6.3: at once)"
+            )
+        })?;
+        expect_exact_state(&domain, end)?;
+        watch.expect_quiet(QUIET).await?;
+        destroy_checked(&domain, &mut watch).await?;
+    }
+    Ok(())
+}
+
 pub(super) async fn killed_mid_start<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let (domain, mut watch) = ctx.define("a", GuestOptions::default()).await?;
     for round in 0..2 {
@@ -1425,8 +1594,8 @@ pub(super) async fn restore_corrupt<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
                 ))
             }
         }
-        check(took < Duration::from_secs(20), || {
-            format!("{case}: the bad file took {took:?} to be refused (§7: never a hang)")
+        check(took < Duration::from_secs(5), || {
+            format!("{case}: the bad file took {took:?} to be refused (§6.7: found before the backend reads the stream; §7: never a hang)")
         })?;
         wa.expect(&[E::Stopped(StoppedDetail::Failed)])
             .await
