@@ -1,14 +1,28 @@
 //! [`LibxlDomain`]: one domkit domain backed by a Xen domain (a domid that changes on every
 //! restart and restore), and the [`Domain`] trait implementation.
 //!
-//! Locking:
-//! - `ops` (async mutex): serialises API operations and policy actions of this domain. It is
-//!   held only while libxl is called, never while waiting for the guest (a shutdown waiting
-//!   for the poweroff needs the policy action that destroys the domain to get the lock).
-//! - `backend` (std mutex): the current domid and its death watch. The event dispatcher takes
-//!   it to check that an event belongs to the current watch, so creation paths hold it from
-//!   `libxl_evenable_domain_death` until `Created` is fed: no event can overtake `Created`.
-//!   Order: `backend` before libxl's ctx lock; never held across a long libxl call.
+//! Concurrency (`docs/semantics.md` §6.0):
+//! - `ops` (async, FIFO mutex): serialises API operations and policy restarts of this
+//!   domain. A caller queues for it before its work is spawned; once it holds it, its libxl
+//!   calls run on a blocking thread that finishes even if the caller's future is dropped.
+//!   It is held only while libxl is called, never while waiting for the guest (shutdown and
+//!   reboot send the request under it and wait in the caller's future).
+//! - `destroy` never takes `ops`: it stashes `Destroy` and destroys the current Xen domain
+//!   from its own blocking thread, concurrently with whatever holds `ops` (libxl's ctx is
+//!   thread-safe). The preempted libxl call fails or returns; the operation sees that a
+//!   destroy ran meanwhile (`destroys` changed) and returns `Error::Interrupted`. A create in
+//!   progress (start, restore, policy restart, reset) has no domid yet: destroy kills the
+//!   Xen domain with our uuid and waits until the create is over (`Backend::creating`).
+//!   Policy destroys (after a poweroff or a crash) do not take `ops` either.
+//! - `backend` (std mutex): the current domid, its death watch and whether a create is in
+//!   progress. The event dispatcher takes it to check that an event belongs to the current
+//!   watch, so creation paths hold it from `libxl_evenable_domain_death` until `Created` is
+//!   fed: no event can overtake `Created`. Order: `backend` before the cell's lock and
+//!   libxl's ctx lock; never held across a long libxl call.
+//! - A save commits its file and stashes `SaveCommitted` in one step under the cell's lock,
+//!   where `destroy` stashes `Destroy`: either the save is committed first (the end is
+//!   `saved`; the destroy only ends the suspended domain) or the destroy is (the save is
+//!   interrupted and leaves no file).
 
 use crate::context::{Context, DeathWatch, LibxlError};
 use crate::savefile::{self, SaveHeader, SaveTarget};
@@ -19,16 +33,16 @@ use crate::translate::{
 use async_trait::async_trait;
 use domkit_core::{
     ControlState, Creation, Domain, DomainConfig, DomainId, DomainInfo, DomainState, Error,
-    EventKind, EventStream, Intent, LifecycleCell, Operation, PausedReason, PmSuspendTarget,
-    PolicyAction, RestoreOptions, Result, ShutdownMode, ShutdownOptions, ShutdownOutcome,
-    ShutdownWait, StartOptions,
+    EventKind, EventStream, Intent, IntentToken, LifecycleCell, Operation, PausedReason,
+    PmSuspendTarget, PolicyAction, RestoreOptions, Result, ShutdownMode, ShutdownOptions,
+    ShutdownOutcome, ShutdownWait, ShuttingDownReason, StartOptions, StoppedDetail,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The backend name in errors and capabilities.
@@ -36,6 +50,26 @@ pub const BACKEND: &str = "libxl";
 
 /// How many trace entries a domain keeps ([`LibxlDomain::trace`]).
 const TRACE_LEN: usize = 512;
+
+/// How long an operation preempted by a destroy waits for the domain to end before it
+/// reports the state it sees.
+const INTERRUPTED_SETTLE: Duration = Duration::from_secs(30);
+
+/// How long an operation whose domain died under it waits for the death to be observed.
+const GONE_SETTLE: Duration = Duration::from_secs(10);
+
+/// Why Xen PV/PVH guests cannot be shut down or rebooted with the ACPI power button.
+pub(crate) const UNSUPPORTED_ACPI: &str =
+    "ACPI power button: Xen PV/PVH guests have no ACPI power button (libxl_send_trigger \
+     POWER is HVM-only); use the default (paravirtual) mode";
+/// Why the agent mode is unsupported.
+pub(crate) const UNSUPPORTED_AGENT: &str =
+    "guest agent: the libxl driver does not talk to a guest agent; use the default \
+     (paravirtual) mode";
+/// Why suspend to disk is unsupported.
+pub(crate) const UNSUPPORTED_S4: &str =
+    "suspend to disk (S4): libxl has no guest hibernation request for PV/PVH guests; use \
+     save() to keep the state in a file";
 
 /// Maps death-watch tokens (`for_user`) to domains, for the event dispatcher.
 #[derive(Debug, Default)]
@@ -76,6 +110,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Backend {
     domid: Option<u32>,
     watch: Option<DeathWatch>,
+    /// A create (start, restore, policy restart, reset) is in progress: the new domid is not
+    /// known yet. Cleared under this lock when the domid is armed or the create failed.
+    creating: bool,
 }
 
 pub(crate) struct DomainInner {
@@ -83,11 +120,19 @@ pub(crate) struct DomainInner {
     id: DomainId,
     config: DomainConfig,
     libxl_json: String,
+    /// The domain's private runtime directory (channel sockets).
+    runtime_dir: PathBuf,
     pub(crate) cell: LifecycleCell,
     ctx: Context,
     registry: Arc<Registry>,
     ops: Arc<tokio::sync::Mutex<()>>,
     backend: Mutex<Backend>,
+    /// Notified when `Backend::creating` is cleared.
+    created: Condvar,
+    /// API destroys begun: an operation during which this changed was preempted.
+    destroys: AtomicU64,
+    /// API destroys in flight: an operation starts only once none is.
+    destroying: tokio::sync::watch::Sender<usize>,
     trace: Mutex<Vec<TraceEntry>>,
 }
 
@@ -107,12 +152,70 @@ fn backend_err(op: Operation, e: LibxlError) -> Error {
     }
 }
 
+fn backend_msg(message: String) -> Error {
+    Error::Backend {
+        backend: BACKEND.into(),
+        message,
+    }
+}
+
 fn save_err(e: savefile::SaveFileError) -> Error {
     match e {
         savefile::SaveFileError::Io { context, source } => Error::Io { context, source },
-        savefile::SaveFileError::Format { .. } => Error::Protocol {
-            message: e.to_string(),
+        savefile::SaveFileError::Format { path, problem } => Error::Protocol {
+            message: format!("{}: {problem}", path.display()),
         },
+    }
+}
+
+/// A save file problem found by `restore`: a damaged, truncated or foreign file is
+/// `BadSaveFile`; a file that cannot be read at all is `Io`.
+fn restore_file_err(e: savefile::SaveFileError) -> Error {
+    match e {
+        savefile::SaveFileError::Io { context, source } => Error::Io { context, source },
+        savefile::SaveFileError::Format { path, problem } => Error::BadSaveFile {
+            path,
+            reason: problem,
+        },
+    }
+}
+
+/// Pops one intent when dropped (the operation that stashed it is over).
+struct TokenGuard<'a> {
+    cell: &'a LifecycleCell,
+    token: Option<IntentToken>,
+}
+
+impl Drop for TokenGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.cell.with(|l| l.pop_intent(token));
+        }
+    }
+}
+
+/// A create in progress (`Backend::creating`); ends it on drop unless it ended already.
+struct Creating<'a> {
+    d: &'a DomainInner,
+    done: bool,
+}
+
+impl Creating<'_> {
+    fn end_locked(&mut self, b: &mut Backend) {
+        if !self.done {
+            self.done = true;
+            b.creating = false;
+            self.d.created.notify_all();
+        }
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut b = lock(&self.d.backend);
+            self.end_locked(&mut b);
+        }
     }
 }
 
@@ -121,6 +224,7 @@ impl DomainInner {
         id: DomainId,
         config: DomainConfig,
         libxl_json: String,
+        runtime_dir: PathBuf,
         cell: LifecycleCell,
         ctx: Context,
         registry: Arc<Registry>,
@@ -130,11 +234,15 @@ impl DomainInner {
             id,
             config,
             libxl_json,
+            runtime_dir,
             cell,
             ctx,
             registry,
             ops: Arc::new(tokio::sync::Mutex::new(())),
             backend: Mutex::new(Backend::default()),
+            created: Condvar::new(),
+            destroys: AtomicU64::new(0),
+            destroying: tokio::sync::watch::Sender::new(0),
             trace: Mutex::new(Vec::new()),
         })
     }
@@ -148,6 +256,11 @@ impl DomainInner {
             current: self.cell.state(),
             operation,
         }
+    }
+
+    /// A `Destroy` of the API is stashed (in flight).
+    fn preempted(&self) -> bool {
+        self.cell.with(|l| l.has_intent(Intent::Destroy))
     }
 
     /// Translate and feed one input (recorded in the trace). Returns the policy action.
@@ -173,6 +286,13 @@ impl DomainInner {
         if let Some(action) = self.feed(TraceInput::Fact(fact)) {
             self.spawn_action(action);
         }
+    }
+
+    /// Feed a fact with `intent` stashed for it (e.g. the unpause of a save of a paused
+    /// domain reads as a resume, not as the save's cancellation).
+    fn feed_fact_as(&self, intent: Intent, fact: Fact) {
+        let _intent = self.cell.intent(intent);
+        self.feed_fact(fact);
     }
 
     /// A libxl event for this domain (from the dispatcher thread).
@@ -205,8 +325,34 @@ impl DomainInner {
         backend.domid = None;
     }
 
-    fn disarm(&self) {
-        self.disarm_locked(&mut lock(&self.backend));
+    /// The Xen domain `domid` is gone: if it is still the current one, stop watching it and
+    /// feed its end, under the backend lock (no event of a newer domid can be mistaken for
+    /// it, and none overtakes it).
+    fn ended(&self, domid: u32) {
+        let mut b = lock(&self.backend);
+        if b.domid != Some(domid) {
+            return;
+        }
+        self.disarm_locked(&mut b);
+        let action = self.feed(TraceInput::Fact(Fact::Destroyed));
+        drop(b);
+        if let Some(a) = action {
+            self.spawn_action(a);
+        }
+    }
+
+    /// No Xen domain of ours exists and none is being created: if the state still says
+    /// active, the end was not observed: feed it.
+    fn ended_if_idle(&self) {
+        let b = lock(&self.backend);
+        if b.domid.is_some() || b.creating || !self.cell.state().is_active() {
+            return;
+        }
+        let action = self.feed(TraceInput::Fact(Fact::Destroyed));
+        drop(b);
+        if let Some(a) = action {
+            self.spawn_action(a);
+        }
     }
 
     fn watch_locked(
@@ -238,31 +384,48 @@ impl DomainInner {
         self.watch_locked(&mut b, domid)
     }
 
+    /// Start a create: from now until it ends, a destroy waits for it (and kills what it
+    /// builds).
+    fn begin_create(&self) -> Creating<'_> {
+        lock(&self.backend).creating = true;
+        Creating {
+            d: self,
+            done: false,
+        }
+    }
+
     /// A domain was just created (left paused by libxl): watch it, run it unless `paused`,
-    /// and feed `then`, all under the backend lock so no event overtakes `then`.
+    /// feed `then` and end the create, all under the backend lock so no event overtakes
+    /// `then` and a destroy sees either the create in progress or the armed domid.
     fn arm_and_run(
         &self,
+        creating: &mut Creating<'_>,
         domid: u32,
         paused: bool,
         then: Fact,
     ) -> std::result::Result<(), LibxlError> {
         let mut b = lock(&self.backend);
-        self.watch_locked(&mut b, domid)?;
-        let is_paused = self
-            .ctx
-            .domain_info(domid)
-            .map(|i| i.paused)
-            .unwrap_or(true);
-        let r = match (paused, is_paused) {
-            (false, true) => self.ctx.unpause(domid),
-            (true, false) => self.ctx.pause(domid),
-            _ => Ok(()),
-        };
-        if let Err(e) = r {
-            self.disarm_locked(&mut b);
+        let armed = self.watch_locked(&mut b, domid).and_then(|()| {
+            let is_paused = self
+                .ctx
+                .domain_info(domid)
+                .map(|i| i.paused)
+                .unwrap_or(true);
+            match (paused, is_paused) {
+                (false, true) => self.ctx.unpause(domid),
+                (true, false) => self.ctx.pause(domid),
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = armed {
+            if b.domid == Some(domid) {
+                self.disarm_locked(&mut b);
+            }
+            creating.end_locked(&mut b);
             return Err(e);
         }
         let action = self.feed(TraceInput::Fact(then));
+        creating.end_locked(&mut b);
         drop(b);
         if let Some(a) = action {
             self.spawn_action(a);
@@ -270,13 +433,90 @@ impl DomainInner {
         Ok(())
     }
 
+    /// Destroy every Xen domain with this domain's uuid (a create in progress, or one left
+    /// behind by a failed create). Returns how many there were.
+    fn kill_by_uuid(&self) -> usize {
+        let domains = match self.ctx.list_domains() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(domain = %self.id.name, error = %e, "cannot list the Xen domains");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for d in domains
+            .iter()
+            .filter(|d| d.domid != 0 && d.uuid == self.id.uuid)
+        {
+            n += 1;
+            match self.ctx.destroy(d.domid) {
+                Ok(()) => {
+                    tracing::info!(domain = %self.id.name, domid = d.domid, "destroyed a Xen domain with our uuid")
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(domain = %self.id.name, domid = d.domid, error = %e, "cannot destroy a Xen domain with our uuid")
+                }
+            }
+        }
+        n
+    }
+
+    /// The domain's runtime directory, for channel sockets: created (0700, parents as
+    /// needed) before a create that has channels.
+    fn prepare_runtime_dir(&self, operation: Operation) -> Result<()> {
+        if self.config.channels.is_empty() {
+            return Ok(());
+        }
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let io = |e| {
+            Error::io(
+                format!(
+                    "{operation}: creating the domain's runtime directory {} (channel sockets)",
+                    self.runtime_dir.display()
+                ),
+                e,
+            )
+        };
+        if let Some(parent) = self.runtime_dir.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(io)?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.runtime_dir)
+            .map_err(io)?;
+        std::fs::set_permissions(&self.runtime_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io)
+    }
+
+    /// Remove the domain's runtime directory (undefine; the domain is shut off).
+    pub(crate) fn remove_runtime_dir(&self) {
+        match std::fs::remove_dir_all(&self.runtime_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(domain = %self.id.name, dir = %self.runtime_dir.display(), error = %e, "cannot remove the runtime directory")
+            }
+        }
+    }
+
     fn spawn_action(&self, action: PolicyAction) {
         let Some(me) = self.me.upgrade() else { return };
         let spawned = std::thread::Builder::new()
             .name("domkit-libxl-policy".into())
-            .spawn(move || {
-                let _op = me.ops.blocking_lock();
-                me.carry_out(action);
+            .spawn(move || match action {
+                // A destroy never queues (§6.0): the guest powered off or crashed, and an
+                // operation holding the lock would only wait for the end anyway.
+                PolicyAction::Destroy => me.carry_out(action),
+                _ => {
+                    let _op = me.ops.blocking_lock();
+                    me.carry_out(action);
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(domain = %self.id.name, error = %e, ?action, "cannot start a policy thread");
@@ -299,19 +539,23 @@ impl DomainInner {
                     Err(e) => {
                         tracing::error!(domain = %me.id.name, error = %e, "soft reset failed: destroying");
                         let _ = me.ctx.destroy(domid);
-                        me.disarm();
-                        me.feed_fact(Fact::SoftResetFailed);
+                        let mut b = lock(&me.backend);
+                        if b.domid == Some(domid) {
+                            me.disarm_locked(&mut b);
+                            drop(b);
+                            me.feed_fact(Fact::SoftResetFailed);
+                        }
                     }
                 }
             });
     }
 
-    /// Carry out a policy action (the caller holds `ops`).
+    /// Carry out a policy action (a restart holds `ops`; a destroy does not need it).
     fn carry_out(&self, action: PolicyAction) {
         tracing::info!(domain = %self.id.name, ?action, "carrying out policy action");
         match action {
             PolicyAction::Destroy => {
-                if let Err(e) = self.destroy_locked() {
+                if let Err(e) = self.destroy_current() {
                     tracing::error!(domain = %self.id.name, error = %e, "policy destroy failed");
                 }
             }
@@ -321,30 +565,90 @@ impl DomainInner {
         }
     }
 
-    /// Destroy the current Xen domain and feed its end (caller holds `ops`).
-    fn destroy_locked(&self) -> std::result::Result<(), LibxlError> {
-        if let Some(domid) = self.domid() {
-            let t0 = Instant::now();
-            match self.ctx.destroy(domid) {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-            tracing::info!(domain = %self.id.name, domid, ms = t0.elapsed().as_millis() as u64, "destroyed");
-            self.disarm();
+    /// `libxl_domain_destroy` of `domid`; a domain that is gone already is fine.
+    fn destroy_domid(&self, domid: u32) -> std::result::Result<(), LibxlError> {
+        let t0 = Instant::now();
+        match self.ctx.destroy(domid) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
         }
-        self.feed_fact(Fact::Destroyed);
+        tracing::info!(domain = %self.id.name, domid, ms = t0.elapsed().as_millis() as u64, "destroyed");
+        Ok(())
+    }
+
+    /// Destroy the current Xen domain and feed its end (policy destroys, the end of a save).
+    fn destroy_current(&self) -> std::result::Result<(), LibxlError> {
+        match self.domid() {
+            Some(domid) => {
+                self.destroy_domid(domid)?;
+                self.ended(domid);
+            }
+            None => self.ended_if_idle(),
+        }
+        Ok(())
+    }
+
+    /// `destroy()` (§6.0, §6.5): stash `Destroy` (unless a committed save already decided
+    /// the end), destroy the current Xen domain, and whatever a create in progress builds,
+    /// until nothing of ours exists; concurrently with any operation holding `ops`.
+    fn destroy_preempting(&self) -> Result<()> {
+        let token = self.cell.with(|l| {
+            if l.has_intent(Intent::SaveCommitted) {
+                None // the save won: the file is committed, the end is `saved`
+            } else {
+                Some(l.push_intent(Intent::Destroy))
+            }
+        });
+        let _intent = TokenGuard {
+            cell: &self.cell,
+            token,
+        };
+        loop {
+            let (domid, creating) = {
+                let b = lock(&self.backend);
+                (b.domid, b.creating)
+            };
+            match (domid, creating) {
+                (Some(domid), _) => {
+                    self.destroy_domid(domid)
+                        .map_err(|e| backend_err(Operation::Destroy, e))?;
+                    self.ended(domid);
+                }
+                (None, true) => {
+                    // No domid yet: kill what the create built so far; it then fails (or
+                    // arms a domid that the next round destroys).
+                    self.kill_by_uuid();
+                    let b = lock(&self.backend);
+                    if b.creating && b.domid.is_none() {
+                        let _ = self
+                            .created
+                            .wait_timeout(b, Duration::from_millis(250))
+                            .unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                (None, false) => break,
+            }
+        }
+        self.ended_if_idle();
         Ok(())
     }
 
     /// Restart: destroy the old domid, create a new one from the same config (same name and
     /// uuid), report `RestartDone` (caller holds `ops`).
     fn restart_locked(&self) {
-        let old = {
+        let (old, mut creating) = {
             let mut b = lock(&self.backend);
             let d = b.domid;
             self.disarm_locked(&mut b);
-            d
+            b.creating = true;
+            (
+                d,
+                Creating {
+                    d: self,
+                    done: false,
+                },
+            )
         };
         if let Some(domid) = old {
             if let Err(e) = self.ctx.destroy(domid) {
@@ -354,50 +658,118 @@ impl DomainInner {
             }
         }
         let t0 = Instant::now();
-        let ok = match self.ctx.create_new(&self.libxl_json) {
-            Ok(domid) => match self.arm_and_run(domid, false, Fact::RestartDone { ok: true }) {
-                Ok(()) => {
-                    tracing::info!(domain = %self.id.name, old = ?old, new = domid, ms = t0.elapsed().as_millis() as u64, "restarted");
-                    true
+        let ok = if self.preempted() {
+            tracing::info!(domain = %self.id.name, "restart: a destroy is in progress: not creating the domain again");
+            false
+        } else {
+            match self.ctx.create_new(&self.libxl_json) {
+                Ok(domid) => {
+                    match self.arm_and_run(
+                        &mut creating,
+                        domid,
+                        false,
+                        Fact::RestartDone { ok: true },
+                    ) {
+                        Ok(()) => {
+                            tracing::info!(domain = %self.id.name, old = ?old, new = domid, ms = t0.elapsed().as_millis() as u64, "restarted");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::error!(domain = %self.id.name, error = %e, "restart: cannot run the new domain");
+                            let _ = self.ctx.destroy(domid);
+                            false
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(domain = %self.id.name, error = %e, "restart: cannot run the new domain");
-                    let _ = self.ctx.destroy(domid);
+                    tracing::error!(domain = %self.id.name, error = %e, "restart: creating the new domain failed");
+                    self.kill_by_uuid();
                     false
                 }
-            },
-            Err(e) => {
-                tracing::error!(domain = %self.id.name, error = %e, "restart: creating the new domain failed");
-                false
             }
         };
         if !ok {
             self.feed_fact(Fact::RestartDone { ok: false });
         }
+        drop(creating);
     }
 
     // ---- operations (blocking; the caller holds `ops`) ----
+
+    /// The error for a libxl call of `operation` that failed: if the domain ended meanwhile
+    /// (or libxl cannot find it any more), wait for that end to be observed and say so.
+    fn failed(&self, operation: Operation, domid: u32, e: LibxlError) -> Error {
+        let gone = e.is_not_found()
+            || !self.cell.state().is_active()
+            || self.ctx.domain_info(domid).map_or(true, |i| i.dying);
+        if gone {
+            self.settle_gone(domid);
+            let state = self.cell.state();
+            if !state.is_active() {
+                return backend_msg(format!(
+                    "{operation} failed because the domain stopped meanwhile (now {state}): {e}"
+                ));
+            }
+        }
+        backend_err(operation, e)
+    }
+
+    /// The Xen domain `domid` died or is dying under an operation: wait (bounded) for its
+    /// death to be observed; if it is gone and still not observed, feed its end.
+    fn settle_gone(&self, domid: u32) {
+        let t0 = Instant::now();
+        while self.cell.state().is_active() && t0.elapsed() < GONE_SETTLE {
+            if matches!(self.ctx.domain_info(domid), Err(e) if e.is_not_found()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.cell.state().is_active()
+            && matches!(self.ctx.domain_info(domid), Err(e) if e.is_not_found())
+        {
+            self.ended(domid);
+        }
+    }
+
+    /// After a failed create: destroy anything left with our uuid, report the failure.
+    fn create_failed(&self) {
+        let left = self.kill_by_uuid();
+        if left > 0 {
+            tracing::warn!(domain = %self.id.name, left, "a failed create left Xen domains behind: destroyed");
+        }
+        self.feed_fact(Fact::CreateFailed);
+    }
 
     fn start_blocking(&self, options: StartOptions) -> Result<()> {
         if self.cell.state().is_active() {
             return Err(self.invalid(Operation::Start));
         }
+        if let Err(e) = self.prepare_runtime_dir(Operation::Start) {
+            self.feed_fact(Fact::CreateFailed);
+            return Err(e);
+        }
         let t0 = Instant::now();
+        let mut creating = self.begin_create();
         let domid = match self.ctx.create_new(&self.libxl_json) {
             Ok(d) => d,
             Err(e) => {
-                self.feed_fact(Fact::CreateFailed);
-                return Err(backend_err(Operation::Start, e));
+                drop(creating);
+                self.create_failed();
+                return Err(backend_msg(format!(
+                    "start: libxl could not create the domain: {e}"
+                )));
             }
         };
         let created = Fact::Created {
             how: Creation::Boot,
             paused: options.paused,
         };
-        if let Err(e) = self.arm_and_run(domid, options.paused, created) {
+        if let Err(e) = self.arm_and_run(&mut creating, domid, options.paused, created) {
             let _ = self.ctx.destroy(domid);
-            self.feed_fact(Fact::CreateFailed);
-            return Err(backend_err(Operation::Start, e));
+            self.create_failed();
+            return Err(backend_msg(format!(
+                "start: the domain was created but cannot be run: {e}"
+            )));
         }
         tracing::info!(domain = %self.id.name, domid, ms = t0.elapsed().as_millis() as u64, "started");
         Ok(())
@@ -406,21 +778,26 @@ impl DomainInner {
     fn pause_blocking(&self) -> Result<()> {
         match self.cell.state() {
             DomainState::Paused(_) => return Ok(()),
-            DomainState::Running(_) => {}
+            // A pending shutdown request leaves the domain operable (§6.3).
+            DomainState::Running(_)
+            | DomainState::Blocked(_)
+            | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
             _ => return Err(self.invalid(Operation::Pause)),
         }
         let domid = self.domid().ok_or_else(|| self.invalid(Operation::Pause))?;
         let _intent = self.cell.intent(Intent::Pause);
         self.ctx
             .pause(domid)
-            .map_err(|e| backend_err(Operation::Pause, e))?;
+            .map_err(|e| self.failed(Operation::Pause, domid, e))?;
         self.feed_fact(Fact::Paused);
         Ok(())
     }
 
     fn resume_blocking(&self) -> Result<()> {
         match self.cell.state() {
-            DomainState::Running(_) => return Ok(()),
+            DomainState::Running(_) | DomainState::ShuttingDown(ShuttingDownReason::User) => {
+                return Ok(())
+            }
             DomainState::Paused(PausedReason::ShuttingDown) => {
                 return Err(self.invalid(Operation::Resume))
             }
@@ -433,17 +810,18 @@ impl DomainInner {
         let _intent = self.cell.intent(Intent::Resume);
         self.ctx
             .unpause(domid)
-            .map_err(|e| backend_err(Operation::Resume, e))?;
+            .map_err(|e| self.failed(Operation::Resume, domid, e))?;
         self.feed_fact(Fact::Unpaused);
         Ok(())
     }
 
+    /// The request half of `shutdown` (§6.3): only from running or with a request pending
+    /// (`shutting_down(user)`): a paused, suspended or crashed guest cannot act on it.
     fn shutdown_request_blocking(&self) -> Result<()> {
         match self.cell.state() {
             DomainState::Running(_)
             | DomainState::Blocked(_)
-            | DomainState::ShuttingDown(_)
-            | DomainState::Paused(PausedReason::User | PausedReason::Unknown) => {}
+            | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
             _ => return Err(self.invalid(Operation::Shutdown)),
         }
         let domid = self
@@ -461,28 +839,49 @@ impl DomainInner {
                 operation: Operation::Shutdown,
                 after: t0.elapsed(),
                 hint: format!(
-                    "the guest did not acknowledge the PV shutdown request ({e}); is it paused, \
-                     or without PV drivers? destroy it to stop it"
+                    "the guest did not acknowledge the PV shutdown request ({e}); is it \
+                     without PV drivers, or hung? destroy it to stop it"
                 ),
             }),
-            Err(e) => Err(backend_err(Operation::Shutdown, e)),
+            Err(e) => Err(self.failed(Operation::Shutdown, domid, e)),
         }
     }
 
-    fn reboot_request_blocking(&self) -> Result<()> {
+    /// The request half of `reboot`: stash `Reboot`, send the PV request and wait for its
+    /// acknowledgement; then hand the intent to `hold` (it stays stashed until the reboot
+    /// happened or the caller's deadline passed, even if the caller stops waiting).
+    fn reboot_request_blocking(&self, hold: impl FnOnce(OwnedIntent, EventStream)) -> Result<()> {
         match self.cell.state() {
             DomainState::Running(_)
             | DomainState::Blocked(_)
-            | DomainState::ShuttingDown(_)
-            | DomainState::Paused(PausedReason::User | PausedReason::Unknown) => {}
+            | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
             _ => return Err(self.invalid(Operation::Reboot)),
         }
         let domid = self
             .domid()
             .ok_or_else(|| self.invalid(Operation::Reboot))?;
-        self.ctx
-            .reboot(domid)
-            .map_err(|e| backend_err(Operation::Reboot, e))
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| self.invalid(Operation::Reboot))?;
+        let events = self.cell.subscribe();
+        let intent = OwnedIntent::push(me, Intent::Reboot);
+        let t0 = Instant::now();
+        match self.ctx.reboot(domid) {
+            Ok(()) => {
+                hold(intent, events);
+                Ok(())
+            }
+            Err(e) if e.code == libxenlight_sys::ERROR_TIMEDOUT => Err(Error::Timeout {
+                operation: Operation::Reboot,
+                after: t0.elapsed(),
+                hint: format!(
+                    "the guest did not acknowledge the PV reboot request ({e}); destroy or \
+                     reset it"
+                ),
+            }),
+            Err(e) => Err(self.failed(Operation::Reboot, domid, e)),
+        }
     }
 
     fn reset_blocking(&self) -> Result<()> {
@@ -496,13 +895,10 @@ impl DomainInner {
                 if self.cell.state().is_running() {
                     Ok(())
                 } else {
-                    Err(Error::Backend {
-                        backend: BACKEND.into(),
-                        message: format!(
-                            "reset: creating the domain again failed; it is {}",
-                            self.cell.state()
-                        ),
-                    })
+                    Err(backend_msg(format!(
+                        "reset: creating the domain again failed; it is {}",
+                        self.cell.state()
+                    )))
                 }
             }
             Some(other) => {
@@ -513,18 +909,11 @@ impl DomainInner {
         }
     }
 
-    fn destroy_blocking(&self) -> Result<()> {
-        if !self.cell.state().is_active() {
-            return Ok(());
-        }
-        let _intent = self.cell.intent(Intent::Destroy);
-        self.destroy_locked()
-            .map_err(|e| backend_err(Operation::Destroy, e))
-    }
-
     fn save_blocking(&self, path: &Path) -> Result<()> {
         let was_paused = match self.cell.state() {
-            DomainState::Running(_) => false,
+            DomainState::Running(_)
+            | DomainState::Blocked(_)
+            | DomainState::ShuttingDown(ShuttingDownReason::User) => false,
             DomainState::Paused(PausedReason::ShuttingDown) => {
                 return Err(self.invalid(Operation::Save))
             }
@@ -545,45 +934,138 @@ impl DomainInner {
                 saved_at_us: domkit_core::event::unix_micros(SystemTime::now()),
             })
             .map_err(save_err)?;
-        let _intent = self.cell.intent(Intent::Save);
+        let _save = self.cell.intent(Intent::Save);
         if was_paused {
-            // A PV guest suspends itself: it has to run to answer the suspend request.
+            // A PV guest suspends itself: libxl notifies its suspend event channel (or
+            // writes control/shutdown = suspend) and waits up to 60 s for the guest's own
+            // SCHEDOP_shutdown(suspend); a paused guest would never answer. So it runs until
+            // it suspends, and the events say so (resumed, then suspended for the save).
             self.ctx
                 .unpause(domid)
-                .map_err(|e| backend_err(Operation::Save, e))?;
+                .map_err(|e| self.failed(Operation::Save, domid, e))?;
+            self.feed_fact_as(Intent::Resume, Fact::Unpaused);
         }
         let t0 = Instant::now();
         if let Err(e) = self.ctx.suspend_to_fd(domid, target.raw_fd()) {
-            tracing::warn!(domain = %self.id.name, error = %e, "save failed: resuming the domain");
-            self.recover_after_failed_save(domid, was_paused);
-            return Err(backend_err(Operation::Save, e));
+            let err = backend_err(Operation::Save, e);
+            return Err(self.save_failed(domid, was_paused, path, target, err));
         }
-        let saved_ms = t0.elapsed().as_millis() as u64;
+        let suspend_ms = t0.elapsed().as_millis() as u64;
         // libxl_domain_suspend returned 0: the guest is suspended.
         self.feed_fact(Fact::Suspended);
-        if let Err(e) = target.persist() {
-            tracing::warn!(domain = %self.id.name, error = %e, "cannot keep the save file: resuming the domain");
-            self.recover_after_failed_save(domid, was_paused);
-            return Err(save_err(e));
+        if let Err(e) = target.seal() {
+            return Err(self.save_failed(domid, was_paused, path, target, save_err(e)));
         }
-        match self.ctx.destroy(domid) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                return Err(Error::Backend {
-                    backend: BACKEND.into(),
-                    message: format!(
-                        "save: the state is saved to {} but destroying the suspended domain \
-                         failed: {e}; destroy it",
-                        path.display()
-                    ),
+        // Commit: rename and stash SaveCommitted in one step under the cell's lock, unless
+        // a destroy is stashed (it preempted the save) or the domain ended meanwhile.
+        enum Commit {
+            Done(PathBuf, IntentToken),
+            Preempted,
+            Stopped(DomainState),
+            Failed(savefile::SaveFileError),
+        }
+        let mut target = Some(target);
+        let commit = self.cell.with(|l| {
+            if l.has_intent(Intent::Destroy) {
+                return Commit::Preempted;
+            }
+            let state = l.state();
+            if !state.is_active() {
+                return Commit::Stopped(state);
+            }
+            match target.take().map(SaveTarget::commit) {
+                Some(Ok(dest)) => Commit::Done(dest, l.push_intent(Intent::SaveCommitted)),
+                Some(Err(e)) => Commit::Failed(e),
+                None => Commit::Preempted,
+            }
+        });
+        drop(target); // not committed: removes the temporary file
+        let _committed = match commit {
+            Commit::Done(dest, token) => {
+                savefile::sync_dir(&dest);
+                TokenGuard {
+                    cell: &self.cell,
+                    token: Some(token),
+                }
+            }
+            Commit::Preempted => {
+                return Err(Error::Interrupted {
+                    operation: Operation::Save,
+                    by: Operation::Destroy,
+                    state: self.cell.state(),
                 })
             }
+            Commit::Stopped(state) => {
+                return Err(backend_msg(format!(
+                    "save: the domain stopped during the save (now {state}): nothing was \
+                     saved; an older file at {} is intact",
+                    path.display()
+                )))
+            }
+            Commit::Failed(e) => {
+                tracing::warn!(domain = %self.id.name, error = %e, "cannot keep the save file: resuming the domain");
+                self.recover_after_failed_save(domid, was_paused);
+                return Err(save_err(e));
+            }
+        };
+        // The file is committed: the end of the domain is `saved` from here on.
+        if let Err(e) = self.destroy_domid(domid) {
+            return Err(backend_msg(format!(
+                "save: the state is saved to {} but destroying the suspended domain failed: \
+                 {e}; destroy it",
+                path.display()
+            )));
         }
-        self.disarm();
-        self.feed_fact(Fact::Destroyed);
-        tracing::info!(domain = %self.id.name, domid, suspend_ms = saved_ms, total_ms = t0.elapsed().as_millis() as u64, path = %path.display(), "saved");
+        self.ended(domid);
+        tracing::info!(domain = %self.id.name, domid, suspend_ms, total_ms = t0.elapsed().as_millis() as u64, path = %path.display(), "saved");
         Ok(())
+    }
+
+    /// A save failed before its file was committed (the temporary file goes with `target`):
+    /// preempted by a destroy -> no recovery; the domain died -> say so; else resume it.
+    fn save_failed(
+        &self,
+        domid: u32,
+        was_paused: bool,
+        path: &Path,
+        target: SaveTarget,
+        err: Error,
+    ) -> Error {
+        drop(target);
+        if self.preempted() {
+            return Error::Interrupted {
+                operation: Operation::Save,
+                by: Operation::Destroy,
+                state: self.cell.state(),
+            };
+        }
+        let gone =
+            !self.cell.state().is_active() || self.ctx.domain_info(domid).map_or(true, |i| i.dying);
+        if gone {
+            self.settle_gone(domid);
+            let state = self.cell.state();
+            if !state.is_active() {
+                return backend_msg(format!(
+                    "save: the domain stopped during the save (now {state}): nothing was \
+                     saved; an older file at {} is intact ({err})",
+                    path.display()
+                ));
+            }
+        }
+        tracing::warn!(domain = %self.id.name, error = %err, "save failed: resuming the domain");
+        self.recover_after_failed_save(domid, was_paused);
+        err
+    }
+
+    /// Pause again after a failed save of a paused domain (it ran to suspend itself).
+    fn pause_again(&self, domid: u32) {
+        let _intent = self.cell.intent(Intent::Pause);
+        match self.ctx.pause(domid) {
+            Ok(()) => self.feed_fact(Fact::Paused),
+            Err(e) => {
+                tracing::error!(domain = %self.id.name, error = %e, "cannot pause the domain again after a failed save")
+            }
+        }
     }
 
     /// After a failed save: if the guest is suspended, resume it (co-operatively) and watch
@@ -597,12 +1079,9 @@ impl DomainInner {
                         if let Err(e) = self.rearm(domid) {
                             tracing::error!(domain = %self.id.name, error = %e, "cannot watch the resumed domain");
                         }
+                        self.feed_fact(Fact::ResumedAfterFailedSave);
                         if was_paused {
-                            if let Err(e) = self.ctx.pause(domid) {
-                                tracing::error!(domain = %self.id.name, error = %e, "cannot pause the resumed domain again");
-                            }
-                        } else {
-                            self.feed_fact(Fact::ResumedAfterFailedSave);
+                            self.pause_again(domid);
                         }
                     }
                     Err(e) => {
@@ -612,9 +1091,7 @@ impl DomainInner {
             }
             Ok(_) => {
                 if was_paused {
-                    if let Err(e) = self.ctx.pause(domid) {
-                        tracing::error!(domain = %self.id.name, error = %e, "cannot pause the domain again");
-                    }
+                    self.pause_again(domid);
                 }
             }
             Err(e) => {
@@ -627,25 +1104,30 @@ impl DomainInner {
         if self.cell.state().is_active() {
             return Err(self.invalid(Operation::Restore));
         }
-        let (file, header) = savefile::open(path).map_err(save_err)?;
-        if header.uuid != self.id.uuid || header.name != self.id.name {
-            return Err(Error::Protocol {
-                message: format!(
-                    "{} holds domain {:?} ({}), not {}: restore it through that domain",
-                    path.display(),
-                    header.name,
-                    header.uuid,
-                    self.id
-                ),
-            });
+        // Every failure from here on is a failed restore: shutoff(failed) + stopped(failed).
+        let (file, header) = match self.check_save_file(path) {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.feed_fact(Fact::CreateFailed);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.prepare_runtime_dir(Operation::Restore) {
+            self.feed_fact(Fact::CreateFailed);
+            return Err(e);
         }
         let paused = options.paused.unwrap_or(header.was_paused);
         let t0 = Instant::now();
+        let mut creating = self.begin_create();
         let domid = match self.ctx.create_restore(&self.libxl_json, file.as_raw_fd()) {
             Ok(d) => d,
             Err(e) => {
-                self.feed_fact(Fact::CreateFailed);
-                return Err(backend_err(Operation::Restore, e));
+                drop(creating);
+                self.create_failed();
+                return Err(backend_msg(format!(
+                    "restore: libxl could not restore the domain from {}: {e}",
+                    path.display()
+                )));
             }
         };
         drop(file);
@@ -653,13 +1135,33 @@ impl DomainInner {
             how: Creation::Restore,
             paused,
         };
-        if let Err(e) = self.arm_and_run(domid, paused, created) {
+        if let Err(e) = self.arm_and_run(&mut creating, domid, paused, created) {
             let _ = self.ctx.destroy(domid);
-            self.feed_fact(Fact::CreateFailed);
-            return Err(backend_err(Operation::Restore, e));
+            self.create_failed();
+            return Err(backend_msg(format!(
+                "restore: the domain was restored but cannot be run: {e}"
+            )));
         }
         tracing::info!(domain = %self.id.name, domid, ms = t0.elapsed().as_millis() as u64, "restored");
         Ok(())
+    }
+
+    /// Open a save file and check it before libxl reads a byte of it: header, stream length
+    /// and digest (savefile.rs), and that it holds this domain.
+    fn check_save_file(&self, path: &Path) -> Result<(std::fs::File, SaveHeader)> {
+        let t0 = Instant::now();
+        let (file, header) = savefile::open(path).map_err(restore_file_err)?;
+        tracing::debug!(domain = %self.id.name, ms = t0.elapsed().as_millis() as u64, "save file verified");
+        if header.uuid != self.id.uuid || header.name != self.id.name {
+            return Err(Error::BadSaveFile {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it holds domain {:?} ({}), not {}: restore it through that domain",
+                    header.name, header.uuid, self.id
+                ),
+            });
+        }
+        Ok((file, header))
     }
 
     fn pm_suspend_blocking(&self) -> Result<()> {
@@ -672,7 +1174,7 @@ impl DomainInner {
         let _intent = self.cell.intent(Intent::PmSuspend);
         self.ctx
             .suspend_only(domid)
-            .map_err(|e| backend_err(Operation::PmSuspend, e))?;
+            .map_err(|e| self.failed(Operation::PmSuspend, domid, e))?;
         self.feed_fact(Fact::SuspendedOnly);
         Ok(())
     }
@@ -686,7 +1188,7 @@ impl DomainInner {
             .ok_or_else(|| self.invalid(Operation::PmWakeup))?;
         self.ctx
             .resume_cancel(domid)
-            .map_err(|e| backend_err(Operation::PmWakeup, e))?;
+            .map_err(|e| self.failed(Operation::PmWakeup, domid, e))?;
         if let Err(e) = self.rearm(domid) {
             tracing::error!(domain = %self.id.name, error = %e, "cannot watch the woken domain");
         }
@@ -710,10 +1212,21 @@ pub struct LibxlDomain {
     pub(crate) inner: Arc<DomainInner>,
 }
 
-/// Clears an intent when dropped (for intents that outlive the blocking call: reboot).
-struct OwnedIntent {
+/// An intent that outlives the blocking call that stashed it (reboot: until the guest
+/// rebooted); popped when dropped.
+pub(crate) struct OwnedIntent {
     inner: Arc<DomainInner>,
-    token: Option<domkit_core::IntentToken>,
+    token: Option<IntentToken>,
+}
+
+impl OwnedIntent {
+    fn push(inner: Arc<DomainInner>, intent: Intent) -> Self {
+        let token = inner.cell.with(|l| l.push_intent(intent));
+        OwnedIntent {
+            inner,
+            token: Some(token),
+        }
+    }
 }
 
 impl Drop for OwnedIntent {
@@ -722,6 +1235,38 @@ impl Drop for OwnedIntent {
             self.inner.cell.with(|l| l.pop_intent(token));
         }
     }
+}
+
+/// Counts an API destroy in flight until dropped.
+struct DestroyInFlight(Arc<DomainInner>);
+
+impl Drop for DestroyInFlight {
+    fn drop(&mut self) {
+        self.0.destroying.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// How a wait for the end of a shutdown or a reboot ended.
+enum WaitEnd {
+    /// `stopped(detail)`.
+    Stopped(StoppedDetail),
+    /// The guest crashed (the state is `crashed(_)`, or a restart follows).
+    Crashed,
+    /// The guest rebooted.
+    Rebooted,
+}
+
+/// Wait for the first event that ends a wait on the guest.
+async fn next_end(events: &mut EventStream) -> Option<WaitEnd> {
+    while let Some(ev) = events.next().await {
+        match ev.kind {
+            EventKind::Stopped(d) => return Some(WaitEnd::Stopped(d)),
+            EventKind::Crashed(_) => return Some(WaitEnd::Crashed),
+            EventKind::Rebooted => return Some(WaitEnd::Rebooted),
+            _ => {}
+        }
+    }
+    None
 }
 
 impl LibxlDomain {
@@ -740,22 +1285,38 @@ impl LibxlDomain {
         &self.inner.libxl_json
     }
 
+    /// The domain's private runtime directory (channel sockets).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.inner.runtime_dir
+    }
+
     /// Diagnostics: what the driver fed the state machine (libxl events of the current watch
     /// and facts from returned calls, with the intent in force), oldest first.
     pub fn trace(&self) -> Vec<TraceEntry> {
         lock(&self.inner.trace).clone()
     }
 
-    /// Run `f` on a blocking thread under this domain's operation lock.
+    /// Run `f` on a blocking thread under this domain's operation lock (§6.0): the caller
+    /// queues (FIFO) for the lock first, so a future dropped while queued never runs `f`;
+    /// the operation starts once no destroy is in flight; once spawned, `f` runs to its end
+    /// even if the caller's future is dropped. An error of an operation that a destroy
+    /// preempted is `Error::Interrupted`.
     async fn run_op<T: Send + 'static>(
         &self,
         operation: Operation,
         f: impl FnOnce(&DomainInner) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.inner.ops.clone().lock_owned().await;
+        let mut destroying = self.inner.destroying.subscribe();
+        while *destroying.borrow_and_update() > 0 {
+            if destroying.changed().await.is_err() {
+                break;
+            }
+        }
         let inner = self.inner.clone();
         let job = tokio::task::spawn_blocking(move || {
             let _guard = guard;
+            let epoch = inner.destroys.load(Ordering::SeqCst);
             let broken = inner.ctx.broken();
             if broken.is_none() {
                 inner.cell.set_control(ControlState::Job { operation });
@@ -765,33 +1326,103 @@ impl LibxlDomain {
                 Some(reason) => inner.cell.set_control(ControlState::Broken { reason }),
                 None => inner.cell.set_control(ControlState::Ok),
             }
-            r
+            let preempted = inner.destroys.load(Ordering::SeqCst) != epoch;
+            (r, preempted)
         });
-        job.await.map_err(|e| Error::Backend {
-            backend: BACKEND.into(),
-            message: format!("{operation}: the blocking libxl call panicked or was cancelled: {e}"),
-        })?
+        let (r, preempted) = job.await.map_err(|e| {
+            backend_msg(format!(
+                "{operation}: the blocking libxl call panicked or was cancelled: {e}"
+            ))
+        })?;
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) if preempted || matches!(e, Error::Interrupted { .. }) => {
+                tracing::info!(domain = %self.inner.id.name, %operation, error = %e, "preempted by a destroy");
+                Err(self.interrupted(operation).await)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `Error::Interrupted` for `operation`, once the destroy that preempted it is over.
+    async fn interrupted(&self, operation: Operation) -> Error {
+        let state = self
+            .inner
+            .cell
+            .wait_for(operation, INTERRUPTED_SETTLE, |s| !s.is_active())
+            .await
+            .unwrap_or_else(|_| self.state());
+        Error::Interrupted {
+            operation,
+            by: Operation::Destroy,
+            state,
+        }
+    }
+
+    /// The error of a shutdown or reboot whose wait ended without the outcome it waited
+    /// for. `epoch`: [`DomainInner::destroys`] when the operation began (an API destroy
+    /// since then interrupted it; any other destroy was out of band, e.g. `xl destroy`).
+    async fn ended_instead(&self, operation: Operation, end: WaitEnd, epoch: u64) -> Error {
+        match end {
+            WaitEnd::Stopped(StoppedDetail::Destroyed)
+                if self.inner.destroys.load(Ordering::SeqCst) != epoch =>
+            {
+                self.interrupted(operation).await
+            }
+            WaitEnd::Stopped(StoppedDetail::Destroyed) => backend_msg(format!(
+                "{operation}: the domain was destroyed by someone else (e.g. `xl destroy`) \
+                 before the guest completed it; it is {}",
+                self.state()
+            )),
+            WaitEnd::Stopped(d) => backend_msg(format!(
+                "{operation}: the domain ended (stopped {d:?}) instead; it is {}",
+                self.state()
+            )),
+            WaitEnd::Crashed => backend_msg(format!(
+                "{operation}: the guest crashed instead (it is {}; on_crash decides what \
+                 follows)",
+                self.state()
+            )),
+            WaitEnd::Rebooted => backend_msg(format!(
+                "{operation}: the guest rebooted instead; it is {}",
+                self.state()
+            )),
+        }
+    }
+
+    /// A shutdown that did not complete by its deadline (§6.3).
+    async fn shutdown_timed_out(
+        &self,
+        options: &ShutdownOptions,
+        what: &str,
+    ) -> Result<ShutdownOutcome> {
+        if options.destroy_on_timeout {
+            tracing::info!(domain = %self.inner.id.name, "shutdown timed out: destroying");
+            self.destroy().await?;
+            return Ok(ShutdownOutcome::Destroyed);
+        }
+        Err(Error::Timeout {
+            operation: Operation::Shutdown,
+            after: options.timeout,
+            hint: format!(
+                "{what} (it is {}); the request stays pending in the guest and the domain \
+                 stays operable: destroy it, or ask with destroy_on_timeout",
+                self.state()
+            ),
+        })
     }
 
     fn check_mode(&self, operation: Operation, mode: ShutdownMode) -> Result<()> {
-        match mode {
-            ShutdownMode::Default | ShutdownMode::Paravirt => Ok(()),
-            ShutdownMode::Acpi => Err(Error::Unsupported {
-                operation,
-                backend: BACKEND.into(),
-                reason: "ACPI power button: Xen PV/PVH guests have no ACPI power button \
-                         (libxl_send_trigger POWER is HVM-only); use the default \
-                         (paravirtual) mode"
-                    .into(),
-            }),
-            ShutdownMode::Agent => Err(Error::Unsupported {
-                operation,
-                backend: BACKEND.into(),
-                reason: "guest agent: the libxl driver does not talk to a guest agent; use the \
-                         default (paravirtual) mode"
-                    .into(),
-            }),
-        }
+        let reason = match mode {
+            ShutdownMode::Default | ShutdownMode::Paravirt => return Ok(()),
+            ShutdownMode::Acpi => UNSUPPORTED_ACPI,
+            ShutdownMode::Agent => UNSUPPORTED_AGENT,
+        };
+        Err(Error::Unsupported {
+            operation,
+            backend: BACKEND.into(),
+            reason: reason.into(),
+        })
     }
 }
 
@@ -834,79 +1465,102 @@ impl Domain for LibxlDomain {
             .await
     }
 
+    /// §6.3: the request (and libxl's wait for the guest's acknowledgement) runs under the
+    /// operation lock in the background; the wait for the end belongs to this future. The
+    /// caller's timeout bounds both.
     async fn shutdown(&self, options: ShutdownOptions) -> Result<ShutdownOutcome> {
         self.check_mode(Operation::Shutdown, options.mode)?;
-        let t0 = Instant::now();
-        let requested = self
-            .run_op(Operation::Shutdown, |d| d.shutdown_request_blocking())
-            .await;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let epoch = self.inner.destroys.load(Ordering::SeqCst);
+        let mut events = self.subscribe();
+        let requested = tokio::time::timeout_at(
+            deadline,
+            self.run_op(Operation::Shutdown, |d| d.shutdown_request_blocking()),
+        )
+        .await;
         match requested {
-            Ok(()) => {}
-            Err(Error::Timeout { .. }) if options.destroy_on_timeout => {
-                self.destroy().await?;
-                return Ok(ShutdownOutcome::Destroyed);
+            Ok(Ok(())) => {}
+            Ok(Err(Error::Timeout { .. })) | Err(_) => {
+                return self
+                    .shutdown_timed_out(
+                        &options,
+                        "the guest did not acknowledge the PV shutdown request in time (libxl \
+                         keeps waiting for it for up to 60 s; operations queue behind that)",
+                    )
+                    .await
             }
-            Err(e) => return Err(e),
+            Ok(Err(e)) => return Err(e),
         }
         if options.wait == ShutdownWait::Acknowledged {
             return Ok(ShutdownOutcome::Acknowledged);
         }
-        let left = options.timeout.saturating_sub(t0.elapsed());
-        match self
-            .inner
-            .cell
-            .wait_for(Operation::Shutdown, left, |s| s.is_shutoff())
-            .await
-        {
-            Ok(_) => Ok(ShutdownOutcome::Completed),
-            Err(e) => {
-                if options.destroy_on_timeout {
-                    tracing::info!(domain = %self.inner.id.name, "shutdown timed out: destroying");
-                    self.destroy().await?;
-                    Ok(ShutdownOutcome::Destroyed)
-                } else {
-                    Err(e)
-                }
+        match tokio::time::timeout_at(deadline, next_end(&mut events)).await {
+            Ok(Some(WaitEnd::Stopped(StoppedDetail::Shutdown))) => Ok(ShutdownOutcome::Completed),
+            Ok(Some(end)) => Err(self.ended_instead(Operation::Shutdown, end, epoch).await),
+            Ok(None) => Err(backend_msg(format!(
+                "shutdown: the domain's event stream ended; it is {}",
+                self.state()
+            ))),
+            Err(_) => {
+                self.shutdown_timed_out(&options, "the guest did not shut down in time")
+                    .await
             }
         }
     }
 
+    /// §6.4, §6.0: the PV request (and its acknowledgement) runs under the operation lock in
+    /// the background, with `Reboot` stashed until the guest rebooted or `timeout` passed;
+    /// the wait for the reboot and the restart that follows belongs to this future.
     async fn reboot(&self, mode: ShutdownMode, timeout: Duration) -> Result<()> {
         self.check_mode(Operation::Reboot, mode)?;
-        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let epoch = self.inner.destroys.load(Ordering::SeqCst);
         let mut events = self.subscribe();
-        let token = self.inner.cell.with(|l| l.push_intent(Intent::Reboot));
-        let _intent = OwnedIntent {
-            inner: self.inner.clone(),
-            token: Some(token),
+        let handle = tokio::runtime::Handle::current();
+        let hold = move |intent: OwnedIntent, mut events: EventStream| {
+            handle.spawn(async move {
+                let _intent = intent;
+                let _ = tokio::time::timeout_at(deadline, next_end(&mut events)).await;
+            });
         };
-        self.run_op(Operation::Reboot, |d| d.reboot_request_blocking())
-            .await?;
-        let rebooted = async {
-            while let Some(ev) = events.next().await {
-                if ev.kind == EventKind::Rebooted {
-                    return true;
-                }
-            }
-            false
+        let requested = tokio::time::timeout_at(
+            deadline,
+            self.run_op(Operation::Reboot, move |d| d.reboot_request_blocking(hold)),
+        )
+        .await;
+        let timed_out = |what: &str| Error::Timeout {
+            operation: Operation::Reboot,
+            after: timeout,
+            hint: format!("{what}; it is {}", self.state()),
         };
-        let left = timeout.saturating_sub(t0.elapsed());
-        match tokio::time::timeout(left, rebooted).await {
-            Ok(true) => {}
-            _ => {
-                return Err(Error::Timeout {
-                    operation: Operation::Reboot,
-                    after: timeout,
-                    hint: format!(
-                        "the guest acknowledged the reboot request but did not reboot; it is {}",
-                        self.state()
-                    ),
-                })
+        match requested {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(timed_out(
+                    "the guest did not acknowledge the PV reboot request in time (libxl keeps \
+                     waiting for it for up to 60 s; operations queue behind that)",
+                ))
             }
         }
+        match tokio::time::timeout_at(deadline, next_end(&mut events)).await {
+            Ok(Some(WaitEnd::Rebooted)) => {}
+            Ok(Some(end)) => return Err(self.ended_instead(Operation::Reboot, end, epoch).await),
+            Ok(None) => {
+                return Err(backend_msg(format!(
+                    "reboot: the domain's event stream ended; it is {}",
+                    self.state()
+                )))
+            }
+            Err(_) => {
+                return Err(timed_out(
+                    "the guest acknowledged the reboot request but did not reboot",
+                ))
+            }
+        }
+        // Xen reboots a PV guest by destroy + create (the policy restart): wait for it.
         let inner = self.inner.clone();
-        let left = timeout
-            .saturating_sub(t0.elapsed())
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_secs(1));
         let state = self
             .inner
@@ -917,11 +1571,18 @@ impl Domain for LibxlDomain {
             .await?;
         if state.is_active() {
             Ok(())
-        } else {
-            Err(Error::Backend {
-                backend: BACKEND.into(),
-                message: format!("reboot: creating the domain again failed; it is {state}"),
+        } else if state == DomainState::Shutoff(domkit_core::ShutoffReason::Destroyed)
+            && self.inner.destroys.load(Ordering::SeqCst) != epoch
+        {
+            Err(Error::Interrupted {
+                operation: Operation::Reboot,
+                by: Operation::Destroy,
+                state,
             })
+        } else {
+            Err(backend_msg(format!(
+                "reboot: creating the domain again failed; it is {state}"
+            )))
         }
     }
 
@@ -929,9 +1590,21 @@ impl Domain for LibxlDomain {
         self.run_op(Operation::Reset, |d| d.reset_blocking()).await
     }
 
+    /// §6.0, §6.5: never queues behind another operation; preempts it.
     async fn destroy(&self) -> Result<()> {
-        self.run_op(Operation::Destroy, |d| d.destroy_blocking())
-            .await
+        let inner = self.inner.clone();
+        inner.destroys.fetch_add(1, Ordering::SeqCst);
+        inner.destroying.send_modify(|n| *n += 1);
+        let in_flight = DestroyInFlight(inner.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            let _in_flight = in_flight;
+            inner.destroy_preempting()
+        });
+        job.await.map_err(|e| {
+            backend_msg(format!(
+                "destroy: the blocking libxl call panicked or was cancelled: {e}"
+            ))
+        })?
     }
 
     async fn save(&self, path: &Path) -> Result<()> {
@@ -953,9 +1626,7 @@ impl Domain for LibxlDomain {
             return Err(Error::Unsupported {
                 operation: Operation::PmSuspend,
                 backend: BACKEND.into(),
-                reason: "suspend to disk (S4): libxl has no guest hibernation request for \
-                         PV/PVH guests; use save() to keep the state in a file"
-                    .into(),
+                reason: UNSUPPORTED_S4.into(),
             });
         }
         self.run_op(Operation::PmSuspend, |d| d.pm_suspend_blocking())

@@ -133,15 +133,44 @@ impl LibxlDriver {
     /// [`Capabilities`] can only list the supported ones).
     pub fn unsupported_modes(&self) -> Vec<(ShutdownMode, &'static str)> {
         vec![
-            (
-                ShutdownMode::Acpi,
-                "Xen PV/PVH guests have no ACPI power button (libxl_send_trigger POWER is HVM-only)",
-            ),
-            (
-                ShutdownMode::Agent,
-                "the libxl driver does not talk to a guest agent",
-            ),
+            (ShutdownMode::Acpi, crate::domain::UNSUPPORTED_ACPI),
+            (ShutdownMode::Agent, crate::domain::UNSUPPORTED_AGENT),
         ]
+    }
+
+    /// A name or uuid taken on the host by a Xen domain that is not ours (left running by
+    /// an exited process, or created with `xl`) is `AlreadyExists` at define time, not a
+    /// failure of the first `start()`.
+    async fn check_host_unique(&self, name: &str, uuid: Uuid) -> Result<()> {
+        let ctx = self.shared.ctx.clone();
+        let host = tokio::task::spawn_blocking(move || ctx.list_domains())
+            .await
+            .map_err(|e| Error::Backend {
+                backend: BACKEND.into(),
+                message: format!("define: listing the Xen domains failed: {e}"),
+            })?
+            .map_err(ctx_err)?;
+        match host
+            .iter()
+            .find(|d| d.name.as_deref() == Some(name) || d.uuid == uuid)
+        {
+            Some(d) => Err(Error::AlreadyExists {
+                what: format!(
+                    "a Xen domain with {} (domid {}, name {:?}, uuid {}; not managed by this \
+                     driver: destroy it with `xl destroy {}` or pick another name/uuid)",
+                    if d.name.as_deref() == Some(name) {
+                        format!("the name {name:?}")
+                    } else {
+                        format!("the uuid {uuid}")
+                    },
+                    d.domid,
+                    d.name.as_deref().unwrap_or("?"),
+                    d.uuid,
+                    d.domid
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn domains(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LibxlDomain>> {
@@ -161,12 +190,23 @@ impl Driver for LibxlDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let unsupported = BTreeMap::new();
+        use crate::domain::{UNSUPPORTED_ACPI, UNSUPPORTED_AGENT, UNSUPPORTED_S4};
         Capabilities {
             backend: BACKEND.into(),
-            unsupported,
+            // Every operation exists; what does not is a mode or target of one, refused with
+            // Error::Unsupported and the same reason.
+            unsupported: BTreeMap::new(),
             shutdown_modes: vec![ShutdownMode::Default, ShutdownMode::Paravirt],
-            ..Capabilities::default()
+            unsupported_variants: [
+                ("shutdown:acpi", UNSUPPORTED_ACPI),
+                ("reboot:acpi", UNSUPPORTED_ACPI),
+                ("shutdown:agent", UNSUPPORTED_AGENT),
+                ("reboot:agent", UNSUPPORTED_AGENT),
+                ("pm_suspend:disk", UNSUPPORTED_S4),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
         }
     }
 
@@ -185,6 +225,11 @@ impl Driver for LibxlDriver {
             backend: BACKEND.into(),
             reason: e.0,
         })?;
+        {
+            let domains = self.domains();
+            DomainId::check_unique(&config.name, uuid, domains.values().map(|d| d.id()))?;
+        }
+        self.check_host_unique(&config.name, uuid).await?;
         let mut domains = self.domains();
         DomainId::check_unique(&config.name, uuid, domains.values().map(|d| d.id()))?;
         let id = DomainId {
@@ -195,10 +240,12 @@ impl Driver for LibxlDriver {
             Lifecycle::new(id.clone(), config.policies()),
             Some(self.shared.events.clone()),
         );
+        let runtime_dir = self.shared.options.runtime_dir.join(&config.name);
         let inner = DomainInner::new(
             id,
             config,
             json.to_string(),
+            runtime_dir,
             cell,
             self.shared.ctx.clone(),
             self.shared.registry.clone(),
@@ -222,6 +269,7 @@ impl Driver for LibxlDriver {
             });
         }
         let d = domains.remove(name).expect("present");
+        d.inner.remove_runtime_dir();
         d.inner.cell.emit(Lifecycle::undefined);
         Ok(())
     }

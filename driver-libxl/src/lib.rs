@@ -50,6 +50,16 @@
 //! destroy, or resume after a failure) runs in one blocking closure under the domain's
 //! operation lock, so dropping the caller's future never leaves it half done.
 //!
+//! **Destroy preempts** (`docs/semantics.md` §6.0). `destroy()` never takes the operation
+//! lock: libxl's ctx is thread-safe, so it calls `libxl_domain_destroy` from its own
+//! blocking thread while a save, a shutdown's 60 s acknowledgement wait or any hung call
+//! holds the lock. The preempted libxl call fails or returns, and the operation reports
+//! `Error::Interrupted { by: destroy }`. A save commits its file and stashes
+//! `SaveCommitted` in one step under the lifecycle lock, where destroy stashes `Destroy`:
+//! whichever comes first decides whether the end is `saved` (file kept) or `destroyed` (no
+//! file). Shutdown and reboot send the request under the lock and wait for the guest in
+//! the caller's future.
+//!
 //! **Config: JSON.** See [`config`]: the pure mapping builds libxl's JSON and
 //! `libxl_domain_config_from_json` loads it.
 //!

@@ -89,8 +89,10 @@ pub fn translate_event(event: &LibxlEvent, intent: Option<Intent>) -> Translatio
     match event.kind {
         LibxlEventKind::DomainShutdown { reason } => match reason {
             REASON_SUSPEND => match intent {
-                // Our save suspended the guest: the vCPUs stopped for the save.
-                Some(Intent::Save) => t(
+                // Our save suspended the guest: the vCPUs stopped for the save (the event may
+                // arrive after the file was committed: still the save's stop, never
+                // pm_suspended). Under a destroy in force it is ignored like any stop.
+                Some(Intent::Save | Intent::SaveCommitted) => t(
                     Some(Observation::CpusStopped {
                         cause: StopCause::Command,
                     }),
@@ -460,18 +462,23 @@ mod tests {
         )
     }
 
+    /// What the driver does for a save (domain.rs `save_blocking`): `Save` while libxl
+    /// suspends the guest and the stream is sealed; `SaveCommitted` once the file is renamed
+    /// into place, before the suspended domain is destroyed (its DEATH may come before
+    /// `libxl_domain_destroy` returns).
     #[test]
     fn save_success_ends_saved_never_pm_suspended() {
         let mut lc = lifecycle(LifecyclePolicies::default());
         let s = Some(Intent::Save);
+        let c = Some(Intent::SaveCommitted);
         let (states, events, _) = replay(
             &mut lc,
             &[
                 booted(),
                 event(s, shutdown(REASON_SUSPEND)),
                 fact(s, Fact::Suspended),
-                fact(s, Fact::Destroyed),
-                event(None, death()),
+                event(c, death()),
+                fact(c, Fact::Destroyed),
             ],
         );
         assert_eq!(states[1], DomainState::Paused(PausedReason::Save));
@@ -483,6 +490,110 @@ mod tests {
             .iter()
             .any(|e| matches!(e, EventKind::PmSuspended(_))));
         assert!(events.contains(&EventKind::Stopped(StoppedDetail::Saved)));
+    }
+
+    /// Issue 15 item 2 (`xl destroy` during a save, 22 of 24 reported saved on the real
+    /// host): a death before the file is committed saved nothing; it is libxl's unexplained
+    /// end, destroyed.
+    #[test]
+    fn death_during_save_before_the_commit_is_destroyed_never_saved() {
+        for late_suspend_event in [false, true] {
+            let mut lc = lifecycle(LifecyclePolicies::default());
+            let s = Some(Intent::Save);
+            let mut trace = vec![booted()];
+            if late_suspend_event {
+                trace.push(fact(s, Fact::Suspended));
+                trace.push(event(s, shutdown(REASON_SUSPEND)));
+            } else {
+                trace.push(event(s, shutdown(REASON_SUSPEND)));
+            }
+            trace.push(event(s, death()));
+            let (states, events, _) = replay(&mut lc, &trace);
+            assert_eq!(
+                *states.last().unwrap(),
+                DomainState::Shutoff(ShutoffReason::Destroyed)
+            );
+            assert!(!events.contains(&EventKind::Stopped(StoppedDetail::Saved)));
+            assert!(events.contains(&EventKind::Stopped(StoppedDetail::Destroyed)));
+        }
+    }
+
+    /// A destroy of ours that preempts a save: `Destroy` is in force over `Save`; the
+    /// suspend event the save's own libxl call produces is not a pause, the end is
+    /// destroyed.
+    #[test]
+    fn destroy_preempting_a_save_ends_destroyed() {
+        let mut lc = lifecycle(LifecyclePolicies::default());
+        let (states, _, _) = replay(&mut lc, &[booted()]);
+        assert_eq!(states[0], DomainState::Running(RunningReason::Booted));
+        let mut events = Vec::new();
+        let save = lc.push_intent(Intent::Save);
+        let destroy = lc.push_intent(Intent::Destroy);
+        assert_eq!(lc.intent(), Some(Intent::Destroy));
+        for input in [
+            TraceInput::Event(shutdown(REASON_SUSPEND)),
+            TraceInput::Event(death()),
+        ] {
+            let entry = TraceEntry {
+                intent: lc.intent(),
+                input,
+            };
+            if let Some(obs) = translate_input(&entry) {
+                let out = lc.observe(obs, SystemTime::now());
+                events.extend(out.events.into_iter().map(|e| e.kind));
+            }
+        }
+        lc.pop_intent(destroy);
+        lc.pop_intent(save);
+        assert_eq!(lc.state(), DomainState::Shutoff(ShutoffReason::Destroyed));
+        assert_eq!(events, vec![EventKind::Stopped(StoppedDetail::Destroyed)]);
+    }
+
+    /// A late SHUTDOWN{suspend} under `SaveCommitted` is still the save's stop, never
+    /// pm_suspended.
+    #[test]
+    fn suspend_after_the_commit_is_still_the_save() {
+        let t = translate_event(&shutdown(REASON_SUSPEND), Some(Intent::SaveCommitted));
+        assert_eq!(
+            t.observation,
+            Some(Observation::CpusStopped {
+                cause: StopCause::Command
+            })
+        );
+    }
+
+    /// Save of a paused domain (defect 6): the PV guest runs to suspend itself, and the
+    /// events say so: resumed(unpaused) (the unpause reads as a resume, not as the save's
+    /// cancellation), suspended(saving), stopped(saved).
+    #[test]
+    fn save_of_a_paused_domain_says_the_guest_ran_to_suspend_itself() {
+        let mut lc = lifecycle(LifecyclePolicies::default());
+        let s = Some(Intent::Save);
+        let c = Some(Intent::SaveCommitted);
+        let (states, events, _) = replay(
+            &mut lc,
+            &[
+                booted(),
+                fact(Some(Intent::Pause), Fact::Paused),
+                fact(Some(Intent::Resume), Fact::Unpaused),
+                event(s, shutdown(REASON_SUSPEND)),
+                fact(s, Fact::Suspended),
+                event(c, death()),
+                fact(c, Fact::Destroyed),
+            ],
+        );
+        assert_eq!(states[2], DomainState::Running(RunningReason::Unpaused));
+        assert_eq!(states[3], DomainState::Paused(PausedReason::Save));
+        assert_eq!(
+            events,
+            vec![
+                EventKind::Started(domkit_core::StartedDetail::Booted),
+                EventKind::Suspended(domkit_core::SuspendedDetail::Paused),
+                EventKind::Resumed(domkit_core::ResumedDetail::Unpaused),
+                EventKind::Suspended(domkit_core::SuspendedDetail::Saving),
+                EventKind::Stopped(StoppedDetail::Saved),
+            ]
+        );
     }
 
     #[test]
