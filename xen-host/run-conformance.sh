@@ -25,8 +25,8 @@ trap 'rm -rf "$work"' EXIT
 [ -n "$log" ] || log=$work/serial.log
 
 echo "$me: building domkit with the libxl backend"
-# sha2 optimised even in this debug build (see run-libxl-tests.sh).
-cargo build -q --config "profile.dev.package.sha2.opt-level=3" -p domkit-examples --features libxl --bin domkit
+# crc32fast optimised even in this debug build (see run-libxl-tests.sh).
+cargo build -q --config "profile.dev.package.crc32fast.opt-level=3" -p domkit-examples --features libxl --bin domkit
 target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$work/payload"
 cp "$target/debug/domkit" "$work/payload/domkit"

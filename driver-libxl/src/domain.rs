@@ -1149,9 +1149,7 @@ impl DomainInner {
     /// Open a save file and check it before libxl reads a byte of it: header, stream length
     /// and digest (savefile.rs), and that it holds this domain.
     fn check_save_file(&self, path: &Path) -> Result<(std::fs::File, SaveHeader)> {
-        let t0 = Instant::now();
-        let (file, header) = savefile::open(path).map_err(restore_file_err)?;
-        tracing::debug!(domain = %self.id.name, ms = t0.elapsed().as_millis() as u64, "save file verified");
+        let (mut file, header) = savefile::open_header(path).map_err(restore_file_err)?;
         if header.uuid != self.id.uuid || header.name != self.id.name {
             return Err(Error::BadSaveFile {
                 path: path.to_path_buf(),
@@ -1161,6 +1159,9 @@ impl DomainInner {
                 ),
             });
         }
+        let t0 = Instant::now();
+        savefile::verify_stream(&mut file, path).map_err(restore_file_err)?;
+        tracing::info!(domain = %self.id.name, ms = t0.elapsed().as_millis() as u64, "save file verified");
         Ok((file, header))
     }
 
