@@ -205,6 +205,12 @@ impl QemuDomain {
         self.instance().map(|i| i.qemu_version.clone())
     }
 
+    /// The state, the `seq` of the last event it reflects, and the events after it: no
+    /// gap, no duplicate between the snapshot and the stream (§2.4).
+    pub fn snapshot_and_subscribe(&self) -> (DomainState, u64, EventStream) {
+        self.inner.cell.snapshot_and_subscribe()
+    }
+
     /// A summary without awaiting anything.
     pub fn info_now(&self) -> DomainInfo {
         DomainInfo {
@@ -449,23 +455,42 @@ impl QemuDomain {
         if !status.state.is_active() && save.is_none() {
             return Ok(());
         }
-        let alive = process::read_pid_file(paths)
-            .and_then(|(pid, start)| process::AdoptedProcess::open(pid, start).ok());
-        let Some(adopted) = alive else {
-            // Its QEMU ended while no manager was attached.
-            let plan = reattach::plan_gone(save.as_ref());
-            let _committed = plan
-                .committed
-                .then(|| self.inner.cell.intent(Intent::SaveCommitted));
-            if let Some(temp) = &plan.remove_temp {
-                let _ = std::fs::remove_file(temp);
+        let alive = match process::read_pid_file(paths) {
+            None => {
+                tracing::info!(domain = %self.inner.id.name, "no QEMU pid recorded: it is gone");
+                None
             }
-            self.inner.cell.observe_reconciled(plan.observation);
-            self.set_in_flight(None);
-            process::remove_sockets(paths);
+            Some((pid, start)) => match process::AdoptedProcess::open(pid, start) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::info!(domain = %self.inner.id.name, pid, error = %e, "its QEMU is gone");
+                    None
+                }
+            },
+        };
+        let Some(adopted) = alive else {
+            self.ended_while_away(save.as_ref());
             return Ok(());
         };
-        let proc = process::connect_adopted(adopted, paths, &self.launch_options()).await?;
+        let pid = adopted.pid();
+        let proc = match process::connect_adopted(adopted, paths, &self.launch_options()).await {
+            Ok(proc) => proc,
+            Err(e) => {
+                // Dead meanwhile (the refused connection was its end), or alive with a
+                // monitor we cannot reach: then say so in the control state.
+                let start = process::read_pid_file(paths).map(|(_, s)| s).unwrap_or(0);
+                if process::AdoptedProcess::open(pid, start).is_err() {
+                    self.ended_while_away(save.as_ref());
+                    return Ok(());
+                }
+                self.inner
+                    .cell
+                    .set_control(domkit_core::ControlState::Broken {
+                        reason: e.to_string(),
+                    });
+                return Err(e);
+            }
+        };
         let instance = self.supervise(proc);
         if let Some(save) = save {
             self.finish_save_on_reattach(&instance, &save).await;
@@ -475,6 +500,22 @@ impl QemuDomain {
             .requests
             .send(SupervisorRequest::ReconcileOnReattach);
         Ok(())
+    }
+
+    /// Its QEMU ended while no manager was attached: reconciled `gone` (§11.3), a save in
+    /// flight settled (§11.4).
+    fn ended_while_away(&self, save: Option<&reattach::SaveEvidence>) {
+        let plan = reattach::plan_gone(save);
+        let _committed = plan
+            .committed
+            .then(|| self.inner.cell.intent(Intent::SaveCommitted));
+        if let Some(temp) = &plan.remove_temp {
+            let _ = std::fs::remove_file(temp);
+        }
+        self.inner.cell.observe_reconciled(plan.observation);
+        self.set_in_flight(None);
+        process::remove_sockets(&self.inner.paths);
+        let _ = std::fs::remove_file(self.inner.paths.dir.join("pid"));
     }
 
     /// A save was in flight when the previous manager died (§11.4): committed -> end the

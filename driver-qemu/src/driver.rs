@@ -148,9 +148,15 @@ impl DriverShared {
 
 impl Drop for DriverShared {
     fn drop(&mut self) {
-        // The last driver handle is gone: no QEMU may outlive it, and no runtime directory.
+        // The last driver handle is gone. Ephemeral: no QEMU may outlive it, and no runtime
+        // directory. Persistent: every domain stays as it is for the next manager (§11).
+        let persistent = self.options.ownership == Ownership::Persistent;
         for domain in self.domains().values() {
-            domain.forget();
+            if persistent {
+                domain.detach();
+            } else {
+                domain.forget();
+            }
         }
     }
 }

@@ -33,4 +33,6 @@ pub mod supervisor;
 pub mod translate;
 
 pub use domain::QemuDomain;
-pub use driver::{default_runtime_root, QemuDriver, QemuDriverOptions};
+pub use driver::{
+    default_runtime_root, default_state_root, Ownership, QemuDriver, QemuDriverOptions,
+};

@@ -417,6 +417,17 @@ pub fn process_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc stat"))
 }
 
+/// True if `pid` has exited and waits to be reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|s| s == "Z" || s == "X")
+        })
+        .unwrap_or(true)
+}
+
 /// The pid and start time a previous manager recorded for a domain, if any.
 pub fn read_pid_file(paths: &DomainPaths) -> Option<(u32, u64)> {
     let text = std::fs::read_to_string(paths.dir.join("pid")).ok()?;
@@ -468,8 +479,9 @@ impl AdoptedProcess {
         }
         // SAFETY: the syscall returned a new fd that nothing else owns.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        // Checked after the pidfd is held: the pidfd names this process for good.
-        if process_start_time(pid)? != start_time {
+        // Checked after the pidfd is held: the pidfd names this process for good. A zombie
+        // (killed, not yet reaped by whoever inherited it) has ended.
+        if process_start_time(pid)? != start_time || is_zombie(pid) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("pid {pid} is another process now"),
