@@ -70,7 +70,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         fault!(destroy_preempts_save, "destroy during a save (at suspended(saving), mid-stream): the save won (saved, restorable) or interrupted{by: destroy}, shutoff(destroyed), older file intact, no temp file (§3, §6.0, §6.6)"),
         fault!(destroy_preempts_reboot, "destroy during a reboot waiting on the guest and during its restart: interrupted{by: destroy}, shutoff(destroyed), nothing left (§4.0a, §6.0, §6.4)"),
         fault!(cancel_start, "start dropped at 1 ms / 30 ms / once the backend exists: completes in the background, the next operation queues behind it, state truthful (§6.0, §6.1)"),
-        fault!(cancel_save, "save dropped mid-stream and at 1 ms: committed as if awaited (or never ran), no stuck paused(save), no temp file (§6.0, §6.6)"),
+        fault!(cancel_save, "save dropped at suspended(saving), mid-stream and at 1 ms: committed as if awaited (or never ran), no stuck paused(save), no temp file (§6.0, §6.6)"),
         fault!(cancel_restore, "restore dropped at 1 ms / once the backend exists: completes in the background, next operation queues behind it, file untouched (§6.0, §6.7)"),
         fault!(cancel_shutdown, "shutdown dropped at once and while waiting: the request goes out, the domain stays operable (§6.0, §6.3)"),
         fault!(killed_mid_save, "backend killed during a save (at suspended(saving), mid-stream): typed error or a real save, §10 reason, never saved without the file, older file intact, no temp file (§6.0, §6.6, §10)"),

@@ -858,47 +858,59 @@ pub(super) async fn cancel_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Ste
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
 
-    // 1. Dropped mid-stream: once suspended(saving) is seen.
-    write_file(&path, OLDER)?;
-    let older = fingerprint(&path)?;
-    let finished = tokio::select! {
-        biased;
-        seen = watch.expect(&[E::Suspended(SuspendedDetail::Saving)]) => { seen?; None }
-        r = domain.save(&path) => Some(r),
-    };
-    tracing::info!("cancel_save mid-stream: finished first: {finished:?}");
-    if let Some(r) = finished {
-        // Finished before its suspended(saving) was read: still must be a whole save.
-        r?;
-        watch
-            .expect(&[
-                E::Suspended(SuspendedDetail::Saving),
-                E::Stopped(StoppedDetail::Saved),
-            ])
-            .await?;
-    } else {
-        let settled = settle(&domain, SETTLE_WITHIN).await?;
-        if settled != DomainState::Shutoff(ShutoffReason::Saved) {
-            expect_older_intact(&path, older)?;
-            expect_listing(&dir, &[SAVE])?;
-            return fail(format!(
-                "save dropped after suspended(saving): the domain settled {settled}, events {}; \
-                 §6.0: a running save completes in the background, its file committed exactly \
-                 as if awaited",
-                kinds_list(&watch.collect_quiet(QUIET).await?)
-            ));
+    // 1., 2. Dropped once suspended(saving) is seen, and once the stream flows.
+    for when in [When::SuspendedSaving, When::StreamWritten] {
+        write_file(&path, OLDER)?;
+        let older = fingerprint(&path)?;
+        let mut saw_saving = false;
+        let finished = tokio::select! {
+            biased;
+            seen = async {
+                watch.expect(&[E::Suspended(SuspendedDetail::Saving)]).await?;
+                saw_saving = true;
+                if let When::StreamWritten = when {
+                    while temp_file_bytes(&dir) < MID_STREAM {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                Ok::<(), Stop>(())
+            } => { seen?; None }
+            r = domain.save(&path) => Some(r),
+        };
+        tracing::info!("cancel_save {when:?}: finished first: {finished:?}");
+        if let Some(r) = finished {
+            // Finished before it could be dropped: still must be a whole save.
+            r?;
+            if !saw_saving {
+                watch
+                    .expect(&[E::Suspended(SuspendedDetail::Saving)])
+                    .await?;
+            }
+            watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
+        } else {
+            let settled = settle(&domain, SETTLE_WITHIN).await?;
+            if settled != DomainState::Shutoff(ShutoffReason::Saved) {
+                expect_older_intact(&path, older)?;
+                expect_listing(&dir, &[SAVE])?;
+                return fail(format!(
+                    "save dropped {when:?}: the domain settled {settled}, events {}; §6.0: a \
+                     running save completes in the background, its file committed exactly as \
+                     if awaited",
+                    kinds_list(&watch.collect_quiet(QUIET).await?)
+                ));
+            }
+            watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
         }
-        watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
+        check(fingerprint(&path)? != older, || {
+            "the domain is shutoff(saved) but the file at the path is the older one".into()
+        })?;
+        expect_listing(&dir, &[SAVE])?;
+        watch.expect_quiet(QUIET).await?;
+        expect_truthful(ctx, &domain).await?;
+        restore_running(&domain, &mut watch, &path).await?;
     }
-    check(fingerprint(&path)? != older, || {
-        "the domain is shutoff(saved) but the file at the path is the older one".into()
-    })?;
-    expect_listing(&dir, &[SAVE])?;
-    watch.expect_quiet(QUIET).await?;
-    expect_truthful(ctx, &domain).await?;
-    restore_running(&domain, &mut watch, &path).await?;
 
-    // 2. Dropped at once (1 ms).
+    // 3. Dropped at once (1 ms).
     write_file(&path, OLDER)?;
     let older = fingerprint(&path)?;
     let finished = run_cancelled(
