@@ -639,6 +639,13 @@ impl DomainInner {
     fn restart_locked(&self) {
         let (old, mut creating) = {
             let mut b = lock(&self.backend);
+            // Checked under the backend lock, where a destroy feeds the end: a destroy that
+            // ended the domain before this thread got `ops` ended the restart too (§4.0a);
+            // creating the domain now would leave it running behind a shut-off state.
+            if !self.cell.with(|l| l.is_restarting()) {
+                tracing::info!(domain = %self.id.name, state = %self.cell.state(), "restart: no longer wanted (the domain ended meanwhile)");
+                return;
+            }
             let d = b.domid;
             self.disarm_locked(&mut b);
             b.creating = true;
