@@ -5,9 +5,14 @@
 //! like every other scenario.
 //!
 //! Timing: a "mid-operation" fault waits for what shows the operation is under way (the
-//! `suspended(saving)` event, the `shutdown_requested(host)` event, a backend handle in
-//! `info()`) rather than sleeping, except where nothing observable exists (a reboot waiting
-//! for a guest that ignores it).
+//! `suspended(saving)` event, a save's temporary file growing, the `shutdown_requested(host)`
+//! event, a backend handle in `info()`) rather than sleeping, except where nothing
+//! observable exists (a reboot waiting for a guest that ignores it).
+//!
+//! Guests are booted until ready wherever the guest takes part (a Xen PV guest suspends
+//! itself for a save; shutdown requests must meet a running guest that ignores them);
+//! where it does not (pause/resume storms, start, launch failures) the domain is only
+//! started.
 
 use super::{boot_id, shutdown_opts, with_policies};
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
@@ -655,7 +660,7 @@ pub(super) async fn destroy_preempts_shutdown<B: TestBackend>(ctx: &ScenarioCtx<
 }
 
 pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
     // Destroy as soon as the save stopped the vCPUs, then a little later (mid-stream).
@@ -664,8 +669,13 @@ pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, 
         .enumerate()
     {
         if round > 0 {
+            // A guest that runs: a Xen PV guest takes part in its own save.
             domain.start(StartOptions::default()).await?;
             watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
+            hook(
+                "guest ready",
+                ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+            )?;
         }
         write_file(&path, OLDER)?;
         let older = fingerprint(&path)?;
@@ -854,7 +864,7 @@ pub(super) async fn cancel_start<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> St
 }
 
 pub(super) async fn cancel_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
 
@@ -967,7 +977,7 @@ pub(super) async fn cancel_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Ste
 }
 
 pub(super) async fn cancel_restore<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
     domain.save(&path).await?;
@@ -1135,7 +1145,7 @@ async fn kill<B: TestBackend>(
 }
 
 pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
     for (round, when) in [When::SuspendedSaving, When::StreamWritten]
@@ -1143,8 +1153,13 @@ pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
         .enumerate()
     {
         if round > 0 {
+            // A guest that runs: a Xen PV guest takes part in its own save.
             domain.start(StartOptions::default()).await?;
             watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
+            hook(
+                "guest ready",
+                ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+            )?;
         }
         write_file(&path, OLDER)?;
         let older = fingerprint(&path)?;
@@ -1201,7 +1216,7 @@ pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
 }
 
 pub(super) async fn killed_mid_restore<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
     let path = dir.join(SAVE);
     domain.save(&path).await?;
@@ -1536,8 +1551,8 @@ pub(super) async fn shutdown_paused<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
 // Bad save files (§6.7)
 
 pub(super) async fn restore_corrupt<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let (a, mut wa) = ctx.launch("a", GuestOptions::default()).await?;
-    let (b, mut wb) = ctx.launch("b", GuestOptions::default()).await?;
+    let (a, mut wa) = ctx.boot("a", GuestOptions::default()).await?;
+    let (b, mut wb) = ctx.boot("b", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &a)?;
     let real = dir.join("a.save");
     let foreign = dir.join("b.save");
