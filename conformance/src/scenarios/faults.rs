@@ -1271,6 +1271,7 @@ pub(super) async fn killed_mid_restore<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
             } else {
                 ShutoffReason::Failed
             };
+            tracing::info!("after the kill the domain ended {want:?}");
             expect_exact_state(&domain, DomainState::Shutoff(want))?;
         }
         (Err(e), Err(k)) => {
@@ -1440,6 +1441,7 @@ pub(super) async fn killed_mid_start<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -
                 } else {
                     ShutoffReason::Failed
                 };
+                tracing::info!("round {round}: after the kill the domain ended {want:?}");
                 expect_exact_state(&domain, DomainState::Shutoff(want))?;
             }
             (Err(e), Err(k)) => {
