@@ -495,10 +495,12 @@ impl QemuDomain {
         if let Some(save) = save {
             self.finish_save_on_reattach(&instance, &save).await;
         }
+        let (done, reconciled) = tokio::sync::oneshot::channel();
         let _ = instance
             .supervisor
             .requests
-            .send(SupervisorRequest::ReconcileOnReattach);
+            .send(SupervisorRequest::ReconcileOnReattach(done));
+        let _ = reconciled.await;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use domkit_core::{
     Capabilities, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, Driver, Error,
     EventStream, Lifecycle, LifecycleCell, Result, ShutdownMode,
 };
+use futures::StreamExt;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -190,14 +191,28 @@ impl QemuDriver {
                     e,
                 )
             })?;
-            for record in stored {
+            let keep: std::collections::BTreeSet<String> = stored
+                .iter()
+                .map(|r| r.definition.config.name.clone())
+                .collect();
+            sweep_runtime_dirs(&driver.shared.options.runtime_root, |name| {
+                keep.contains(name)
+            });
+            // A few at a time: each is a connection, a handshake and a status query.
+            let reattaching = stored.into_iter().map(|record| {
                 let name = record.definition.config.name.clone();
                 let status = record.status.clone();
                 let domain = driver.insert(record.definition.config, status.as_ref());
-                if let Err(e) = domain.reattach(status).await {
-                    tracing::warn!(domain = %name, error = %e, "reattach failed");
+                async move {
+                    if let Err(e) = domain.reattach(status).await {
+                        tracing::warn!(domain = %name, error = %e, "reattach failed");
+                    }
                 }
-            }
+            });
+            futures::stream::iter(reattaching)
+                .buffer_unordered(8)
+                .collect::<Vec<()>>()
+                .await;
         }
         Ok(driver)
     }

@@ -23,15 +23,16 @@ use crate::qmp::{EventRecvError, QmpClient, QmpEvent, QmpEventStream};
 use crate::translate::QmpTranslator;
 
 /// Requests to a supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum SupervisorRequest {
     /// SIGKILL the process now.
     Kill,
     /// Stop supervising and leave the process running (a persistent driver closing: the
     /// next manager reattaches, §11).
     Detach,
-    /// Re-read the run state and reconcile it as found on reattach (§11.3).
-    ReconcileOnReattach,
+    /// Re-read the run state and reconcile it as found on reattach (§11.3); answered once
+    /// the reconciliation (and any policy action it started) is under way.
+    ReconcileOnReattach(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What a supervisor needs from its domain.
@@ -137,7 +138,10 @@ impl<D: SupervisedDomain> Supervisor<D> {
                         let _ = ended.send(true);
                         return;
                     }
-                    SupervisorRequest::ReconcileOnReattach => self.reconcile(true).await,
+                    SupervisorRequest::ReconcileOnReattach(done) => {
+                        self.reconcile(true).await;
+                        let _ = done.send(());
+                    }
                 },
                 _ = tokio::time::sleep_until(kill_at), if self.kill_at.is_some() => {
                     tracing::warn!(pid = self.pid, "QEMU did not quit in time: SIGKILL");

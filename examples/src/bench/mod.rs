@@ -3,6 +3,7 @@
 pub mod dk;
 pub mod qemu;
 pub mod raw;
+pub mod reattach;
 pub mod results;
 pub mod scale;
 pub mod stats;

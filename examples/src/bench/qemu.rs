@@ -95,6 +95,16 @@ impl BareQemu {
         Ok(BareQemu { child: Some(child) })
     }
 
+    /// Spawns `argv` with `monitor` inherited as its fd 3 (domkit's monitor).
+    pub fn spawn_with_monitor(
+        argv: &[String],
+        log: &Path,
+        monitor: &std::os::unix::net::UnixListener,
+    ) -> anyhow::Result<BareQemu> {
+        let child = spawn_qemu_with_monitor(argv, log, monitor)?;
+        Ok(BareQemu { child: Some(child) })
+    }
+
     /// Spawns `argv` and waits (up to 30 s) until every socket in `sockets` exists, i.e.
     /// QEMU listens on them.
     pub fn spawn_listening(
@@ -148,6 +158,25 @@ impl Drop for BareQemu {
 /// Spawns a QEMU the way domkit does (stdin null, output to a log, parent-death SIGKILL),
 /// so spawn costs are comparable.
 pub fn spawn_qemu(argv: &[String], log: &Path) -> anyhow::Result<Child> {
+    spawn_qemu_inheriting(argv, log, None)
+}
+
+/// As [`spawn_qemu`], handing QEMU `monitor` as fd 3 the way domkit does for its monitor
+/// (`-chardev socket,id=mon0,fd=3,server=on`): domkit's exact command line then works.
+pub fn spawn_qemu_with_monitor(
+    argv: &[String],
+    log: &Path,
+    monitor: &std::os::unix::net::UnixListener,
+) -> anyhow::Result<Child> {
+    use std::os::fd::AsRawFd;
+    spawn_qemu_inheriting(argv, log, Some(monitor.as_raw_fd()))
+}
+
+fn spawn_qemu_inheriting(
+    argv: &[String],
+    log: &Path,
+    monitor_fd: Option<i32>,
+) -> anyhow::Result<Child> {
     let (binary, args) = argv.split_first().context("empty QEMU command line")?;
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
@@ -158,8 +187,20 @@ pub fn spawn_qemu(argv: &[String], log: &Path) -> anyhow::Result<Child> {
         .stderr(Stdio::from(err));
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // calls are allowed: prctl(2) is a plain system call and the error is a raw OS code.
+    // dup2/fcntl are plain system calls too.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if let Some(fd) = monitor_fd {
+                let target = domkit_qemu::argv::MONITOR_FD;
+                let rc = if fd == target {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, target)
+                };
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(|e| io::Error::from_raw_os_error(e as i32))
         });

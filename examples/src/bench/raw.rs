@@ -126,20 +126,6 @@ pub fn qemu_event_age_us(event: &Value, now: SystemTime) -> f64 {
     (now_us - qemu_us) as f64
 }
 
-/// Waits for a QEMU to connect to `listener` (blocking in `poll`, no busy wait).
-pub fn accept_within(listener: &UnixListener, within: Duration) -> io::Result<UnixStream> {
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(within.as_millis().min(i32::MAX as u128) as i32)
-        .map_err(io::Error::other)?;
-    if poll(&mut fds, ms)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "QEMU did not connect to its monitor",
-        ));
-    }
-    Ok(listener.accept()?.0)
-}
-
 /// Milestones of one raw start: spawn -> monitor negotiated -> running, then quit -> gone.
 #[derive(Debug, Clone, Copy)]
 pub struct RawStart {
@@ -151,16 +137,16 @@ pub struct RawStart {
     pub destroy: Duration,
 }
 
-/// Starts `argv` the bare way (listen, spawn, accept, negotiate, `cont`), then ends it with
-/// `quit` and `waitpid`. `argv`'s monitor connects to `qmp_socket`, as domkit's does.
+/// Starts `argv` the bare way (bind, spawn with the listener inherited, connect, negotiate,
+/// `cont`), then ends it with `quit` and `waitpid`: the same steps as domkit's launch.
 pub fn start_and_quit(argv: &[String], qmp_socket: &Path, log: &Path) -> anyhow::Result<RawStart> {
     let _ = std::fs::remove_file(qmp_socket);
     let listener = UnixListener::bind(qmp_socket)?;
     let t0 = Instant::now();
-    let mut child = super::qemu::spawn_qemu(argv, log)?;
+    let mut child = super::qemu::spawn_qemu_with_monitor(argv, log, &listener)?;
+    drop(listener);
     let result = (|| -> anyhow::Result<RawStart> {
-        let stream = accept_within(&listener, IO_TIMEOUT)?;
-        let mut qmp = RawQmp::negotiate(stream)?;
+        let mut qmp = RawQmp::connect(qmp_socket)?;
         let qmp_ready = t0.elapsed();
         qmp.cmd(CONT)?;
         let running = t0.elapsed();

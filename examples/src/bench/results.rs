@@ -48,6 +48,11 @@ impl Results {
         self.figures.get(key).and_then(|s| Figure::of(s))
     }
 
+    /// Every sample of `key` so far, in order.
+    pub fn samples(&self, key: &str) -> Option<&[f64]> {
+        self.figures.get(key).map(Vec::as_slice)
+    }
+
     /// The median of `key`.
     pub fn median(&self, key: &str) -> Option<f64> {
         self.figure(key).map(|f| f.median)
@@ -189,6 +194,26 @@ impl Results {
             }
         }
 
+        let reattach_ns: Vec<u64> = self
+            .figures
+            .keys()
+            .filter_map(|k| k.strip_prefix("reattach_ms.domkit.n")?.parse().ok())
+            .collect();
+        if !reattach_ns.is_empty() {
+            md.push_str(
+                "\n#### 5. Reattach: a fresh process takes over N live QEMU domains (paused)\n\n",
+            );
+            md.push_str("| N | domkit `QemuDriver::open` until all reattached, ms | bare client: connect + negotiate + `query-status` each, ms | domkit vs bare |\n|---|---|---|---|\n");
+            for n in reattach_ns {
+                md.push_str(&format!(
+                    "| {n} | {} | {} | {} |\n",
+                    self.cell(&format!("reattach_ms.domkit.n{n}")),
+                    self.cell(&format!("reattach_ms.raw.n{n}")),
+                    self.cell(&format!("reattach_vs_raw.domkit.n{n}")),
+                ));
+            }
+        }
+
         if !targets.is_empty() {
             md.push_str(
                 "\n#### Targets\n\n| target | measured (median) | verdict |\n|---|---|---|\n",
@@ -274,6 +299,12 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
                 met,
             });
         };
+    judge(
+        "reattach N=100 <= 2x a bare client connecting to and querying the same monitors",
+        r.median("reattach_vs_raw.domkit.n100"),
+        "x",
+        &|v| (v <= 2.0, format!("{:.2}x", v - 2.0)),
+    );
     judge(
         "domkit QMP throughput >= 0.95x the raw client (sequential)",
         r.median("qmp_rt_vs_raw.domkit"),

@@ -12,7 +12,7 @@
 //! the peers interleaved in a rotating order inside each repetition, and reported as median
 //! [min-max]. Nothing here asserts a time: the bench reports, `docs/performance.md` judges.
 //!
-//! Sections (`--only rt,events,start,scale`):
+//! Sections (`--only rt,events,start,scale,reattach`):
 //! 1. `rt`: sequential `query-status` for a fixed time per peer: ops/s, p50/p99; then 8
 //!    concurrent callers on one connection.
 //! 2. `events`: resume/pause cycles; latency from QEMU's own event timestamp to the event
@@ -230,6 +230,20 @@ fn main() -> anyhow::Result<()> {
                 t.elapsed().as_secs_f64()
             );
         }
+    }
+    if section("reattach") {
+        let n = if cli.quick { 10 } else { 100 };
+        let t = Instant::now();
+        if let Err(e) = bench::reattach::run(&runtime, tmp.path(), &disk, n, params.reps, &mut res)
+        {
+            eprintln!("domkit-bench: reattach N={n} failed: {e:#}");
+            res.notes
+                .insert(format!("reattach N={n}"), format!("failed: {e:#}"));
+        }
+        eprintln!(
+            "domkit-bench: reattach N={n} done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
     if let Some(path) = &cli.xen_json {
         match xen_note(path) {
@@ -488,12 +502,12 @@ impl<'a> QmpRun<'a> {
             anyhow::Ok((d, s))
         })?;
 
-        // The raw client's QEMU: domkit's exact command line, monitor connecting to us.
+        // The raw client's QEMU: domkit's exact command line, its monitor socket inherited.
         let (argv, paths) = domkit_argv(&bench_config("raw", MEMORY_MIB, disk), &tmp.join("raw"))?;
         let listener = UnixListener::bind(&paths.qmp_socket)?;
-        let raw_qemu = BareQemu::spawn(&argv, &paths.qemu_log)?;
-        let raw = RawQmp::negotiate(raw::accept_within(&listener, Duration::from_secs(30))?)?;
+        let raw_qemu = BareQemu::spawn_with_monitor(&argv, &paths.qemu_log, &listener)?;
         drop(listener);
+        let raw = RawQmp::connect(&paths.qmp_socket)?;
         let raw_start = domkit_argv(&bench_config("rst", MEMORY_MIB, disk), &tmp.join("rst"))?;
 
         let mut peers = vec!["domkit", "raw"];
