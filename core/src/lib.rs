@@ -45,5 +45,5 @@ pub use state::{
 };
 pub use traits::{
     Capabilities, Domain, DomainInfo, Driver, PmSuspendTarget, RestoreOptions, ShutdownMode,
-    ShutdownOptions, ShutdownOutcome, ShutdownWait, StartOptions,
+    ShutdownOptions, ShutdownOutcome, ShutdownWait, Snapshot, StartOptions,
 };

@@ -147,6 +147,18 @@ impl Capabilities {
     }
 }
 
+/// A domain's state, the `seq` of the last event it reflects, and a stream of exactly the
+/// events after that one (§2.4): the race-free start of "wait until X happens".
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The state now.
+    pub state: DomainState,
+    /// The `seq` of the last event the state reflects (0 before the first).
+    pub seq: u64,
+    /// Every event after `seq`, none twice.
+    pub events: EventStream,
+}
+
 /// A hypervisor connection: defines, finds and creates domains.
 #[async_trait]
 pub trait Driver: Send + Sync + 'static {
@@ -199,6 +211,10 @@ pub trait Domain: Send + Sync {
 
     /// Events of this domain, from now on.
     fn subscribe(&self) -> EventStream;
+
+    /// The state and the events after it, taken at once (§2.4): no event between the two
+    /// is missed or seen twice.
+    fn snapshot(&self) -> Snapshot;
 
     /// Start a shut-off domain.
     async fn start(&self, options: StartOptions) -> Result<()>;

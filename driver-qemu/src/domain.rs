@@ -1399,6 +1399,11 @@ impl Domain for QemuDomain {
         self.inner.cell.subscribe()
     }
 
+    fn snapshot(&self) -> domkit_core::Snapshot {
+        let (state, seq, events) = self.inner.cell.snapshot_and_subscribe();
+        domkit_core::Snapshot { state, seq, events }
+    }
+
     async fn start(&self, options: domkit_core::StartOptions) -> Result<()> {
         self.run_op(Operation::Start, move |d| async move {
             d.start_inner(options).await
