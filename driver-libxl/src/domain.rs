@@ -1459,6 +1459,11 @@ impl Domain for LibxlDomain {
         self.inner.cell.subscribe()
     }
 
+    fn snapshot(&self) -> domkit_core::Snapshot {
+        let (state, seq, events) = self.inner.cell.snapshot_and_subscribe();
+        domkit_core::Snapshot { state, seq, events }
+    }
+
     async fn start(&self, options: StartOptions) -> Result<()> {
         self.run_op(Operation::Start, move |d| d.start_blocking(options))
             .await
