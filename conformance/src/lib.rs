@@ -16,6 +16,7 @@
 pub mod backend;
 #[cfg(feature = "libxl")]
 pub mod libxl;
+pub mod manager;
 #[cfg(feature = "qemu")]
 pub mod qemu;
 pub mod runner;

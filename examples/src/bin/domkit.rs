@@ -76,6 +76,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
     },
+    /// Serve one driver on stdin/stdout (JSON lines) until stdin closes: the separate
+    /// manager process the durable-domain scenarios SIGKILL (domkit_conformance::manager).
+    #[command(hide = true)]
+    Manager {
+        /// The state root (persistent).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The runtime root.
+        #[arg(long)]
+        runtime_dir: PathBuf,
+        /// Domains die with this process instead of outliving it.
+        #[arg(long)]
+        ephemeral: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,6 +155,28 @@ async fn dispatch(backend: Backend, command: Command) -> anyhow::Result<u8> {
                 ensure_test_guest()?;
                 QemuTestBackend::new().map_err(anyhow::Error::msg)
             };
+            if let Command::Manager {
+                state_dir,
+                runtime_dir,
+                ephemeral,
+            } = &command
+            {
+                let mut options =
+                    domkit_qemu::QemuDriverOptions::persistent(state_dir, runtime_dir);
+                if *ephemeral {
+                    options.ownership = domkit_qemu::Ownership::Ephemeral;
+                }
+                return match domkit_qemu::QemuDriver::open(options).await {
+                    Ok(driver) => {
+                        domkit_conformance::manager::serve(driver).await?;
+                        Ok(0)
+                    }
+                    Err(e) => {
+                        domkit_conformance::manager::refuse(&e);
+                        Ok(1)
+                    }
+                };
+            }
             let make_driver = || Ok(domkit_qemu::QemuDriver::new(Default::default())?);
             run_command(command, make_backend, make_driver).await
         }
@@ -174,6 +210,9 @@ async fn run_command<B: TestBackend>(
                 return Ok(list_scenarios::<B>());
             }
             conformance(&make_backend()?, json, only, record).await
+        }
+        Command::Manager { .. } => {
+            anyhow::bail!("`domkit manager` is not available for this backend yet")
         }
     }
 }
