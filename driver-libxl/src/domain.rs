@@ -58,6 +58,14 @@ const INTERRUPTED_SETTLE: Duration = Duration::from_secs(30);
 /// How long an operation whose domain died under it waits for the death to be observed.
 const GONE_SETTLE: Duration = Duration::from_secs(10);
 
+/// How long a save waits for a booting PV guest to become saveable (libxl's own limit for
+/// a guest's answer to a suspend request).
+const SAVE_READY_WAIT: Duration = Duration::from_secs(60);
+/// A failed `libxl_domain_suspend` this quick had not asked the guest anything yet.
+const GUEST_NOT_READY_FAILS_WITHIN: Duration = Duration::from_secs(10);
+/// Between two attempts to save a guest that is not ready.
+const SAVE_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// Why Xen PV/PVH guests cannot be shut down or rebooted with the ACPI power button.
 pub(crate) const UNSUPPORTED_ACPI: &str =
     "ACPI power button: Xen PV/PVH guests have no ACPI power button (libxl_send_trigger \
@@ -568,10 +576,26 @@ impl DomainInner {
     /// `libxl_domain_destroy` of `domid`; a domain that is gone already is fine.
     fn destroy_domid(&self, domid: u32) -> std::result::Result<(), LibxlError> {
         let t0 = Instant::now();
-        match self.ctx.destroy(domid) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
+        let mut tries = 0;
+        loop {
+            match self.ctx.destroy(domid) {
+                Ok(()) => break,
+                Err(e) if e.is_not_found() => break,
+                Err(e) => {
+                    // Two destroys of one domid at once (ours and a policy restart's, or
+                    // `xl destroy`): libxl fails one of them (LOCK_FAIL, "unable to find
+                    // domain info"). What counts is that the domain is gone.
+                    if matches!(self.ctx.domain_info(domid), Err(i) if i.is_not_found()) {
+                        break;
+                    }
+                    tries += 1;
+                    if tries >= 5 {
+                        return Err(e);
+                    }
+                    tracing::info!(domain = %self.id.name, domid, error = %e, "destroy failed while the domain still exists: trying again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
         }
         tracing::info!(domain = %self.id.name, domid, ms = t0.elapsed().as_millis() as u64, "destroyed");
         Ok(())
@@ -953,9 +977,32 @@ impl DomainInner {
             self.feed_fact_as(Intent::Resume, Fact::Unpaused);
         }
         let t0 = Instant::now();
-        if let Err(e) = self.ctx.suspend_to_fd(domid, target.raw_fd()) {
-            let err = backend_err(Operation::Save, e);
-            return Err(self.save_failed(domid, was_paused, path, target, err));
+        loop {
+            let attempt = Instant::now();
+            let e = match self.ctx.suspend_to_fd(domid, target.raw_fd()) {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            // A PV guest whose kernel has not booted far enough (no p2m frame list yet)
+            // fails the save helper's setup at once, before libxl asked it anything
+            // (ERROR_GUEST_TIMEDOUT: "domain did not respond to suspend request"; seen on
+            // the test host 1-2 s after start). It is not suspended: try again until
+            // libxl's own patience for a guest's answer (60 s) is used up.
+            let not_ready = e.code == libxenlight_sys::ERROR_GUEST_TIMEDOUT
+                && attempt.elapsed() < GUEST_NOT_READY_FAILS_WITHIN
+                && t0.elapsed() < SAVE_READY_WAIT
+                && !self.preempted()
+                && self.cell.state().is_active()
+                && matches!(self.ctx.domain_info(domid), Ok(i) if !i.shutdown && !i.dying);
+            if !not_ready {
+                let err = backend_err(Operation::Save, e);
+                return Err(self.save_failed(domid, was_paused, path, target, err));
+            }
+            tracing::info!(domain = %self.id.name, error = %e, "the guest cannot be saved yet (its kernel is still booting): trying again");
+            if let Err(e) = target.rewind() {
+                return Err(self.save_failed(domid, was_paused, path, target, save_err(e)));
+            }
+            std::thread::sleep(SAVE_RETRY_PAUSE);
         }
         let suspend_ms = t0.elapsed().as_millis() as u64;
         // libxl_domain_suspend returned 0: the guest is suspended.

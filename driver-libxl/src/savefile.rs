@@ -173,6 +173,23 @@ impl SaveTarget {
         Ok(())
     }
 
+    /// Throw away what a failed attempt wrote after the header and digest block: the file
+    /// is cut back there and its offset put back, ready for another attempt.
+    pub fn rewind(&mut self) -> Result<(), SaveFileError> {
+        let path = self.tmp.path().to_path_buf();
+        let start = self.digest_at.ok_or_else(|| SaveFileError::Format {
+            path: path.clone(),
+            problem: "rewind before write_header".into(),
+        })? + DIGEST_BLOCK_LEN as u64;
+        let f = self.tmp.as_file_mut();
+        f.set_len(start)
+            .and_then(|()| f.seek(SeekFrom::Start(start)).map(drop))
+            .map_err(|source| SaveFileError::Io {
+                context: format!("rewinding {} for another attempt", path.display()),
+                source,
+            })
+    }
+
     /// The fd libxl writes its stream to.
     pub fn raw_fd(&self) -> RawFd {
         self.tmp.as_file().as_raw_fd()
@@ -551,6 +568,22 @@ mod tests {
         .concat();
         std::fs::write(&p, bytes).unwrap();
         assert!(format_err(&p).contains("format 1"));
+    }
+
+    #[test]
+    fn rewind_discards_a_failed_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.save");
+        let mut t = SaveTarget::create(&dest).unwrap();
+        t.write_header(&header()).unwrap();
+        t.tmp.as_file().write_all(b"half a stream").unwrap();
+        t.rewind().unwrap();
+        t.tmp.as_file().write_all(STREAM).unwrap();
+        t.persist().unwrap();
+        let (mut f, _) = open(&dest).unwrap();
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, STREAM);
     }
 
     #[test]
