@@ -64,7 +64,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         scenario!(two_domains_isolated, "two domains do not see each other's events (§2)"),
         scenario!(pm_suspend_wakeup, "pm suspend to memory and wakeup (§4.9, §4.10, §6.8)"),
         // The fault family (issue 15): concurrency, preemption, cancellation, deaths.
-        fault!(storm_pause_resume, "50 concurrent pause/resume callers: final state = last call to complete, events exactly its transitions, seq contiguous (§2.2, §2.4, §6.0, §6.2)"),
+        fault!(storm_pause_resume, "50 concurrent pause/resume callers: final state = the last call, events exactly the transitions in call order, seq contiguous, snapshot() never older than a delivered event (§2.2, §2.4, §6.0, §6.2)"),
         fault!(destroy_during_storm, "destroy with 40 pause/resume calls queued: prompt, shutoff(destroyed) + stopped(destroyed) last, each call Ok / interrupted / invalid_state, events a prefix in call order (§3, §6.0)"),
         fault!(destroy_preempts_shutdown, "destroy during shutdown(completed) of a guest that ignores it: prompt, shutdown -> interrupted{by: destroy}, shutoff(destroyed) (§6.0, §6.3)"),
         fault!(destroy_preempts_save, "destroy during a save (at suspended(saving), mid-stream): the save won (saved, restorable) or interrupted{by: destroy}, shutoff(destroyed), older file intact, no temp file (§3, §6.0, §6.6)"),

@@ -476,6 +476,7 @@ fn expect_alternating(got: &[EventKind]) -> Step {
 pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     const CALLERS: usize = 50;
     let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
+    let observer = tokio::spawn(observe_snapshots(domain.clone()));
     let (calls, tasks, _) = storm(&domain, CALLERS, 0x0015_5eed_0f57_0a11);
     let mut done = Vec::with_capacity(CALLERS);
     for task in tasks {
@@ -522,12 +523,67 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
             kinds_list(&expected)
         )
     })?;
+    let (seen, problems) = join(observer, EVENT_TIMEOUT, "the snapshot observer").await?;
+    check(problems.is_empty(), || {
+        format!(
+            "§2.4 (state never older than the last event delivered): {}",
+            problems.join("; ")
+        )
+    })?;
+    check(seen == got.len(), || {
+        format!(
+            "a second subscriber saw {seen} events, the first {}",
+            got.len()
+        )
+    })?;
+    let snap = domain.snapshot();
+    let last_seq = watch.seen.last().map_or(0, |e| e.seq);
+    check(snap.state == want && snap.seq == last_seq, || {
+        format!(
+            "snapshot() says {} at seq {}, want {want} at seq {last_seq}",
+            snap.state, snap.seq
+        )
+    })?;
     expect_truthful(ctx, &domain).await?;
     let info = domain.info().await?;
     check(info.state == want, || {
         format!("info() says {}, state() {want}", info.state)
     })?;
     destroy_checked(&domain, &mut watch).await
+}
+
+/// A subscriber that, on each event it is delivered, takes `snapshot()` at once: the state
+/// must not be older than that event (its `seq` at least the event's; at the event's own
+/// `seq`, the state that event made) (§2.4). Ends [`QUIET`] after the last event; returns
+/// how many events it saw and what was wrong.
+async fn observe_snapshots<D: Domain>(domain: D) -> (usize, Vec<String>) {
+    use futures::StreamExt;
+    let mut events = domain.subscribe();
+    let mut seen = 0;
+    let mut problems = Vec::new();
+    let mut wait = EVENT_TIMEOUT;
+    while let Ok(Some(ev)) = tokio::time::timeout(wait, events.next()).await {
+        wait = QUIET;
+        seen += 1;
+        let snap = domain.snapshot();
+        let made = match ev.kind {
+            E::Suspended(SuspendedDetail::Paused) => DomainState::Paused(PausedReason::User),
+            E::Resumed(ResumedDetail::Unpaused) => DomainState::Running(RunningReason::Unpaused),
+            _ => snap.state,
+        };
+        if snap.seq < ev.seq {
+            problems.push(format!(
+                "event {} (seq {}) delivered, snapshot() then says seq {} ({})",
+                ev.kind, ev.seq, snap.seq, snap.state
+            ));
+        } else if snap.seq == ev.seq && snap.state != made {
+            problems.push(format!(
+                "event {} (seq {}) delivered, snapshot() at that seq says {}",
+                ev.kind, ev.seq, snap.state
+            ));
+        }
+    }
+    (seen, problems)
 }
 
 pub(super) async fn destroy_during_storm<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
