@@ -1663,41 +1663,72 @@ pub(super) async fn restore_corrupt<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
     drop(bytes);
     cases.push(("foreign", foreign.clone()));
 
-    let name = a.id().name.clone();
+    // Every case is tried (and the domain brought back to shut off after one that went
+    // wrong), so one run reports them all.
+    let mut failures = Vec::new();
     for (case, path) in &cases {
-        let before = fingerprint(path)?;
-        let t0 = Instant::now();
-        let r = a.restore(path, RestoreOptions::default()).await;
-        let took = t0.elapsed();
-        tracing::info!("restore_corrupt {case}: {took:?}: {r:?}");
-        match r {
-            Err(Error::BadSaveFile { .. }) => {}
-            Ok(()) => return fail(format!("{case}: restore returned Ok (§6.7: bad_save_file)")),
-            Err(e) => {
-                return fail(format!(
-                    "{case}: restore returned `{e}` (§6.7: bad_save_file)"
-                ))
-            }
+        if let Err(Stop::Fail(m)) = bad_file_refused(ctx, &a, &mut wa, case, path).await {
+            failures.push(m);
+            let _ = a.destroy().await;
+            let _ = wa.collect_quiet(QUIET).await;
         }
-        check(took < Duration::from_secs(5), || {
-            format!("{case}: the bad file took {took:?} to be refused (§6.7: found before the backend reads the stream; §7: never a hang)")
-        })?;
-        wa.expect(&[E::Stopped(StoppedDetail::Failed)])
-            .await
-            .map_err(|e| match e {
-                Stop::Fail(m) => Stop::Fail(format!("{case}: {m} (§6.7, §2.3)")),
-                other => other,
-            })?;
-        expect_exact_state(&a, DomainState::Shutoff(ShutoffReason::Failed))?;
-        check(fingerprint(path)? == before, || {
-            format!("{case}: restore changed the file (§6.7: untouched)")
-        })?;
-        expect_no_backend_domain(ctx.backend, &name).await?;
     }
+    check(failures.is_empty(), || failures.join("; "))?;
     wa.expect_quiet(QUIET).await?;
     // After all that, the real file restores.
     restore_running(&a, &mut wa, &real).await?;
     destroy_checked(&a, &mut wa).await
+}
+
+/// A restore of the bad file `path` is `bad_save_file` at once, the domain ends
+/// `shutoff(failed)` with its event, the file is untouched and no backend domain is left.
+async fn bad_file_refused<B: TestBackend>(
+    ctx: &ScenarioCtx<'_, B>,
+    domain: &Dom<B>,
+    watch: &mut EventWatch,
+    case: &str,
+    path: &Path,
+) -> Step {
+    let before = fingerprint(path)?;
+    let t0 = Instant::now();
+    let r = domain.restore(path, RestoreOptions::default()).await;
+    let took = t0.elapsed();
+    tracing::info!("restore_corrupt {case}: {took:?}: {r:?}");
+    match r {
+        Err(Error::BadSaveFile { .. }) => {}
+        Ok(()) => return fail(format!("{case}: restore returned Ok (§6.7: bad_save_file)")),
+        Err(e) => {
+            return fail(format!(
+                "{case}: restore returned `{e}` (§6.7: bad_save_file)"
+            ))
+        }
+    }
+    check(took < Duration::from_secs(5), || {
+        format!(
+            "{case}: the bad file took {took:?} to be refused (§6.7: found before the backend \
+             reads the stream; §7: never a hang)"
+        )
+    })?;
+    watch
+        .expect(&[E::Stopped(StoppedDetail::Failed)])
+        .await
+        .map_err(|e| match e {
+            Stop::Fail(m) => Stop::Fail(format!("{case}: {m} (§6.7, §2.3)")),
+            other => other,
+        })?;
+    let state = domain.state();
+    check(state == DomainState::Shutoff(ShutoffReason::Failed), || {
+        format!("{case}: the state is {state}, want shutoff (failed)")
+    })?;
+    check(fingerprint(path)? == before, || {
+        format!("{case}: restore changed the file (§6.7: untouched)")
+    })?;
+    expect_no_backend_domain(ctx.backend, &domain.id().name)
+        .await
+        .map_err(|e| match e {
+            Stop::Fail(m) => Stop::Fail(format!("{case}: {m}")),
+            other => other,
+        })
 }
 
 // ---------------------------------------------------------------------------------------
