@@ -44,6 +44,17 @@ fn manager_binary() -> PathBuf {
 }
 
 impl Manager {
+    /// Define the test guest `name` and start it; returns its QEMU pid.
+    fn define_and_start(&mut self, config: &domkit_core::DomainConfig) -> u32 {
+        self.call(&format!(
+            "define {}",
+            serde_json::to_string(config).unwrap()
+        ));
+        self.call(&format!("start {}", config.name))["pid"]
+            .as_u64()
+            .expect("pid") as u32
+    }
+
     fn spawn(mode: &str, roots: &Roots) -> Manager {
         let mut child = Command::new(manager_binary())
             .arg(mode)
@@ -94,13 +105,7 @@ struct Roots {
 
 impl Roots {
     fn new() -> Roots {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         let base = tempfile::Builder::new()
             .prefix("dr")
             .tempdir_in("/tmp")
@@ -116,6 +121,20 @@ impl Roots {
         QemuDriver::open(QemuDriverOptions::persistent(&self.state, &self.runtime))
             .await
             .expect("open the persistent driver")
+    }
+}
+
+/// Wait until the guest of `name` printed its ready marker (read from its serial log: no
+/// driver of this process holds the domain).
+async fn wait_booted(roots: &Roots, name: &str) {
+    let log = roots.runtime.join(name).join("serial.log");
+    let deadline = Instant::now() + LONG;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(READY)
+    {
+        assert!(Instant::now() < deadline, "{name} did not boot");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -312,15 +331,7 @@ async fn poweroff_crash_and_kill_while_away_are_reconciled_with_the_policy() {
     // Let the guests boot through a driver view of the same roots? Not while A holds them:
     // wait on the serial logs instead.
     for name in ["away-off", "away-crash", "away-kill"] {
-        let log = roots.runtime.join(name).join("serial.log");
-        let deadline = Instant::now() + LONG;
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(READY)
-        {
-            assert!(Instant::now() < deadline, "{name} did not boot");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_booted(&roots, name).await;
     }
     let seqs: Vec<u64> = ["away-off", "away-crash", "away-kill"]
         .iter()
@@ -417,12 +428,7 @@ async fn manager_killed_mid_save_ends_consistent() {
     let scratch = tempfile::tempdir().expect("scratch");
     let target = scratch.path().join("durable.save");
     let mut a = Manager::spawn("persistent", &roots);
-    let config = guest_config("midsave", "");
-    a.call(&format!(
-        "define {}",
-        serde_json::to_string(&config).unwrap()
-    ));
-    let pid = a.call("start midsave")["pid"].as_u64().unwrap() as u32;
+    let pid = a.define_and_start(&guest_config("midsave", ""));
     a.send(&format!("save midsave {}", target.display()));
     // Kill once the save is underway: its temporary file exists.
     let deadline = Instant::now() + LONG;
@@ -473,21 +479,8 @@ async fn manager_killed_mid_save_ends_consistent() {
 async fn manager_killed_mid_shutdown_completes_as_shutdown() {
     let roots = Roots::new();
     let mut a = Manager::spawn("persistent", &roots);
-    let config = guest_config("midshut", "");
-    a.call(&format!(
-        "define {}",
-        serde_json::to_string(&config).unwrap()
-    ));
-    let pid = a.call("start midshut")["pid"].as_u64().unwrap() as u32;
-    let log = roots.runtime.join("midshut/serial.log");
-    let deadline = Instant::now() + LONG;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains(READY)
-    {
-        assert!(Instant::now() < deadline, "did not boot");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let pid = a.define_and_start(&guest_config("midshut", ""));
+    wait_booted(&roots, "midshut").await;
     a.send("shutdown midshut 120");
     // Killed once the request was acknowledged (persisted: shutting_down).
     let status = roots.state.join("domains");
@@ -519,12 +512,7 @@ async fn manager_killed_mid_shutdown_completes_as_shutdown() {
 async fn ephemeral_domains_die_with_the_manager_process() {
     let roots = Roots::new();
     let mut a = Manager::spawn("ephemeral", &roots);
-    let config = guest_config("eph", "");
-    a.call(&format!(
-        "define {}",
-        serde_json::to_string(&config).unwrap()
-    ));
-    let pid = a.call("start eph")["pid"].as_u64().unwrap() as u32;
+    let pid = a.define_and_start(&guest_config("eph", ""));
     // Longer than tokio keeps an idle blocking thread (10 s): the VM must still run.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert!(

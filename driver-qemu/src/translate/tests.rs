@@ -865,11 +865,8 @@ fn fixture_timestamps_are_qemu_wall_clock() {
     assert!(t > UNIX_EPOCH + Duration::from_secs(1_600_000_000));
 }
 
-#[test]
-fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
-    use crate::qmp::types::RunState;
-    use crate::translate::reconcile;
-    // Lost STOP: QEMU says paused while the core believes running.
+/// A lifecycle whose domain booted (running), and the time used.
+fn booted_lifecycle() -> (Lifecycle, std::time::SystemTime) {
     let mut l = Lifecycle::new(
         DomainId {
             name: "r".into(),
@@ -885,6 +882,15 @@ fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
         },
         at,
     );
+    (l, at)
+}
+
+#[test]
+fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
+    use crate::qmp::types::RunState;
+    use crate::translate::reconcile;
+    // Lost STOP: QEMU says paused while the core believes running.
+    let (mut l, at) = booted_lifecycle();
     let out = l.observe(reconcile(&RunState::Paused, &l.state()).unwrap(), at);
     assert_eq!(l.state(), DomainState::Paused(PausedReason::Unknown));
     assert_eq!(out.events.len(), 1);
@@ -936,21 +942,7 @@ fn reconcile_after_lost_events_maps_run_states_and_is_guarded() {
 fn reconcile_a_lost_wakeup_is_a_wakeup() {
     use crate::qmp::types::RunState;
     use crate::translate::reconcile;
-    let mut l = Lifecycle::new(
-        DomainId {
-            name: "r".into(),
-            uuid: uuid::Uuid::nil(),
-        },
-        defaults(),
-    );
-    let at = std::time::SystemTime::now();
-    l.observe(
-        Observation::Created {
-            how: Creation::Boot,
-            paused: false,
-        },
-        at,
-    );
+    let (mut l, at) = booted_lifecycle();
     l.observe(
         Observation::PmSuspended {
             detail: PmSuspendedDetail::Memory,

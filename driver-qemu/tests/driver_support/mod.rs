@@ -78,6 +78,16 @@ pub fn with_policies(
     config
 }
 
+/// Log to the test's output (`RUST_LOG`, default warn); once per test binary.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A driver on a private temporary runtime root, tracking every QEMU pid it saw.
 pub struct Harness {
     pub driver: QemuDriver,
@@ -87,13 +97,7 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         // Short path: Unix socket paths are limited to 107 bytes.
         let root = tempfile::Builder::new()
             .prefix("dk")
