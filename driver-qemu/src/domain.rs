@@ -895,7 +895,14 @@ impl QemuDomain {
     async fn restore_inner(&self, path: &Path, options: RestoreOptions) -> Result<()> {
         let operation = Operation::Restore;
         self.ensure_inactive(operation)?;
-        let checked = self.check_save_file(path);
+        // Reading and verifying a multi-GiB stream: not on a runtime worker.
+        let checked = {
+            let me = self.clone();
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || me.check_save_file(&path))
+                .await
+                .unwrap_or_else(|e| Err(backend(format!("checking the save file: {e}"))))
+        };
         let (file, header) = match checked {
             Ok(ok) => ok,
             Err(e) => {

@@ -1,7 +1,11 @@
 //! The save file: a small domkit header followed by QEMU's raw migration stream.
 //!
-//! Layout: the line `DOMKIT-SAVE`, one line of JSON ([`SaveHeader`]), then the migration
-//! stream exactly as QEMU wrote it. QEMU gets the file descriptor positioned after the header
+//! Layout: the line `DOMKIT-SAVE`, one line of JSON ([`SaveHeader`]), one fixed-width digest
+//! line (`DIGEST crc32=<8 hex> len=<20 digits>`: the CRC-32 and length of the stream), then
+//! the migration stream exactly as QEMU wrote it. The digest line is written as zeros first
+//! and sealed in place once QEMU finished ([`TempSaveFile::commit`]); a restore checks it
+//! over the whole stream before QEMU reads a byte ([`verify_stream`]), so a damaged file
+//! (one flipped bit included) is refused instead of restoring a silently corrupted guest. QEMU gets the file descriptor positioned after the header
 //! (it shares the open file description, so it reads/writes from that offset), for both save
 //! (`migrate fd:NAME`) and restore (`migrate-incoming fd:NAME`).
 //!
@@ -20,8 +24,10 @@ use serde::{Deserialize, Serialize};
 
 /// The first line of every domkit save file.
 pub const MAGIC: &str = "DOMKIT-SAVE";
-/// The header format this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The header format this crate writes and reads (2: with the stream digest).
+pub const FORMAT_VERSION: u32 = 2;
+/// The digest line's length: `DIGEST crc32=` + 8 hex + ` len=` + 20 digits + newline.
+pub const DIGEST_LINE_LEN: usize = 13 + 8 + 5 + 20 + 1;
 /// The longest header accepted when reading (a header is a few hundred bytes).
 pub const MAX_HEADER_LEN: usize = 64 * 1024;
 
@@ -58,9 +64,41 @@ pub enum SaveFileError {
     /// Written by a newer domkit.
     #[error("save file format {0} is newer than this domkit understands ({FORMAT_VERSION}): upgrade domkit")]
     UnsupportedFormat(u32),
+    /// Written by an older domkit, without a stream digest: it cannot be verified.
+    #[error("save file format {0} has no stream digest, so it cannot be verified: save the domain again with this domkit")]
+    NoDigest(u32),
+    /// The stream does not match its digest (damaged, truncated, or never sealed).
+    #[error("the saved state is damaged: {0}")]
+    Damaged(String),
 }
 
-/// The header bytes: magic line and JSON line.
+/// The stream's CRC-32 and length, as the digest line records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamDigest {
+    /// CRC-32 (IEEE) of the stream.
+    pub crc32: u32,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+fn digest_line(d: StreamDigest) -> Vec<u8> {
+    format!("DIGEST crc32={:08x} len={:020}\n", d.crc32, d.len).into_bytes()
+}
+
+fn parse_digest_line(line: &[u8]) -> Option<StreamDigest> {
+    let line = std::str::from_utf8(line).ok()?;
+    let rest = line.strip_prefix("DIGEST crc32=")?.strip_suffix('\n')?;
+    let (crc, len) = rest.split_once(" len=")?;
+    if crc.len() != 8 || len.len() != 20 {
+        return None;
+    }
+    Some(StreamDigest {
+        crc32: u32::from_str_radix(crc, 16).ok()?,
+        len: len.parse().ok()?,
+    })
+}
+
+/// The header bytes: magic line, JSON line, and the digest line (zeros until sealed).
 pub fn encode_header(header: &SaveHeader) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC.as_bytes());
@@ -68,6 +106,7 @@ pub fn encode_header(header: &SaveHeader) -> Vec<u8> {
     // Serialising a struct of strings and numbers cannot fail.
     out.extend_from_slice(&serde_json::to_vec(header).unwrap_or_default());
     out.push(b'\n');
+    out.extend_from_slice(&digest_line(StreamDigest { crc32: 0, len: 0 }));
     out
 }
 
@@ -101,11 +140,67 @@ pub fn parse_header(bytes: &[u8]) -> Result<(SaveHeader, usize), SaveFileError> 
                 u32::try_from(f).unwrap_or(u32::MAX),
             ))
         }
+        Some(f) if f < u64::from(FORMAT_VERSION) => {
+            return Err(SaveFileError::NoDigest(u32::try_from(f).unwrap_or(0)))
+        }
         _ => {}
     }
     let header: SaveHeader =
         serde_json::from_value(value).map_err(|e| SaveFileError::Malformed(e.to_string()))?;
-    Ok((header, magic_end + 1 + json_len + 1))
+    let digest_at = magic_end + 1 + json_len + 1;
+    let digest_end = digest_at + DIGEST_LINE_LEN;
+    let Some(line) = bytes.get(digest_at..digest_end) else {
+        return Err(SaveFileError::Truncated);
+    };
+    if parse_digest_line(line).is_none() {
+        return Err(SaveFileError::Malformed("the digest line is malformed".into()));
+    }
+    Ok((header, digest_end))
+}
+
+/// The digest recorded in a header that [`parse_header`] accepted with stream offset
+/// `stream_start`.
+pub fn recorded_digest(bytes: &[u8], stream_start: usize) -> Option<StreamDigest> {
+    let line = bytes.get(stream_start.checked_sub(DIGEST_LINE_LEN)?..stream_start)?;
+    parse_digest_line(line)
+}
+
+/// CRC-32 and length of everything in `file` from `start` on.
+fn digest_from(file: &File, start: u64) -> io::Result<StreamDigest> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    loop {
+        let n = file.read_at(&mut buf, at)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(StreamDigest {
+        crc32: hasher.finalize(),
+        len: at - start,
+    })
+}
+
+/// Check the stream of an opened save file against its recorded digest (before QEMU reads
+/// it): `Damaged` on any difference, an unsealed digest included.
+pub fn verify_stream(file: &File, stream_start: u64, recorded: StreamDigest) -> Result<(), SaveFileError> {
+    let actual = digest_from(file, stream_start).map_err(|e| SaveFileError::Damaged(format!("reading it failed: {e}")))?;
+    if actual.len != recorded.len {
+        return Err(SaveFileError::Damaged(format!(
+            "the stream has {} bytes but {} were saved (truncated or extended)",
+            actual.len, recorded.len
+        )));
+    }
+    if actual.crc32 != recorded.crc32 {
+        return Err(SaveFileError::Damaged(format!(
+            "the stream's CRC-32 is {:08x}, not the {:08x} saved",
+            actual.crc32, recorded.crc32
+        )));
+    }
+    Ok(())
 }
 
 /// A save in progress: a temporary file next to the target, removed on drop unless
@@ -116,6 +211,8 @@ pub struct TempSaveFile {
     temp_path: PathBuf,
     target: PathBuf,
     committed: bool,
+    /// Where the migration stream starts (after the header).
+    stream_start: u64,
 }
 
 impl TempSaveFile {
@@ -152,13 +249,15 @@ impl TempSaveFile {
             .create_new(true)
             .mode(0o600)
             .open(&temp_path)?;
+        let encoded = encode_header(header);
         let mut temp = TempSaveFile {
             file,
             temp_path,
             target: target.to_path_buf(),
             committed: false,
+            stream_start: encoded.len() as u64,
         };
-        temp.file.write_all(&encode_header(header))?;
+        temp.file.write_all(&encoded)?;
         Ok(temp)
     }
 
@@ -176,6 +275,13 @@ impl TempSaveFile {
     /// the directory. On error the temporary file is removed (by drop) and the target is
     /// untouched.
     pub fn commit(mut self) -> io::Result<()> {
+        // Seal the digest of what QEMU wrote into the header's digest line.
+        let stream_start = self.stream_start;
+        let digest = digest_from(&self.file, stream_start)?;
+        self.file.write_all_at(
+            &digest_line(digest),
+            stream_start - DIGEST_LINE_LEN as u64,
+        )?;
         self.file.sync_all()?;
         std::fs::rename(&self.temp_path, &self.target)?;
         self.committed = true;
@@ -203,8 +309,9 @@ impl Drop for TempSaveFile {
     }
 }
 
-/// Open a save file for restore: read and check its header, and leave the file offset at the
-/// start of the migration stream.
+/// Open a save file for restore: read and check its header and the stream's digest, and
+/// leave the file offset at the start of the migration stream. A bad header or a damaged
+/// stream is an `InvalidData` error carrying the [`SaveFileError`].
 pub fn open_for_restore(path: &Path) -> io::Result<(File, SaveHeader)> {
     let mut file = File::open(path)?;
     let mut buf = vec![0u8; MAX_HEADER_LEN + MAGIC.len() + 2];
@@ -216,8 +323,11 @@ pub fn open_for_restore(path: &Path) -> io::Result<(File, SaveHeader)> {
         }
         filled += n;
     }
-    let (header, len) =
-        parse_header(&buf[..filled]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let invalid = |e: SaveFileError| io::Error::new(io::ErrorKind::InvalidData, e);
+    let (header, len) = parse_header(&buf[..filled]).map_err(invalid)?;
+    let recorded = recorded_digest(&buf[..filled], len)
+        .ok_or_else(|| invalid(SaveFileError::Truncated))?;
+    verify_stream(&file, len as u64, recorded).map_err(invalid)?;
     file.seek(SeekFrom::Start(len as u64))?;
     Ok((file, header))
 }
@@ -268,6 +378,37 @@ mod tests {
             parse_header(b"DOMKIT-SAVE\n{\"format\":9,\"other\":1}\n"),
             Err(SaveFileError::UnsupportedFormat(9))
         );
+        assert_eq!(
+            parse_header(b"DOMKIT-SAVE\n{\"format\":1,\"other\":1}\n"),
+            Err(SaveFileError::NoDigest(1))
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_truncation_or_an_unsealed_digest_is_refused_before_qemu_reads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("web1.save");
+        let mut temp = TempSaveFile::create(&target, &header()).expect("create");
+        temp.file.write_all(&[0x5a; 100_000]).expect("stream");
+        temp.commit().expect("commit");
+        open_for_restore(&target).expect("a sealed, intact file");
+        let good = std::fs::read(&target).expect("read");
+        let damaged = |bytes: &[u8]| {
+            std::fs::write(&target, bytes).expect("write");
+            let err = open_for_restore(&target).expect_err("damaged");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            err.to_string()
+        };
+        let mut flipped = good.clone();
+        let middle = good.len() - 50_000;
+        flipped[middle] ^= 0x01;
+        assert!(damaged(&flipped).contains("CRC-32"));
+        assert!(damaged(&good[..good.len() - 1]).contains("truncated"));
+        let (_, start) = parse_header(&good).expect("header");
+        let mut unsealed = good.clone();
+        unsealed[start - DIGEST_LINE_LEN..start]
+            .copy_from_slice(&digest_line(StreamDigest { crc32: 0, len: 0 }));
+        assert!(damaged(&unsealed).contains("damaged"));
     }
 
     #[test]

@@ -27,7 +27,8 @@ use domkit_qemu::qmp::codec::{
     excerpt, parse_message, LineFramer, LineTooLong, QmpMessage, DEFAULT_MAX_LINE,
 };
 use domkit_qemu::savefile::{
-    encode_header, parse_header, SaveFileError, SaveHeader, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN,
+    encode_header, parse_header, SaveFileError, SaveHeader, DIGEST_LINE_LEN, FORMAT_VERSION, MAGIC,
+    MAX_HEADER_LEN,
 };
 use fuzz::{chunk_sizes, concat_seeds, mutate, Outcome, Rng, Shape};
 use serde_json::Value;
@@ -502,12 +503,14 @@ fn savefile_property(input: &[u8], _seed: u64) -> Outcome {
                 ),
                 SaveFileError::Truncated => {
                     let rest = input.strip_prefix(magic_line.as_slice());
-                    ensure!(
-                        in_magic
-                            || rest.is_some_and(|r| !r[..r.len().min(MAX_HEADER_LEN)]
-                                .contains(&b'\n')),
-                        "called truncated, yet it has a header line"
-                    );
+                    // No JSON line within the limit, or the digest line after it cut short.
+                    let cut = rest.is_some_and(|r| {
+                        match r[..r.len().min(MAX_HEADER_LEN)].iter().position(|&b| b == b'\n') {
+                            None => true,
+                            Some(nl) => r.len() - (nl + 1) < DIGEST_LINE_LEN,
+                        }
+                    });
+                    ensure!(in_magic || cut, "called truncated, yet it has a whole header");
                 }
                 SaveFileError::Malformed(why) => {
                     ensure!(input.starts_with(&magic_line), "malformed without magic");
@@ -515,6 +518,12 @@ fn savefile_property(input: &[u8], _seed: u64) -> Outcome {
                 }
                 SaveFileError::UnsupportedFormat(f) => {
                     ensure!(f > FORMAT_VERSION, "format {f} called unsupported")
+                }
+                SaveFileError::NoDigest(f) => {
+                    ensure!(f < FORMAT_VERSION, "format {f} called digest-less")
+                }
+                SaveFileError::Damaged(_) => {
+                    ensure!(false, "parse_header reads no stream, so it cannot call one damaged")
                 }
             }
         }
