@@ -42,7 +42,8 @@ run "$log" cargo clippy "${lint_scope[@]}" --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" run "$log" cargo doc "${lint_scope[@]}" --no-deps -q
 
 stage "cargo test (core, QEMU driver, conformance on QEMU, CLI)"
-run "$log" cargo test --workspace --exclude libxenlight-sys --exclude domkit-libxl -- --test-threads=2
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+run "$log" cargo test --no-fail-fast --workspace --exclude libxenlight-sys --exclude domkit-libxl -- --test-threads=2
 
 skipped=0
 if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then
@@ -50,7 +51,7 @@ if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then
   skipped=1
 else
   stage "cargo test (libxenlight-sys, domkit-libxl unit tests, on the host)"
-  run "$log" cargo test -p libxenlight-sys -p domkit-libxl
+  run "$log" cargo test --no-fail-fast -p libxenlight-sys -p domkit-libxl
   stage "libxl integration tests + conformance on libxl, inside a nested Xen host"
   run "$xenlog" bash xen-host/run-libxl-tests.sh
   stage "conformance suite on libxl, inside a nested Xen host"

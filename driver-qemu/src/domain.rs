@@ -933,18 +933,9 @@ impl QemuDomain {
             )
             .await
             .map_err(|e| self.qmp_error(operation, "migrate-incoming", e))?;
-            // QEMU rejecting the stream (or dying on it) means the file is damaged: the
-            // header was checked already.
-            match self.wait_migration(qmp, &mut events, operation).await {
-                Ok(()) => {}
-                Err(e @ Error::Timeout { .. }) => return Err(e),
-                Err(e) => {
-                    return Err(Error::BadSaveFile {
-                        path: path.to_owned(),
-                        reason: format!("QEMU could not load the saved state: {e}"),
-                    })
-                }
-            }
+            // The file was verified against its digest: a migration that fails now failed
+            // for another reason (QEMU killed, out of memory), and says so.
+            self.wait_migration(qmp, &mut events, operation).await?;
             if !paused {
                 qmp.cont()
                     .await
