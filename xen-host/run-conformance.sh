@@ -37,6 +37,11 @@ case "$only" in *[!A-Za-z0-9_]*) echo "$me: --only takes [A-Za-z0-9_]" >&2; exit
 # One line (run.sh passes arguments one per line); the report is squeezed onto one line
 # between markers so kernel messages on the console cannot split it.
 script="./domkit --connect libxl:/// conformance $only_args --record /tmp/libxl.json; rc=\$?; echo; echo DOMKIT-CONF-JSON-BEGIN; tr -d '\\n' < /tmp/libxl.json; echo; echo DOMKIT-CONF-JSON-END; exit \$rc"
+# restore_corrupt keeps several copies of a 128 MiB save file, in the process and in dom0's
+# tmpfs /tmp at once: with run.sh's default 1536 MiB dom0 the suite was OOM-killed there.
+# More dom0 memory, the same 1.5 GiB left to Xen for the domUs.
+export DOMKIT_XEN_QEMU_MEM=${DOMKIT_XEN_QEMU_MEM:-4608}
+export DOMKIT_XEN_DOM0_MEM=${DOMKIT_XEN_DOM0_MEM:-3072}
 set +e
 bash xen-host/run.sh --payload "$work/payload" --timeout 3000 --log "$log" -- sh -c "$script"
 rc=$?
