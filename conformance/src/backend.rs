@@ -139,4 +139,11 @@ pub trait TestBackend: Send + Sync + 'static {
     /// Whether `pm_suspend(memory)` goes through the guest agent on this backend (QEMU: yes;
     /// Xen: no, it is a PV suspend), i.e. whether it must be `unsupported` without one.
     fn pm_suspend_uses_agent(&self) -> bool;
+
+    /// Whether saving a paused domain lets its guest run until it suspends (Xen PV: the guest
+    /// answers its own suspend request, so the save resumes it first and the events say so,
+    /// §6.6/§10), rather than keeping its vCPUs stopped throughout (QEMU).
+    fn save_runs_a_paused_guest(&self) -> bool {
+        false
+    }
 }

@@ -214,4 +214,8 @@ impl TestBackend for LibxlTestBackend {
     fn pm_suspend_uses_agent(&self) -> bool {
         false
     }
+
+    fn save_runs_a_paused_guest(&self) -> bool {
+        true
+    }
 }

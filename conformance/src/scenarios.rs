@@ -522,7 +522,19 @@ async fn save_paused_restore_paused<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
         .join(format!("{}.save", domain.id().name));
     let _ = std::fs::remove_file(&path);
     domain.save(&path).await?;
-    watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
+    if ctx.backend.save_runs_a_paused_guest() {
+        // §6.6/§10: the guest runs until it suspends itself for the save.
+        watch
+            .expect(&[
+                E::Resumed(ResumedDetail::Unpaused),
+                E::Suspended(SuspendedDetail::Saving),
+                E::Stopped(StoppedDetail::Saved),
+            ])
+            .await?;
+    } else {
+        watch.expect(&[E::Stopped(StoppedDetail::Saved)]).await?;
+    }
+    // Restored paused either way: it was paused when the save was asked for.
     domain.restore(&path, RestoreOptions::default()).await?;
     watch
         .expect(&[
