@@ -153,7 +153,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<(SaveHeader, usize), SaveFileError> 
         return Err(SaveFileError::Truncated);
     };
     if parse_digest_line(line).is_none() {
-        return Err(SaveFileError::Malformed("the digest line is malformed".into()));
+        return Err(SaveFileError::Malformed(
+            "the digest line is malformed".into(),
+        ));
     }
     Ok((header, digest_end))
 }
@@ -186,8 +188,13 @@ fn digest_from(file: &File, start: u64) -> io::Result<StreamDigest> {
 
 /// Check the stream of an opened save file against its recorded digest (before QEMU reads
 /// it): `Damaged` on any difference, an unsealed digest included.
-pub fn verify_stream(file: &File, stream_start: u64, recorded: StreamDigest) -> Result<(), SaveFileError> {
-    let actual = digest_from(file, stream_start).map_err(|e| SaveFileError::Damaged(format!("reading it failed: {e}")))?;
+pub fn verify_stream(
+    file: &File,
+    stream_start: u64,
+    recorded: StreamDigest,
+) -> Result<(), SaveFileError> {
+    let actual = digest_from(file, stream_start)
+        .map_err(|e| SaveFileError::Damaged(format!("reading it failed: {e}")))?;
     if actual.len != recorded.len {
         return Err(SaveFileError::Damaged(format!(
             "the stream has {} bytes but {} were saved (truncated or extended)",
@@ -278,10 +285,8 @@ impl TempSaveFile {
         // Seal the digest of what QEMU wrote into the header's digest line.
         let stream_start = self.stream_start;
         let digest = digest_from(&self.file, stream_start)?;
-        self.file.write_all_at(
-            &digest_line(digest),
-            stream_start - DIGEST_LINE_LEN as u64,
-        )?;
+        self.file
+            .write_all_at(&digest_line(digest), stream_start - DIGEST_LINE_LEN as u64)?;
         self.file.sync_all()?;
         std::fs::rename(&self.temp_path, &self.target)?;
         self.committed = true;
@@ -325,8 +330,8 @@ pub fn open_for_restore(path: &Path) -> io::Result<(File, SaveHeader)> {
     }
     let invalid = |e: SaveFileError| io::Error::new(io::ErrorKind::InvalidData, e);
     let (header, len) = parse_header(&buf[..filled]).map_err(invalid)?;
-    let recorded = recorded_digest(&buf[..filled], len)
-        .ok_or_else(|| invalid(SaveFileError::Truncated))?;
+    let recorded =
+        recorded_digest(&buf[..filled], len).ok_or_else(|| invalid(SaveFileError::Truncated))?;
     verify_stream(&file, len as u64, recorded).map_err(invalid)?;
     file.seek(SeekFrom::Start(len as u64))?;
     Ok((file, header))

@@ -505,12 +505,18 @@ fn savefile_property(input: &[u8], _seed: u64) -> Outcome {
                     let rest = input.strip_prefix(magic_line.as_slice());
                     // No JSON line within the limit, or the digest line after it cut short.
                     let cut = rest.is_some_and(|r| {
-                        match r[..r.len().min(MAX_HEADER_LEN)].iter().position(|&b| b == b'\n') {
+                        match r[..r.len().min(MAX_HEADER_LEN)]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                        {
                             None => true,
                             Some(nl) => r.len() - (nl + 1) < DIGEST_LINE_LEN,
                         }
                     });
-                    ensure!(in_magic || cut, "called truncated, yet it has a whole header");
+                    ensure!(
+                        in_magic || cut,
+                        "called truncated, yet it has a whole header"
+                    );
                 }
                 SaveFileError::Malformed(why) => {
                     ensure!(input.starts_with(&magic_line), "malformed without magic");
@@ -523,7 +529,10 @@ fn savefile_property(input: &[u8], _seed: u64) -> Outcome {
                     ensure!(f < FORMAT_VERSION, "format {f} called digest-less")
                 }
                 SaveFileError::Damaged(_) => {
-                    ensure!(false, "parse_header reads no stream, so it cannot call one damaged")
+                    ensure!(
+                        false,
+                        "parse_header reads no stream, so it cannot call one damaged"
+                    )
                 }
             }
         }
