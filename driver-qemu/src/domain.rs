@@ -756,8 +756,7 @@ impl QemuDomain {
             qemu_version: instance.qemu_version.clone(),
             memory_mib: self.inner.config.memory_mib,
         };
-        // First, before the domain is touched: an unwritable place fails here.
-        let temp = TempSaveFile::create(path, &header).map_err(|e| {
+        let create_error = |e| {
             Error::io(
                 format!(
                     "creating the save file next to {} (is the directory writable?)",
@@ -765,13 +764,24 @@ impl QemuDomain {
                 ),
                 e,
             )
-        })?;
+        };
+        // Recorded before the temporary file exists: a manager killed at any instant after
+        // this leaves the next one the name to remove (§11.4).
+        let temp_path = savefile::temp_path_for(path).map_err(create_error)?;
         self.set_in_flight(Some(InFlight::Save {
             target: path.to_owned(),
-            temp: temp.temp_path().to_owned(),
+            temp: temp_path.clone(),
             was_paused,
             committing: false,
         }));
+        // First, before the domain is touched: an unwritable place fails here.
+        let temp = match TempSaveFile::create_at(path, &temp_path, &header) {
+            Ok(temp) => temp,
+            Err(e) => {
+                self.set_in_flight(None);
+                return Err(create_error(e));
+            }
+        };
         let qmp = &instance.qmp;
         let mut events = qmp.subscribe();
         // Intent::Save explains the stop (paused(save)) and the resume after a failure

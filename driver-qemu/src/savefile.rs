@@ -210,6 +210,35 @@ pub fn verify_stream(
     Ok(())
 }
 
+/// A fresh temporary name next to `target` (`.<name>.domkit-tmp-<pid>-<uuid>`), refusing a
+/// target that is a directory or has no file name.
+pub fn temp_path_for(target: &Path) -> io::Result<PathBuf> {
+    let file_name = target.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the save path has no file name",
+        )
+    })?;
+    if target.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the save path is a directory",
+        ));
+    }
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut name = std::ffi::OsString::from(".");
+    name.push(file_name);
+    name.push(format!(
+        ".domkit-tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    Ok(dir.join(name))
+}
+
 /// A save in progress: a temporary file next to the target, removed on drop unless
 /// [`TempSaveFile::commit`] renamed it over the target.
 #[derive(Debug)]
@@ -226,30 +255,13 @@ impl TempSaveFile {
     /// Create the temporary file (mode 0600, never an existing file) in `target`'s directory
     /// and write `header` to it; the file offset ends after the header.
     pub fn create(target: &Path, header: &SaveHeader) -> io::Result<Self> {
-        let file_name = target.file_name().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the save path has no file name",
-            )
-        })?;
-        if target.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the save path is a directory",
-            ));
-        }
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut name = std::ffi::OsString::from(".");
-        name.push(file_name);
-        name.push(format!(
-            ".domkit-tmp-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let temp_path = dir.join(name);
+        Self::create_at(target, &temp_path_for(target)?, header)
+    }
+
+    /// As [`TempSaveFile::create`], under the temporary name `temp_path` chosen beforehand
+    /// with [`temp_path_for`] (so it can be recorded before the file exists, §11.4).
+    pub fn create_at(target: &Path, temp_path: &Path, header: &SaveHeader) -> io::Result<Self> {
+        let temp_path = temp_path.to_path_buf();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
