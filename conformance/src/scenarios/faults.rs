@@ -860,6 +860,51 @@ pub(super) async fn destroy_preempts_reboot<B: TestBackend>(ctx: &ScenarioCtx<'_
 // ---------------------------------------------------------------------------------------
 // Cancellation (§6.0 cancel safety)
 
+/// The operation right after a start or restore that was cancelled (§6.0), at once: it
+/// queues behind the background part of the create. Either the create ran (the pause finds
+/// the domain up: `started(how)`, `suspended(paused)`, `paused(user)`), or it was dropped
+/// before it ran (only possible if it did not finish first: then the pause finds it shut
+/// off, and it stays so with no event).
+async fn pause_after_cancelled_create<D: Domain>(
+    domain: &D,
+    watch: &mut EventWatch,
+    before: DomainState,
+    may_never_have_run: bool,
+    cancel: Cancel,
+    what: &str,
+    how: StartedDetail,
+) -> Step {
+    let paused = domain.pause().await;
+    tracing::info!(
+        "cancel_{what} {cancel:?}: may never have run: {may_never_have_run}; pause: {paused:?}"
+    );
+    match paused {
+        Ok(()) => {
+            expect_events_one_of(
+                watch,
+                &[&[E::Started(how), E::Suspended(SuspendedDetail::Paused)]],
+            )
+            .await?;
+            expect_exact_state(domain, DomainState::Paused(PausedReason::User))
+        }
+        Err(Error::InvalidState { current, .. }) if current.is_shutoff() && may_never_have_run => {
+            let settled = settle(domain, SETTLE_WITHIN).await?;
+            check(settled == before, || {
+                format!(
+                    "{cancel:?}: pause saw {current}, then the state became {settled}: the \
+                     {what} went on after the next operation ran (§6.0: it queues behind the \
+                     background part)"
+                )
+            })?;
+            watch.expect_quiet(QUIET).await
+        }
+        Err(e) => fail(format!(
+            "pause right after a {what} cancelled {cancel:?}: {e} (§6.0: a cancelled {what} \
+             completes in the background)"
+        )),
+    }
+}
+
 pub(super) async fn cancel_start<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let (domain, mut watch) = ctx.define("a", GuestOptions::default()).await?;
     for cancel in [
@@ -872,42 +917,16 @@ pub(super) async fn cancel_start<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> St
         if let Some(Err(e)) = &finished {
             return fail(format!("start ({cancel:?}) failed: {e}"));
         }
-        // The next operation, at once: it queues behind the background part of the start.
-        let paused = domain.pause().await;
-        tracing::info!("cancel_start {cancel:?}: finished first: {finished:?}; pause: {paused:?}");
-        match paused {
-            Ok(()) => {
-                expect_events_one_of(
-                    &mut watch,
-                    &[&[
-                        E::Started(StartedDetail::Booted),
-                        E::Suspended(SuspendedDetail::Paused),
-                    ]],
-                )
-                .await?;
-                expect_exact_state(&domain, DomainState::Paused(PausedReason::User))?;
-            }
-            Err(Error::InvalidState { current, .. })
-                if current.is_shutoff() && finished.is_none() =>
-            {
-                // Dropped before it ran: then it never runs.
-                let settled = settle(&domain, SETTLE_WITHIN).await?;
-                check(settled == before, || {
-                    format!(
-                        "{cancel:?}: pause saw {current}, then the state became {settled}: the \
-                         start went on after the next operation ran (§6.0: it queues behind \
-                         the background part)"
-                    )
-                })?;
-                watch.expect_quiet(QUIET).await?;
-            }
-            Err(e) => {
-                return fail(format!(
-                    "pause right after a start cancelled {cancel:?}: {e} (§6.0: a cancelled \
-                     start completes in the background)"
-                ))
-            }
-        }
+        pause_after_cancelled_create(
+            &domain,
+            &mut watch,
+            before,
+            finished.is_none(),
+            cancel,
+            "start",
+            StartedDetail::Booted,
+        )
+        .await?;
         settle(&domain, SETTLE_WITHIN).await?;
         expect_truthful(ctx, &domain).await?;
         destroy_checked(&domain, &mut watch).await?;
@@ -1058,43 +1077,16 @@ pub(super) async fn cancel_restore<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> 
         if let Some(Err(e)) = &finished {
             return fail(format!("restore ({cancel:?}) failed: {e}"));
         }
-        // The next operation, at once: it queues behind the background part of the restore.
-        let paused = domain.pause().await;
-        tracing::info!(
-            "cancel_restore {cancel:?}: finished first: {finished:?}; pause: {paused:?}"
-        );
-        match paused {
-            Ok(()) => {
-                expect_events_one_of(
-                    &mut watch,
-                    &[&[
-                        E::Started(StartedDetail::Restored),
-                        E::Suspended(SuspendedDetail::Paused),
-                    ]],
-                )
-                .await?;
-                expect_exact_state(&domain, DomainState::Paused(PausedReason::User))?;
-            }
-            Err(Error::InvalidState { current, .. })
-                if current.is_shutoff() && finished.is_none() =>
-            {
-                let settled = settle(&domain, SETTLE_WITHIN).await?;
-                check(settled == before, || {
-                    format!(
-                        "{cancel:?}: pause saw {current}, then the state became {settled}: the \
-                         restore went on after the next operation ran (§6.0: it queues behind \
-                         the background part)"
-                    )
-                })?;
-                watch.expect_quiet(QUIET).await?;
-            }
-            Err(e) => {
-                return fail(format!(
-                    "pause right after a restore cancelled {cancel:?}: {e} (§6.0: a cancelled \
-                     restore completes in the background)"
-                ))
-            }
-        }
+        pause_after_cancelled_create(
+            &domain,
+            &mut watch,
+            before,
+            finished.is_none(),
+            cancel,
+            "restore",
+            StartedDetail::Restored,
+        )
+        .await?;
         settle(&domain, SETTLE_WITHIN).await?;
         expect_truthful(ctx, &domain).await?;
         check(fingerprint(&path)? == saved, || {
