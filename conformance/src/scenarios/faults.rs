@@ -715,6 +715,20 @@ pub(super) async fn destroy_preempts_shutdown<B: TestBackend>(ctx: &ScenarioCtx<
     expect_truthful(ctx, &domain).await
 }
 
+/// Start the shut-off `domain` again (`started(booted)`) and wait until its guest can act.
+async fn start_until_ready<B: TestBackend>(
+    ctx: &ScenarioCtx<'_, B>,
+    domain: &<B::Driver as Driver>::Domain,
+    watch: &mut EventWatch,
+) -> Step {
+    domain.start(StartOptions::default()).await?;
+    watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
+    hook(
+        "guest ready",
+        ctx.backend.wait_guest_ready(domain, BOOT_TIMEOUT).await,
+    )
+}
+
 pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
     let dir = save_dir(ctx, &domain)?;
@@ -726,12 +740,7 @@ pub(super) async fn destroy_preempts_save<B: TestBackend>(ctx: &ScenarioCtx<'_, 
     {
         if round > 0 {
             // A guest that runs: a Xen PV guest takes part in its own save.
-            domain.start(StartOptions::default()).await?;
-            watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
-            hook(
-                "guest ready",
-                ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-            )?;
+            start_until_ready(ctx, &domain, &mut watch).await?;
         }
         write_file(&path, OLDER)?;
         let older = fingerprint(&path)?;
@@ -1202,12 +1211,7 @@ pub(super) async fn killed_mid_save<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
     {
         if round > 0 {
             // A guest that runs: a Xen PV guest takes part in its own save.
-            domain.start(StartOptions::default()).await?;
-            watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
-            hook(
-                "guest ready",
-                ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-            )?;
+            start_until_ready(ctx, &domain, &mut watch).await?;
         }
         write_file(&path, OLDER)?;
         let older = fingerprint(&path)?;
@@ -1576,12 +1580,7 @@ pub(super) async fn shutdown_paused<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) ->
     shutdown_refused(&domain, &mut watch, "crashed (preserved)").await?;
     destroy_checked(&domain, &mut watch).await?;
     // a poweroff kept by on_poweroff = preserve
-    domain.start(StartOptions::default()).await?;
-    watch.expect(&[E::Started(StartedDetail::Booted)]).await?;
-    hook(
-        "guest ready",
-        ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-    )?;
+    start_until_ready(ctx, &domain, &mut watch).await?;
     hook(
         "guest poweroff",
         ctx.backend.guest_do(&domain, GuestAction::Poweroff).await,
