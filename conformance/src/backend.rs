@@ -18,6 +18,42 @@ pub enum GuestAction {
     Panic,
 }
 
+/// What happens to a domain while no manager runs (the durable scenarios, §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwayAction {
+    /// The guest does this by itself.
+    Guest(GuestAction),
+    /// The backend domain is ended behind every manager's back (QEMU: SIGKILL of the
+    /// process; Xen: `xl destroy`).
+    Kill,
+}
+
+/// The private state and runtime roots of one durable scenario (§11.1): fresh, 0700, short
+/// paths (Unix socket paths are limited), removed when dropped.
+#[derive(Debug)]
+pub struct DurableRoots {
+    /// The state root (definitions, statuses, the root lock).
+    pub state: PathBuf,
+    /// The runtime root (per-domain directories: sockets, pid, logs).
+    pub runtime: PathBuf,
+    _base: tempfile::TempDir,
+}
+
+impl DurableRoots {
+    /// New roots under `/tmp` (the roots themselves are created by the driver).
+    pub fn new() -> Result<DurableRoots, String> {
+        let base = tempfile::Builder::new()
+            .prefix("dk")
+            .tempdir_in("/tmp")
+            .map_err(|e| format!("durable roots: {e}"))?;
+        Ok(DurableRoots {
+            state: base.path().join("s"),
+            runtime: base.path().join("r"),
+            _base: base,
+        })
+    }
+}
+
 /// How the scenario wants the test guest configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestOptions {
@@ -146,4 +182,62 @@ pub trait TestBackend: Send + Sync + 'static {
     fn save_runs_a_paused_guest(&self) -> bool {
         false
     }
+
+    // ---- durable domains (§11): the scenarios of `scenarios/durable.rs` ----
+
+    /// The `--connect` URI of this backend for the `domkit` CLI (`qemu:///session`,
+    /// `libxl:///`).
+    fn connect_uri(&self) -> &'static str;
+
+    /// The command line of a separate manager process on `roots` (persistent, or with
+    /// `ephemeral` domains that die with it): `domkit --connect URI manager --state-dir S
+    /// --runtime-dir R [--ephemeral]` (protocol: [`crate::manager`]).
+    fn manager_command(
+        &self,
+        roots: &DurableRoots,
+        ephemeral: bool,
+    ) -> Result<std::process::Command, String> {
+        let mut command = std::process::Command::new(crate::manager::domkit_binary()?);
+        command
+            .arg("--connect")
+            .arg(self.connect_uri())
+            .arg("manager")
+            .arg("--state-dir")
+            .arg(&roots.state)
+            .arg("--runtime-dir")
+            .arg(&roots.runtime);
+        if ephemeral {
+            command.arg("--ephemeral");
+        }
+        Ok(command)
+    }
+
+    /// A persistent driver on `roots`, opened in this process (the next manager: it
+    /// reattaches what the roots hold). A second manager on the same roots is
+    /// `root_in_use`.
+    async fn open_persistent(&self, roots: &DurableRoots) -> domkit_core::Result<Self::Driver>;
+
+    /// Stop supervising and drop `driver`, leaving every domain as it is (a persistent
+    /// manager's orderly exit); the roots are free for the next manager when this returns.
+    fn detach(&self, driver: Self::Driver);
+
+    /// Wait until the guest of `name` on `roots`, which no driver of this process holds, has
+    /// booted far enough to act.
+    async fn wait_ready_away(
+        &self,
+        roots: &DurableRoots,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), String>;
+
+    /// While no manager runs: make `action` happen to the domain `name` on `roots`, and
+    /// return once the backend shows it happened (QEMU: the run state; Xen: the domain's
+    /// shutdown flag, or its absence). For [`AwayAction::Kill`], the shutoff reason the next
+    /// manager must report (§11.3).
+    async fn act_while_away(
+        &self,
+        roots: &DurableRoots,
+        name: &str,
+        action: AwayAction,
+    ) -> Result<Option<ShutoffReason>, String>;
 }

@@ -23,6 +23,6 @@ pub mod runner;
 pub mod scenario;
 pub mod scenarios;
 
-pub use backend::{GuestAction, GuestOptions, TestBackend};
+pub use backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 pub use runner::{run, SuiteReport};
 pub use scenario::{ScenarioReport, Verdict};

@@ -5,7 +5,7 @@
 //! guest acts on it (`xen-host/domu/init`); `report` makes it write its kernel boot id to
 //! `data/domkit-bootid`.
 
-use crate::backend::{GuestAction, GuestOptions, TestBackend};
+use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
 use domkit_core::{Boot, DomainConfig, ShutoffReason, XenGuestType};
 use domkit_libxl::{LibxlDomain, LibxlDriver};
@@ -217,5 +217,39 @@ impl TestBackend for LibxlTestBackend {
 
     fn save_runs_a_paused_guest(&self) -> bool {
         true
+    }
+
+    fn connect_uri(&self) -> &'static str {
+        "libxl:///"
+    }
+
+    async fn open_persistent(&self, _roots: &DurableRoots) -> domkit_core::Result<LibxlDriver> {
+        Err(domkit_core::Error::Unsupported {
+            operation: domkit_core::Operation::Define,
+            backend: "libxl".into(),
+            reason: "persistent mode is not implemented yet".into(),
+        })
+    }
+
+    fn detach(&self, driver: LibxlDriver) {
+        drop(driver);
+    }
+
+    async fn wait_ready_away(
+        &self,
+        _roots: &DurableRoots,
+        _name: &str,
+        _timeout: Duration,
+    ) -> Result<(), String> {
+        Err("not implemented yet".into())
+    }
+
+    async fn act_while_away(
+        &self,
+        _roots: &DurableRoots,
+        _name: &str,
+        _action: AwayAction,
+    ) -> Result<Option<ShutoffReason>, String> {
+        Err("not implemented yet".into())
     }
 }

@@ -1,7 +1,7 @@
 //! The QEMU test backend: real `qemu-system-x86_64` (TCG) booting the repo's test guest
 //! (`scripts/build-test-guest.sh`), with guest-side actions through the real guest agent.
 
-use crate::backend::{GuestAction, GuestOptions, TestBackend};
+use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
 use domkit_core::{Accel, Boot, Channel, ChannelKind, DomainConfig, ShutoffReason};
 use domkit_qemu::agent::codec::GuestExecRequest;
@@ -234,6 +234,117 @@ impl TestBackend for QemuTestBackend {
 
     fn pm_suspend_uses_agent(&self) -> bool {
         true
+    }
+
+    fn connect_uri(&self) -> &'static str {
+        "qemu:///session"
+    }
+
+    async fn open_persistent(&self, roots: &DurableRoots) -> domkit_core::Result<QemuDriver> {
+        QemuDriver::open(QemuDriverOptions::persistent(&roots.state, &roots.runtime)).await
+    }
+
+    fn detach(&self, driver: QemuDriver) {
+        driver.detach();
+    }
+
+    async fn wait_ready_away(
+        &self,
+        roots: &DurableRoots,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        // The agent chardev listens in the domain's runtime directory; with no manager
+        // connected, this process may talk to it.
+        let socket = roots.runtime.join(name).join("agent.sock");
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline {
+            match domkit_qemu::agent::GuestAgent::connect(&socket).await {
+                Ok(agent) => match agent.ping().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(format!(
+            "{}: no agent answer after {timeout:?}: {last}",
+            socket.display()
+        ))
+    }
+
+    async fn act_while_away(
+        &self,
+        roots: &DurableRoots,
+        name: &str,
+        action: AwayAction,
+    ) -> Result<Option<ShutoffReason>, String> {
+        let dir = roots.runtime.join(name);
+        let want = match action {
+            AwayAction::Kill => {
+                let pids = qemu_processes_named(name);
+                if pids.is_empty() {
+                    return Err(format!("no qemu process of {name}"));
+                }
+                for pid in &pids {
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .map_err(|e| format!("kill {pid}: {e}"))?;
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !qemu_processes_named(name).is_empty() {
+                    if Instant::now() > deadline {
+                        return Err(format!("the qemu of {name} survived SIGKILL"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // §11.3: a QEMU gone while away is `crashed` (it never exits by itself
+                // under -no-shutdown), as an out-of-band kill seen live (§10).
+                return Ok(Some(ShutoffReason::Crashed));
+            }
+            AwayAction::Guest(GuestAction::Poweroff) => ("poweroff -f", "shutdown"),
+            AwayAction::Guest(GuestAction::Panic) => {
+                ("echo c > /proc/sysrq-trigger", "guest-panicked")
+            }
+            AwayAction::Guest(GuestAction::Reboot) => {
+                return Err("a reboot while away leaves no run state to wait for".into())
+            }
+        };
+        let agent = domkit_qemu::agent::GuestAgent::connect(dir.join("agent.sock"))
+            .await
+            .map_err(|e| format!("agent of {name}: {e}"))?;
+        agent
+            .exec(&GuestExecRequest {
+                path: "/bin/sh".into(),
+                args: vec!["-c".into(), format!("sleep 0.3; {}", want.0)],
+                env: vec![],
+                input: None,
+                capture_output: false,
+            })
+            .await
+            .map_err(|e| format!("guest-exec in {name}: {e}"))?;
+        drop(agent);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(qmp) = domkit_qemu::qmp::QmpClient::connect(dir.join("qmp.sock")).await {
+                if let Ok(status) = qmp.query_status().await {
+                    last = serde_json::to_value(&status.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    if last == want.1 {
+                        return Ok(None);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!("{name}: run state {last:?}, never {:?}", want.1))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod lifecycle;
+pub mod rootlock;
 pub mod state;
 pub mod store;
 pub mod traits;
@@ -39,10 +40,12 @@ pub use event::{
 pub use lifecycle::{
     Creation, Intent, IntentToken, Lifecycle, Observation, Outcome, PolicyAction, StopCause,
 };
+pub use rootlock::RootLock;
 pub use state::{
     BlockedReason, ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason,
     RunningReason, ShutoffReason, ShuttingDownReason,
 };
+pub use store::Ownership;
 pub use traits::{
     Capabilities, Domain, DomainInfo, Driver, PmSuspendTarget, RestoreOptions, ShutdownMode,
     ShutdownOptions, ShutdownOutcome, ShutdownWait, Snapshot, StartOptions,

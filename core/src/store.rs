@@ -17,6 +17,17 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 use uuid::Uuid;
 
+/// Whether a driver's domains die with its manager process or outlive it (§11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ownership {
+    /// Dies with the manager process (tests, short-lived embedders; QEMU's `machine.py`).
+    #[default]
+    Ephemeral,
+    /// Outlives the manager; the next one reattaches (a host tool).
+    Persistent,
+}
+
 /// What is wrong with a directory domkit was asked to use.
 #[derive(Debug, thiserror::Error)]
 #[error("refusing to use {path}: {problem}")]

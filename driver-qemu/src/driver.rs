@@ -131,7 +131,7 @@ pub struct QemuDriver {
 struct DriverShared {
     options: Arc<QemuDriverOptions>,
     /// One manager per root, for the driver's life.
-    _root_lock: crate::rootlock::RootLock,
+    _root_lock: domkit_core::RootLock,
     /// The durable store (persistent drivers).
     store: Option<DefinitionStore>,
     domains: Mutex<BTreeMap<String, QemuDomain>>,
@@ -245,7 +245,7 @@ impl QemuDriver {
         } else {
             &options.runtime_root
         };
-        let root_lock = crate::rootlock::RootLock::acquire(lock_root)?;
+        let root_lock = domkit_core::RootLock::acquire(lock_root)?;
         if !persistent {
             // Domains of an ephemeral driver die with it: what a dead one left is stale.
             sweep_runtime_dirs(&options.runtime_root, |_| false);

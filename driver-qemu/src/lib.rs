@@ -27,7 +27,6 @@ pub mod driver;
 pub mod error;
 pub mod process;
 pub mod reattach;
-pub mod rootlock;
 pub mod savefile;
 pub mod supervisor;
 pub mod translate;

@@ -111,16 +111,7 @@ pub struct QemuProcess {
     pub log_start: u64,
 }
 
-/// Whether a QEMU process dies with its manager.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Ownership {
-    /// Dies with the manager process (tests, short-lived embedders; QEMU's `machine.py`).
-    #[default]
-    Ephemeral,
-    /// Outlives the manager; the next one reattaches (a host tool).
-    Persistent,
-}
+pub use domkit_core::Ownership;
 
 /// Timeouts of a launch.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! One manager per runtime root (I/O): an exclusive `flock` on `<root>/lock`, held for the
+//! One manager per root (I/O, backend-independent): an exclusive `flock` on `<root>/lock`, held for the
 //! driver's life. A second process opening the same root gets [`Error::RootInUse`] with the
 //! holder's pid and touches nothing (it would otherwise delete the first one's live sockets).
 
@@ -7,7 +7,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use domkit_core::{Error, Result};
+use crate::error::{Error, Result};
 use nix::fcntl::{Flock, FlockArg};
 
 /// The held lock; released when dropped (the kernel also releases it when the process dies,
