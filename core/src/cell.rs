@@ -6,6 +6,7 @@ use crate::lifecycle::{Intent, IntentToken, Lifecycle, Observation, PolicyAction
 use crate::state::{ControlState, DomainState};
 use crate::{Error, Operation, Result};
 use futures::Stream;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,19 +29,42 @@ pub const DRIVER_EVENT_BUFFER: usize = 4096;
 /// A stream of uniform events (of one domain, or of all domains of a driver).
 ///
 /// A subscriber that falls more than [`EVENT_BUFFER`] events behind skips the oldest; the
-/// number skipped is in [`EventStream::lost`], and the per-domain `seq` shows the gap.
+/// number skipped is in [`EventStream::lost`], and the per-domain `seq` shows the gap
+/// (`docs/semantics.md` §2.4, §12.2).
 pub struct EventStream {
     inner: BroadcastStream<DomainEvent>,
     lost: Arc<AtomicU64>,
+    /// Events delivered before the live ones (a [`LifecycleCell::subscribe_from`] replay).
+    replay: VecDeque<DomainEvent>,
+    /// Live events with a `seq` up to this one are dropped (already replayed, or before the
+    /// point the subscriber asked to start from). 0 for driver-wide streams.
+    skip_through: u64,
 }
 
 impl EventStream {
     /// Wrap a broadcast receiver.
     pub fn new(rx: broadcast::Receiver<DomainEvent>) -> Self {
+        EventStream::with_replay(rx, VecDeque::new(), 0)
+    }
+
+    /// Deliver `replay` first, then the events of `rx` whose `seq` is above `skip_through`.
+    fn with_replay(
+        rx: broadcast::Receiver<DomainEvent>,
+        replay: VecDeque<DomainEvent>,
+        skip_through: u64,
+    ) -> Self {
         EventStream {
             inner: BroadcastStream::new(rx),
             lost: Arc::new(AtomicU64::new(0)),
+            replay,
+            skip_through,
         }
+    }
+
+    /// Drop live events with a `seq` up to `seq` (for a per-domain stream that should start
+    /// after a point already seen).
+    pub fn skip_through(&mut self, seq: u64) {
+        self.skip_through = self.skip_through.max(seq);
     }
 
     /// How many events this subscriber lost by lagging.
@@ -61,8 +85,12 @@ impl Stream for EventStream {
     type Item = DomainEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DomainEvent>> {
+        if let Some(ev) = self.replay.pop_front() {
+            return Poll::Ready(Some(ev));
+        }
         loop {
             match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(ev))) if ev.seq <= self.skip_through => continue,
                 Poll::Ready(Some(Ok(ev))) => return Poll::Ready(Some(ev)),
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
                     self.lost.fetch_add(n, Ordering::Relaxed);
@@ -84,6 +112,11 @@ impl Stream for EventStream {
 pub struct LifecycleCell {
     inner: Mutex<Lifecycle>,
     events: broadcast::Sender<DomainEvent>,
+    /// The last [`EVENT_BUFFER`] events, oldest first, for [`LifecycleCell::subscribe_from`]
+    /// (the broadcast ring cannot be read by a new receiver). Locked only while `inner` is
+    /// held, so it always ends at the lifecycle's `last_seq`. Grows as events happen: an
+    /// idle domain costs nothing.
+    history: Mutex<VecDeque<DomainEvent>>,
     driver_events: Option<broadcast::Sender<DomainEvent>>,
     state_tx: watch::Sender<DomainState>,
     persist: Option<PersistHook>,
@@ -113,6 +146,7 @@ impl LifecycleCell {
         LifecycleCell {
             inner: Mutex::new(lifecycle),
             events,
+            history: Mutex::new(VecDeque::new()),
             driver_events,
             state_tx,
             persist: None,
@@ -209,10 +243,22 @@ impl LifecycleCell {
     /// Send one event to both streams; the caller holds the lock.
     fn send(&self, ev: DomainEvent) {
         tracing::debug!(domain = %ev.domain.name, seq = ev.seq, event = %ev.kind, "domain event");
+        {
+            let mut history = self.history_lock();
+            if history.len() >= EVENT_BUFFER {
+                history.pop_front();
+            }
+            history.push_back(ev.clone());
+        }
         if let Some(d) = &self.driver_events {
             let _ = d.send(ev.clone());
         }
         let _ = self.events.send(ev);
+    }
+
+    fn history_lock(&self) -> MutexGuard<'_, VecDeque<DomainEvent>> {
+        // Only pushed to and popped from whole events: a poisoned lock is still consistent.
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Subscribe to this domain's events (from now on).
@@ -230,6 +276,37 @@ impl LifecycleCell {
             lc.last_seq(),
             EventStream::new(self.events.subscribe()),
         )
+    }
+
+    /// Every event after `after`, none twice, then the live ones (§12.1): the events with a
+    /// `seq` above `after` that are still kept are replayed first. `after` at or beyond the
+    /// last event: the stream starts with the first event above `after`.
+    ///
+    /// [`Error::EventsLost`] if some event after `after` is no longer kept (only the last
+    /// [`EVENT_BUFFER`] are): resynchronise with [`LifecycleCell::snapshot_and_subscribe`].
+    pub fn subscribe_from(&self, after: u64) -> Result<EventStream> {
+        let lc = self.lock();
+        let last = lc.last_seq();
+        // Subscribed under the lock: every live event has a seq above `last`.
+        let rx = self.events.subscribe();
+        if after >= last {
+            return Ok(EventStream::with_replay(rx, VecDeque::new(), after));
+        }
+        let history = self.history_lock();
+        let resumed_at = history.front().map_or(last + 1, |ev| ev.seq);
+        if resumed_at > after + 1 {
+            return Err(Error::EventsLost {
+                domain: lc.id().name.clone(),
+                after,
+                resumed_at,
+            });
+        }
+        let replay = history
+            .iter()
+            .filter(|ev| ev.seq > after)
+            .cloned()
+            .collect();
+        Ok(EventStream::with_replay(rx, replay, last))
     }
 
     /// Stash `intent` until the returned guard is dropped; other operations' intents stay.

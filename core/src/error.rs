@@ -38,6 +38,12 @@ pub enum Operation {
     PmWakeup,
     /// Read the state.
     State,
+    /// Wait for an event ([`crate::Domain::wait_for_event`]).
+    WaitEvent,
+    /// Read the statistics ([`crate::Domain::stats`]).
+    Stats,
+    /// Open the serial console ([`crate::Domain::console`]).
+    Console,
 }
 
 impl fmt::Display for Operation {
@@ -148,12 +154,42 @@ pub enum Error {
         /// The holder's pid, if it wrote one.
         holder_pid: Option<u32>,
     },
+    /// Events a caller asked for are no longer kept, or were dropped while it lagged
+    /// (`docs/semantics.md` §12.2): the ones with `after < seq < resumed_at` are missing.
+    /// Take a new [`crate::Domain::snapshot`] to resynchronise.
+    #[error("events {} of domain {domain} are lost (no longer kept, or dropped while lagging): take a new snapshot() to resynchronise", lost_range(*.after, *.resumed_at))]
+    EventsLost {
+        /// The domain.
+        domain: String,
+        /// The last `seq` the caller has (0: none).
+        after: u64,
+        /// The first `seq` that can still be delivered after the gap.
+        resumed_at: u64,
+    },
+    /// A resource that admits one user at a time is taken (the console's writer, §12.4).
+    #[error("{what} is busy: {holder}")]
+    Busy {
+        /// What is taken, e.g. `console of domain "web1" (writer)`.
+        what: String,
+        /// Who holds it and what to do, e.g. `another writer is attached; open it read-only`.
+        holder: String,
+    },
     /// A peer spoke the protocol wrongly (malformed bytes, unexpected reply).
     #[error("protocol error: {message}")]
     Protocol {
         /// What was wrong.
         message: String,
     },
+}
+
+fn lost_range(after: u64, resumed_at: u64) -> String {
+    let first = after.saturating_add(1);
+    let last = resumed_at.saturating_sub(1);
+    if first == last {
+        format!("seq {first}")
+    } else {
+        format!("seq {first}..={last}")
+    }
 }
 
 fn holder_suffix(pid: &Option<u32>) -> String {

@@ -9,6 +9,8 @@
 //! - [`DomainConfig`] with lifecycle policies and validation;
 //! - the [`Driver`] / [`Domain`] traits and their option types;
 //! - [`Error`];
+//! - watching a domain (§12): [`watch`] (race-free waiting for events), [`stats`]
+//!   ([`DomainStats`]), [`console`] (the serial console as a byte stream);
 //! - [`store`]: the crash-safe store of a persistent driver (private directories, atomic
 //!   writes, per-domain definition and status records).
 //!
@@ -18,13 +20,16 @@
 
 pub mod cell;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod event;
 pub mod lifecycle;
 pub mod rootlock;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod traits;
+pub mod watch;
 
 pub use cell::{EventStream, IntentGuard, LifecycleCell};
 pub use config::{
@@ -32,6 +37,7 @@ pub use config::{
     DomainConfig, LifecycleAction, LifecyclePolicies, Nic, NicBackend, QemuSettings, XenGuestType,
     XenSettings,
 };
+pub use console::{ConsoleAccess, ConsoleHub, ConsoleStream};
 pub use error::{Error, Operation, Result};
 pub use event::{
     CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,
@@ -45,8 +51,10 @@ pub use state::{
     BlockedReason, ControlState, CrashedReason, DomainState, PausedReason, PmSuspendedReason,
     RunningReason, ShutoffReason, ShuttingDownReason,
 };
+pub use stats::{CpuStats, DiskStats, DomainStats, MemoryStats, NicStats, VcpuStats};
 pub use store::Ownership;
 pub use traits::{
     Capabilities, Domain, DomainInfo, Driver, PmSuspendTarget, RestoreOptions, ShutdownMode,
     ShutdownOptions, ShutdownOutcome, ShutdownWait, Snapshot, StartOptions,
 };
+pub use watch::{EventFilter, EventName};

@@ -3,8 +3,11 @@
 
 use crate::cell::EventStream;
 use crate::config::DomainConfig;
-use crate::event::DomainId;
+use crate::console::{ConsoleAccess, ConsoleStream};
+use crate::event::{DomainEvent, DomainId};
 use crate::state::{ControlState, DomainState};
+use crate::stats::DomainStats;
+use crate::watch::EventFilter;
 use crate::{Error, Operation, Result};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -195,6 +198,24 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Events of every domain of this driver.
     fn subscribe(&self) -> EventStream;
+
+    /// The statistics of every defined domain (libvirt's `virConnectGetAllDomainStats`),
+    /// active ones with their figures, others with their state only (§12.5). Meant to be
+    /// polled (once a second for 100 domains is cheap). The default asks each domain in
+    /// turn; a backend may do better.
+    async fn all_stats(&self) -> Result<Vec<DomainStats>> {
+        let mut all = Vec::new();
+        for info in self.list().await? {
+            let domain = match self.lookup_by_uuid(info.id.uuid).await {
+                Ok(domain) => domain,
+                // Undefined since the list was taken.
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            all.push(domain.stats().await?);
+        }
+        Ok(all)
+    }
 }
 
 /// One domain. Operations are serialised per domain; state queries never block on them.
@@ -215,6 +236,68 @@ pub trait Domain: Send + Sync {
     /// The state and the events after it, taken at once (§2.4): no event between the two
     /// is missed or seen twice.
     fn snapshot(&self) -> Snapshot;
+
+    /// Every event with a `seq` above `after`, none twice, then the live ones (§12.1): for
+    /// a subscriber that has seen events up to `after` (from an earlier stream or
+    /// snapshot) and wants to go on without a gap.
+    ///
+    /// [`Error::EventsLost`] when some of those events are no longer kept: take a new
+    /// [`Domain::snapshot`]. The default keeps nothing: it serves `after` at or beyond the
+    /// snapshot's `seq` and answers `events_lost` for anything older; a backend built on
+    /// [`crate::LifecycleCell`] replays the last [`crate::cell::EVENT_BUFFER`] events.
+    fn subscribe_from(&self, after: u64) -> Result<EventStream> {
+        let snapshot = self.snapshot();
+        if after >= snapshot.seq {
+            let mut events = snapshot.events;
+            events.skip_through(after);
+            Ok(events)
+        } else {
+            Err(Error::EventsLost {
+                domain: self.id().name.clone(),
+                after,
+                resumed_at: snapshot.seq + 1,
+            })
+        }
+    }
+
+    /// Wait for the next event `filter` accepts, from now on, at most `timeout` (§12.3):
+    /// machine.py's `event_wait`. Errors as [`EventStream::wait_for`] (`timeout` with
+    /// operation `wait_event`).
+    ///
+    /// "From now on" races with anything the caller did before: to wait for the effect of
+    /// an operation, take a [`Domain::snapshot`] before it and wait on its stream.
+    async fn wait_for_event(&self, filter: EventFilter, timeout: Duration) -> Result<DomainEvent> {
+        let mut events = self.subscribe();
+        events.wait_for(&filter, timeout).await
+    }
+
+    /// The domain's statistics now (§12.5): cpu, memory, disks, NICs, with `None` where the
+    /// backend does not know a figure. A domain that is not active has its state only.
+    async fn stats(&self) -> Result<DomainStats> {
+        Err(Error::Unsupported {
+            operation: Operation::Stats,
+            backend: self.backend_name().into(),
+            reason: "this backend does not report statistics yet".into(),
+        })
+    }
+
+    /// A byte stream on the domain's serial console (§12.4): what the guest prints from
+    /// now on, and, with [`ConsoleAccess::ReadWrite`], what to type into it. Any number of
+    /// readers; one writer at a time (the next is [`Error::Busy`]). The stream ends when
+    /// the domain stops; a domain that is not active is `invalid_state`.
+    async fn console(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
+        let _ = access;
+        Err(Error::Unsupported {
+            operation: Operation::Console,
+            backend: self.backend_name().into(),
+            reason: "this backend has no console stream yet".into(),
+        })
+    }
+
+    /// The backend's name, for errors of default methods (`qemu`, `libxl`).
+    fn backend_name(&self) -> &'static str {
+        "unknown"
+    }
 
     /// Start a shut-off domain.
     async fn start(&self, options: StartOptions) -> Result<()>;

@@ -1412,6 +1412,14 @@ impl Domain for QemuDomain {
         domkit_core::Snapshot { state, seq, events }
     }
 
+    fn subscribe_from(&self, after: u64) -> Result<EventStream> {
+        self.inner.cell.subscribe_from(after)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
     async fn start(&self, options: domkit_core::StartOptions) -> Result<()> {
         self.run_op(Operation::Start, move |d| async move {
             d.start_inner(options).await
