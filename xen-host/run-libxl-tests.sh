@@ -5,7 +5,8 @@
 # Usage: xen-host/run-libxl-tests.sh [--log FILE] [--timeout SECS] [--record] [-- TEST-ARGS...]
 #   TEST-ARGS go to the test binary after `--ignored --test-threads=1` (e.g. a name filter).
 #   --record  writes the traces the tests print (DOMKIT-LIBXL-TRACE) to
-#             driver-libxl/tests/fixtures/xen417_traces.json (the unit tests replay them).
+#             driver-libxl/tests/fixtures/xen417_traces.json and the domain infos
+#             (DOMKIT-LIBXL-DOMINFO, t40) to .../xen417_dominfo.json (the unit tests replay them).
 # Env: DOMKIT_LOG (tracing filter inside dom0, default "info,libxl=warn").
 # Exit: the test binary's exit code (run.sh's codes for boot failures: 124, 125).
 # Last lines: run.sh's summary, including "xen-host: N passed, M failed".
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
     --timeout) [ $# -ge 2 ] || exit 2; timeout=$2; shift 2 ;;
     --record) record=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "$me: unknown argument: $1 (test arguments go after --)" >&2; exit 2 ;;
   esac
 done
@@ -90,6 +91,23 @@ if traces:
         json.dump(traces, f, indent=1)
         f.write("\n")
 print(f"recorded {len(traces)} trace(s) to {sys.argv[2]}", file=sys.stderr)
+EOF
+  # libxl_domain_info of a domain in each condition (t40), replayed by reattach.rs's tests.
+  python3 - "$log" "$root/driver-libxl/tests/fixtures/xen417_dominfo.json" <<'EOF'
+import json, sys
+cases = []
+for line in open(sys.argv[1], errors="replace"):
+    i = line.find("DOMKIT-LIBXL-DOMINFO ")
+    if i >= 0:
+        try:
+            cases.append(json.loads(line[i + len("DOMKIT-LIBXL-DOMINFO "):]))
+        except ValueError:
+            pass
+if cases:
+    with open(sys.argv[2], "w") as f:
+        json.dump(cases, f, indent=1)
+        f.write("\n")
+print(f"recorded {len(cases)} domain info case(s) to {sys.argv[2]}", file=sys.stderr)
 EOF
 fi
 grep -h "DOMKIT-LIBXL-TIMING" "$log" | sed 's/.*DOMKIT-LIBXL-TIMING/timing:/' >&2 || true

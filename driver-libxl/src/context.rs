@@ -957,8 +957,9 @@ impl Drop for DomainConfigBuf {
     }
 }
 
-/// What `libxl_domain_info` says about one domain (plain data).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `libxl_domain_info` says about one domain (plain data; serialisable so that states
+/// recorded on a real Xen host can be replayed by the unit tests of [`crate::reattach`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomInfo {
     /// The domid.
     pub domid: u32,

@@ -1400,6 +1400,59 @@ async fn t23_save_right_after_start() {
     finish(&driver, &[&d]).await;
 }
 
+/// What `libxl_domain_info` shows for a domain in each condition a new manager may find it in
+/// (§11.3): running, paused, suspended (the state a save or a pm_suspend leaves), and shut
+/// down with reason poweroff, crash, reboot (kept by the `preserve` policies, as no toolstack
+/// destroys a domain whose manager is gone). Printed as `DOMKIT-LIBXL-DOMINFO {json}`;
+/// `run-libxl-tests.sh --record` keeps them in `tests/fixtures/xen417_dominfo.json`, which
+/// the unit tests of `reattach.rs` replay.
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t40_dominfo_of_each_condition_for_reattach() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let mut c = domu("dk-dominfo", "");
+    c.on_poweroff = LifecycleAction::Preserve;
+    c.on_crash = LifecycleAction::Preserve;
+    c.on_reboot = LifecycleAction::Preserve;
+    let d = driver.define(c).await.unwrap();
+    let info = |case: &str| {
+        let domid = d.domid().expect("a domid");
+        let info = driver.context().domain_info(domid).expect("domain_info");
+        let v = serde_json::json!({"case": case, "state": d.state(), "info": info});
+        println!("DOMKIT-LIBXL-DOMINFO {v}");
+    };
+    d.start(StartOptions::default()).await.unwrap();
+    boot_id(&d).await;
+    info("running");
+    d.pause().await.unwrap();
+    info("paused");
+    d.resume().await.unwrap();
+    d.pm_suspend(PmSuspendTarget::Memory).await.unwrap();
+    info("suspended");
+    d.pm_wakeup().await.unwrap();
+    boot_id(&d).await;
+    for (case, word) in [("poweroff", "poweroff"), ("crash", "crash"), ("reboot", "reboot")] {
+        if !d.state().is_active() {
+            d.start(StartOptions::default()).await.unwrap();
+        }
+        boot_id(&d).await;
+        action(d.domid().unwrap(), word);
+        wait_state(&d, BOOT, |s| {
+            matches!(
+                s,
+                DomainState::Paused(PausedReason::ShuttingDown) | DomainState::Crashed(_)
+            )
+        })
+        .await;
+        // The Xen domain's own flags, once libxl has noticed the shutdown.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        info(case);
+        d.destroy().await.unwrap();
+    }
+    finish(&driver, &[&d]).await;
+}
+
 #[tokio::test]
 #[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
 async fn zz_no_leaked_domains() {
