@@ -7,7 +7,7 @@
 //! Requests: `{"op": "define", "config": {...}}`, `{"op": "start", "name": N, "paused": B}`,
 //! `{"op": "pause"|"resume"|"destroy", "name": N}`, `{"op": "save", "name": N, "path": P}`,
 //! `{"op": "shutdown", "name": N, "timeout_s": T}`, `{"op": "state", "name": N}` (answer:
-//! `state`, `seq`). Every answer has `ok`; a failure has `error` and `kind` (the error's
+//! `state`, `seq`), `{"op": "list"}` (answer: `names`). Every answer has `ok`; a failure has `error` and `kind` (the error's
 //! Debug form). The first line is `{"ready": true, "pid": P}` once the driver is open, or
 //! `{"ready": false, "error": ..., "kind": ...}` and exit status 1.
 
@@ -70,6 +70,15 @@ async fn handle<D: Driver>(driver: &D, req: &Value) -> Result<Value, Failure> {
         let config: DomainConfig = serde_json::from_value(req["config"].clone())?;
         let d = driver.define(config).await?;
         return Ok(json!({"uuid": d.id().uuid}));
+    }
+    if op == "list" {
+        let names: Vec<String> = driver
+            .list()
+            .await?
+            .into_iter()
+            .map(|i| i.id.name)
+            .collect();
+        return Ok(json!({ "names": names }));
     }
     let name = req["name"].as_str().unwrap_or("");
     let d = driver.lookup_by_name(name).await?;
@@ -212,7 +221,15 @@ impl ManagerProcess {
     }
 
     /// SIGKILL the manager and reap it.
-    pub fn sigkill(mut self) {
+    pub fn sigkill(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for ManagerProcess {
+    /// A manager is never left running: a scenario that stops early kills it (and the
+    /// kernel releases its root lock at once).
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

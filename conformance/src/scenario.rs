@@ -113,6 +113,12 @@ impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
         }
     }
 
+    /// The name this scenario gives a domain: `<prefix>-<suffix>` (for domains it does not
+    /// define through [`ScenarioCtx::define`], and so must clean up itself).
+    pub fn domain_name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
     /// The driver.
     pub fn driver(&self) -> &B::Driver {
         self.backend.driver()
@@ -135,7 +141,7 @@ impl<'a, B: TestBackend> ScenarioCtx<'a, B> {
         suffix: &str,
         make: impl FnOnce(&str) -> Result<DomainConfig, String>,
     ) -> Step<(<B::Driver as Driver>::Domain, EventWatch)> {
-        let name = format!("{}-{suffix}", self.prefix);
+        let name = self.domain_name(suffix);
         let config = hook("building the domain's config", make(&name))?;
         let domain = self.driver().define(config).await?;
         self.defined
@@ -278,6 +284,8 @@ pub fn kinds_list(kinds: &[EventKind]) -> String {
 /// contiguous (no event lost, none duplicated).
 pub struct EventWatch {
     stream: EventStream,
+    /// Only this domain's events count (a driver-wide stream, while other scenarios run).
+    only: Option<String>,
     last_seq: Option<u64>,
     /// Every event seen, for failure messages.
     pub seen: Vec<DomainEvent>,
@@ -288,18 +296,34 @@ impl EventWatch {
     pub fn new(stream: EventStream) -> Self {
         EventWatch {
             stream,
+            only: None,
             last_seq: None,
             seen: Vec::new(),
         }
     }
 
+    /// Watch the events of the domain named `name` in a driver-wide `stream` (the events of
+    /// other domains, e.g. of scenarios running at the same time, are skipped).
+    pub fn for_domain(stream: EventStream, name: &str) -> Self {
+        EventWatch {
+            only: Some(name.to_string()),
+            ..EventWatch::new(stream)
+        }
+    }
+
     async fn next(&mut self, timeout: Duration) -> Option<DomainEvent> {
-        match tokio::time::timeout(timeout, self.stream.next()).await {
-            Ok(Some(ev)) => {
-                self.seen.push(ev.clone());
-                Some(ev)
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(ev)) => {
+                    if self.only.as_ref().is_some_and(|n| *n != ev.domain.name) {
+                        continue;
+                    }
+                    self.seen.push(ev.clone());
+                    return Some(ev);
+                }
+                _ => return None,
             }
-            _ => None,
         }
     }
 

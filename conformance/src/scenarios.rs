@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use EventKind as E;
 
+mod durable;
 mod faults;
 
 macro_rules! scenario {
@@ -22,6 +23,16 @@ macro_rules! scenario {
             name: stringify!($name),
             about: $about,
             run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+}
+
+macro_rules! durable {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin(durable::$name(ctx)),
         }
     };
 }
@@ -83,6 +94,19 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         fault!(shutdown_ignored_then_operable, "after a shutdown the guest ignores times out: pause, resume, save, restore all work (§6.3)"),
         fault!(launch_failure_reason, "a backend launch failure (garbage kernel): the backend's reason in the error, shutoff(failed) + stopped(failed), every time (§2.3, §6.1)"),
         fault!(agent_absent, "agent-mode shutdown and agent pm_suspend without an agent channel: unsupported within 1 s, nothing changes (§6.3, §6.8)"),
+        // The durable family (issue 12): managers that die, domains that stay.
+        durable!(reattach_running, "a running domain outlives its SIGKILLed manager; the next one: same uuid, same seq, running(booted), guest answers, graceful shutdown with seq+1.. (§11.3)"),
+        durable!(reattach_paused, "a paused domain outlives its manager; reattached paused(user), vCPUs stopped, resume and destroy continue the seq (§11.3)"),
+        durable!(reattach_definitions, "shut-off definitions survive (never started, destroyed), already_exists for a persisted name, undefine is durable (§11.2)"),
+        durable!(poweroff_while_away, "guest poweroff while no manager runs: reconciled events, then on_poweroff destroy / restart / preserve (§11.3)"),
+        durable!(crash_while_away, "guest panic while no manager runs: reconciled events, then on_crash destroy / restart / preserve (§11.3)"),
+        durable!(destroyed_while_away, "backend domain ended while no manager runs: reconciled stopped with the §10 reason, startable again (§11.3)"),
+        durable!(manager_killed_mid_save, "manager SIGKILLed mid-save: committed (saved, file restores) or rolled back (running, no file, no temp file) (§11.4)"),
+        durable!(manager_killed_mid_shutdown, "manager SIGKILLed while its shutdown waits: the next manager completes it as shutoff(shutdown) (§11.4)"),
+        durable!(second_manager_refused, "a second manager (process, driver, two opening at once) gets root_in_use naming the holder; the holder keeps working (§11.1)"),
+        durable!(seq_continues, "seq continues across a SIGKILLed manager and an orderly detach (§11.3)"),
+        durable!(open_cancelled, "an open dropped at 1 / 50 / 300 ms leaves the roots usable and the domain untouched (§6.0, §11.3)"),
+        durable!(ephemeral_dies_with_manager, "ephemeral: the domain lives while its idle manager lives (>10 s) and dies with its SIGKILL; the next manager starts clean (§11.0)"),
     ]
 }
 
@@ -115,7 +139,8 @@ fn shutdown_opts(
 }
 
 async fn define_undefine<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
-    let mut all = crate::scenario::EventWatch::new(ctx.driver().subscribe());
+    let mut all =
+        crate::scenario::EventWatch::for_domain(ctx.driver().subscribe(), &ctx.domain_name("a"));
     let (domain, _watch) = ctx.define("a", GuestOptions::default()).await?;
     all.expect(&[E::Defined]).await?;
     expect_exact_state(&domain, DomainState::Shutoff(ShutoffReason::Unknown))?;
