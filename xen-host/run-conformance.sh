@@ -33,7 +33,7 @@ cp "$target/debug/domkit" "$work/payload/domkit"
 
 only_args=""
 [ -n "$only" ] && only_args="--only $only"
-case "$only" in *[!A-Za-z0-9_]*) echo "$me: --only takes [A-Za-z0-9_]" >&2; exit 2 ;; esac
+case "$only" in *[!A-Za-z0-9_,]*) echo "$me: --only takes [A-Za-z0-9_,] (comma-separated name parts)" >&2; exit 2 ;; esac
 # One line (run.sh passes arguments one per line); the report is squeezed onto one line
 # between markers so kernel messages on the console cannot split it.
 script="./domkit --connect libxl:/// conformance $only_args --record /tmp/libxl.json; rc=\$?; echo; echo DOMKIT-CONF-JSON-BEGIN; tr -d '\\n' < /tmp/libxl.json; echo; echo DOMKIT-CONF-JSON-END; exit \$rc"
