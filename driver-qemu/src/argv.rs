@@ -78,6 +78,12 @@ impl DomainPaths {
         }
     }
 
+    /// The socket of console `index` (QEMU listens; the manager connects for a console
+    /// stream, §12.4): `console0.sock`, `console1.sock`...
+    pub fn console_socket(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("console{index}.sock"))
+    }
+
     /// The log file of console `index` (unless the config names one): `serial.log` for the
     /// first, `console-N.log` for the others.
     pub fn console_log(&self, index: usize) -> PathBuf {
@@ -158,9 +164,16 @@ pub fn build_argv(
             None => paths.console_log(i),
         };
         let log = utf8(&format!("consoles[{i}].log"), &log)?;
+        let sock = utf8(&format!("consoles[{i}] socket"), &paths.console_socket(i))?;
+        // A listening socket for console streams, logged by QEMU itself: the log is
+        // written whether or not a client is connected (§12.4).
         push(&[
             "-chardev",
-            &format!("file,id=console{i},path={}", opt(&log)),
+            &format!(
+                "socket,id=console{i},path={},server=on,wait=off,logfile={}",
+                opt(&sock),
+                opt(&log)
+            ),
         ]);
         match console.kind {
             ConsoleKind::Serial => push(&["-serial", &format!("chardev:console{i}")]),
@@ -357,14 +370,18 @@ mod tests {
             log: Some("/var/log/a,b.log".into()),
         });
         let argv = build_argv(&c, AccelChoice::Tcg, &paths(), false).expect("argv");
-        assert!(values(&argv, "-chardev").contains(&"file,id=console0,path=/var/log/a,,b.log"));
+        assert!(values(&argv, "-chardev").contains(
+            &"socket,id=console0,path=/run/domkit/qemu/web1/console0.sock,server=on,wait=off,logfile=/var/log/a,,b.log"
+        ));
     }
 
     #[test]
     fn default_console_is_a_logged_serial_port_and_agent_a_virtio_serial_port() {
         let argv = build_argv(&config(), AccelChoice::Tcg, &paths(), false).expect("argv");
         let chardevs = values(&argv, "-chardev");
-        assert!(chardevs.contains(&"file,id=console0,path=/run/domkit/qemu/web1/serial.log"));
+        assert!(chardevs.contains(
+            &"socket,id=console0,path=/run/domkit/qemu/web1/console0.sock,server=on,wait=off,logfile=/run/domkit/qemu/web1/serial.log"
+        ));
         assert_eq!(values(&argv, "-serial"), ["chardev:console0"]);
         assert!(chardevs
             .contains(&"socket,id=chan0,path=/run/domkit/qemu/web1/agent.sock,server=on,wait=off"));

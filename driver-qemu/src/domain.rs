@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domkit_core::{
-    Creation, Domain, DomainConfig, DomainEvent, DomainId, DomainInfo, DomainState, Error,
-    EventKind, EventStream, Intent, LifecycleCell, Observation, Operation, PausedReason,
-    PmSuspendTarget, RestoreOptions, Result, ShutdownMode, ShutdownOptions, ShutdownOutcome,
-    ShutdownWait, ShutoffReason, ShuttingDownReason,
+    ConsoleAccess, ConsoleStream, Creation, Domain, DomainConfig, DomainEvent, DomainId,
+    DomainInfo, DomainState, DomainStats, Error, EventKind, EventStream, Intent, LifecycleCell,
+    Observation, Operation, PausedReason, PmSuspendTarget, RestoreOptions, Result, ShutdownMode,
+    ShutdownOptions, ShutdownOutcome, ShutdownWait, ShutoffReason, ShuttingDownReason,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -34,11 +34,13 @@ use crate::agent::{AgentError, GuestAgent, GuestAgentOptions, ShutdownMode as Ag
 use crate::argv::{build_argv, DomainPaths, DEFAULT_BINARY};
 use crate::driver::{PersistedDomain, QemuDriverOptions};
 use crate::error::{backend, qmp_to_core, timeout, BACKEND};
+use crate::observe::{self, ConsoleLink};
 use crate::process::{self, LaunchOptions};
 use crate::qmp::types::MigrationStatus;
 use crate::qmp::{EventRecvError, QmpClient, QmpClientOptions, QmpError, QmpEventKind};
 use crate::reattach;
 use crate::savefile::{self, SaveHeader, TempSaveFile, FORMAT_VERSION};
+use crate::stats::{self as qstats, VcpuThread};
 use crate::supervisor::{self, SupervisedDomain, SupervisorHandle, SupervisorRequest};
 use domkit_core::store::{InFlight, StoredStatus};
 
@@ -82,6 +84,13 @@ struct Instance {
     log_start: u64,
     /// The guest agent connection, made on first use.
     agent: tokio::sync::Mutex<Option<Arc<GuestAgent>>>,
+    /// The vCPUs' host threads, asked of QEMU on the first stats call (they do not change
+    /// while the process lives).
+    vcpu_threads: tokio::sync::OnceCell<Vec<VcpuThread>>,
+    /// The tun/tap interfaces of the process, found on the first stats call.
+    taps: std::sync::OnceLock<Vec<String>>,
+    /// The console socket connection, made on the first `console()` (§12.4).
+    console: tokio::sync::Mutex<Option<ConsoleLink>>,
 }
 
 impl Instance {
@@ -265,6 +274,114 @@ impl QemuDomain {
         }
     }
 
+    /// Statistics now (§12.5): `query-cpus-fast` once per instance, `query-blockstats` when
+    /// the config has disks, the rest from `/proc` and `/sys`.
+    pub async fn stats_now(&self) -> Result<DomainStats> {
+        let taken_at_us = domkit_core::event::unix_micros(std::time::SystemTime::now());
+        let id = self.inner.id.clone();
+        let config = &self.inner.config;
+        let Some(instance) = self.instance() else {
+            return Ok(DomainStats::inactive(id, self.state(), taken_at_us));
+        };
+        let vcpus = instance
+            .vcpu_threads
+            .get_or_try_init(|| async {
+                let reply = instance
+                    .qmp
+                    .execute("query-cpus-fast", None)
+                    .await
+                    .map_err(|e| self.qmp_error(Operation::Stats, "query-cpus-fast", e))?;
+                qstats::parse_cpus_fast(&reply).map_err(|e| Error::Protocol {
+                    message: e.to_string(),
+                })
+            })
+            .await?;
+        let drives = if config.disks.is_empty() {
+            Vec::new()
+        } else {
+            let reply = instance
+                .qmp
+                .execute("query-blockstats", None)
+                .await
+                .map_err(|e| self.qmp_error(Operation::Stats, "query-blockstats", e))?;
+            qstats::parse_blockstats(&reply).map_err(|e| Error::Protocol {
+                message: e.to_string(),
+            })?
+        };
+        let cpu = observe::read_cpu(instance.pid, vcpus);
+        let resident = observe::read_resident_pages(instance.pid);
+        let bridged = config
+            .nics
+            .iter()
+            .any(|n| matches!(n.backend, domkit_core::NicBackend::Bridge(_)));
+        let taps: &[String] = if bridged {
+            instance
+                .taps
+                .get_or_init(|| observe::find_taps(instance.pid))
+        } else {
+            &[]
+        };
+        let mut next_tap = taps.iter();
+        let nics = config
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| match nic.backend {
+                domkit_core::NicBackend::Bridge(_) => {
+                    let tap = next_tap.next().map(|name| (name, observe::read_tap(name)));
+                    qstats::nic_stats(index, tap.as_ref().map(|(n, c)| (n.as_str(), c)))
+                }
+                domkit_core::NicBackend::User => qstats::nic_stats(index, None),
+            })
+            .collect();
+        Ok(DomainStats {
+            domain: id,
+            // After the figures: a stop racing with them shows as the newer state.
+            state: self.state(),
+            taken_at_us,
+            cpu: qstats::cpu_stats(&cpu, observe::ticks_per_second()),
+            // No balloon device is configured (argv.rs): QEMU would answer `query-balloon`
+            // with an error, so it is not asked.
+            memory: qstats::memory_stats(config.memory_mib, None, resident, observe::page_size()),
+            disks: qstats::disk_stats(config.disks.len(), &drives),
+            nics,
+        })
+    }
+
+    /// A stream on console 0 (§12.4): the manager's link to QEMU's console socket is made
+    /// on the first call of an instance and shared by every stream.
+    pub async fn open_console(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
+        let instance = self.running_instance(Operation::Console)?;
+        let mut link = instance.console.lock().await;
+        if !link.as_ref().is_some_and(ConsoleLink::is_open) {
+            if instance.has_ended() {
+                return Err(self.invalid(Operation::Console));
+            }
+            let path = self.inner.paths.console_socket(0);
+            let connected = ConsoleLink::connect(&path, &self.inner.id.name)
+                .await
+                .map_err(|e| {
+                    if instance.has_ended() {
+                        self.invalid(Operation::Console)
+                    } else {
+                        Error::io(
+                            format!("connecting to the console socket {}", path.display()),
+                            e,
+                        )
+                    }
+                })?;
+            *link = Some(connected);
+        }
+        match link.as_ref() {
+            Some(l) => l.hub.open(access).map_err(|e| match e {
+                // Closed between the check and the open: the domain stopped.
+                Error::NotFound { .. } => self.invalid(Operation::Console),
+                other => other,
+            }),
+            None => Err(self.invalid(Operation::Console)),
+        }
+    }
+
     fn qmp_error(&self, operation: Operation, command: &str, err: QmpError) -> Error {
         qmp_to_core(operation, &self.inner.id.name, command, err)
     }
@@ -411,6 +528,9 @@ impl QemuDomain {
             agent_socket,
             log_start: proc.log_start,
             agent: tokio::sync::Mutex::new(None),
+            vcpu_threads: tokio::sync::OnceCell::new(),
+            taps: std::sync::OnceLock::new(),
+            console: tokio::sync::Mutex::new(None),
         });
         *slot = Some(instance.clone());
         instance
@@ -428,6 +548,11 @@ impl QemuDomain {
     pub(crate) fn detach(&self) {
         if let Some(instance) = self.inner.instance_slot().take() {
             let _ = instance.supervisor.requests.send(SupervisorRequest::Detach);
+            // Leave the console socket to the next manager (a console() in progress keeps
+            // its link until it returns; the process's socket accepts the next client then).
+            if let Ok(mut console) = instance.console.try_lock() {
+                console.take();
+            }
         }
     }
 
@@ -1418,6 +1543,14 @@ impl Domain for QemuDomain {
 
     fn backend_name(&self) -> &'static str {
         BACKEND
+    }
+
+    async fn stats(&self) -> Result<DomainStats> {
+        self.stats_now().await
+    }
+
+    async fn console(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
+        self.open_console(access).await
     }
 
     async fn start(&self, options: domkit_core::StartOptions) -> Result<()> {

@@ -410,6 +410,28 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
+    async fn all_stats(&self) -> Result<Vec<domkit_core::DomainStats>> {
+        // Concurrently: each domain's figures cost at most one QMP round trip (disks), the
+        // rest is /proc. A domain whose figures cannot be read now (it is stopping, its
+        // monitor broke) has its state only (§12.5): one domain does not fail the poll.
+        let domains: Vec<QemuDomain> = self.shared.domains().values().cloned().collect();
+        let all = futures::future::join_all(domains.iter().map(|d| async move {
+            match d.stats_now().await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    tracing::debug!(domain = %d.id().name, error = %e, "no figures for this poll");
+                    domkit_core::DomainStats::inactive(
+                        d.id().clone(),
+                        d.state(),
+                        domkit_core::event::unix_micros(std::time::SystemTime::now()),
+                    )
+                }
+            }
+        }))
+        .await;
+        Ok(all)
+    }
+
     async fn list(&self) -> Result<Vec<DomainInfo>> {
         let domains: Vec<QemuDomain> = self.shared.domains().values().cloned().collect();
         Ok(domains.iter().map(QemuDomain::info_now).collect())

@@ -13,6 +13,8 @@
 //! - [`supervisor`]: the per-process task that feeds events to the lifecycle and carries out
 //!   policy actions.
 //! - [`driver`] / [`domain`]: [`QemuDriver`] and [`QemuDomain`], the `Driver`/`Domain` traits.
+//! - [`stats`] (pure): QMP replies and `/proc` text -> `DomainStats` figures;
+//!   [`observe`]: the I/O of watching (reading `/proc`, the console socket pump), §12.
 //! - [`error`]: launch failures and the mapping of QMP errors into `domkit_core::Error`.
 
 #![warn(missing_docs)]
@@ -25,9 +27,11 @@ pub mod argv;
 pub mod domain;
 pub mod driver;
 pub mod error;
+pub mod observe;
 pub mod process;
 pub mod reattach;
 pub mod savefile;
+pub mod stats;
 pub mod supervisor;
 pub mod translate;
 
