@@ -8,7 +8,8 @@
 use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
 use domkit_core::{Boot, DomainConfig, ShutoffReason, XenGuestType};
-use domkit_libxl::{LibxlDomain, LibxlDriver};
+use domkit_libxl::translate::{REASON_CRASH, REASON_POWEROFF, REASON_REBOOT};
+use domkit_libxl::{LibxlDomain, LibxlDriver, LibxlOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -84,14 +85,36 @@ impl LibxlTestBackend {
 
     /// Ask the guest for its boot id and wait up to `timeout` for the answer.
     async fn report(&self, domain: &LibxlDomain, timeout: Duration) -> Result<String, String> {
+        self.report_by(|| Self::domid(domain), timeout).await
+    }
+
+    /// The domid of the Xen domain named `name`, asked of the toolstack (no driver).
+    async fn domid_of(&self, name: &str) -> Result<u32, String> {
+        let out = self.tool(&["xl", "domid", name]).await?;
+        out.trim()
+            .parse()
+            .map_err(|e| format!("`xl domid {name}` said {out:?}: {e}"))
+    }
+
+    /// [`Self::report`] for the domid `domid()` gives each round.
+    async fn report_by(
+        &self,
+        domid: impl Fn() -> Result<u32, String>,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
             // The domid changes across restarts and restores: re-read it each round.
-            if let Ok(domid) = Self::domid(domain) {
+            if let Ok(domid) = domid() {
                 let key = format!("/local/domain/{domid}/data/domkit-bootid");
                 let _ = self.tool(&["xenstore-rm", &key]).await;
-                match self.action(domain, "report").await {
+                let action_key = format!("/local/domain/{domid}/data/domkit-action");
+                match self
+                    .tool(&["xenstore-write", &action_key, "report"])
+                    .await
+                    .map(|_| ())
+                {
                     Ok(()) => {
                         let until = Instant::now() + Duration::from_secs(3);
                         while Instant::now() < until {
@@ -223,33 +246,69 @@ impl TestBackend for LibxlTestBackend {
         "libxl:///"
     }
 
-    async fn open_persistent(&self, _roots: &DurableRoots) -> domkit_core::Result<LibxlDriver> {
-        Err(domkit_core::Error::Unsupported {
-            operation: domkit_core::Operation::Define,
-            backend: "libxl".into(),
-            reason: "persistent mode is not implemented yet".into(),
-        })
+    async fn open_persistent(&self, roots: &DurableRoots) -> domkit_core::Result<LibxlDriver> {
+        LibxlDriver::open(LibxlOptions::persistent(&roots.state, &roots.runtime)).await
     }
 
     fn detach(&self, driver: LibxlDriver) {
+        driver.detach();
         drop(driver);
     }
 
     async fn wait_ready_away(
         &self,
         _roots: &DurableRoots,
-        _name: &str,
-        _timeout: Duration,
+        name: &str,
+        timeout: Duration,
     ) -> Result<(), String> {
-        Err("not implemented yet".into())
+        // By name through the toolstack; the guest answers over xenstore whoever asks.
+        let domid = self.domid_of(name).await?;
+        self.report_by(|| Ok(domid), timeout).await.map(|_| ())
     }
 
     async fn act_while_away(
         &self,
         _roots: &DurableRoots,
-        _name: &str,
-        _action: AwayAction,
+        name: &str,
+        action: AwayAction,
     ) -> Result<Option<ShutoffReason>, String> {
-        Err("not implemented yet".into())
+        let domid = self.domid_of(name).await?;
+        let (word, reason) = match action {
+            AwayAction::Kill => {
+                self.tool(&["xl", "destroy", &domid.to_string()]).await?;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while self.backend_domain_exists(name).await? {
+                    if Instant::now() > deadline {
+                        return Err(format!("{name} (domid {domid}) survived `xl destroy`"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // §10/§11.3: a Xen domain that dies without a shutdown reason was destroyed.
+                return Ok(Some(ShutoffReason::Destroyed));
+            }
+            AwayAction::Guest(GuestAction::Poweroff) => ("poweroff", REASON_POWEROFF),
+            AwayAction::Guest(GuestAction::Reboot) => ("reboot", REASON_REBOOT),
+            AwayAction::Guest(GuestAction::Panic) => ("crash", REASON_CRASH),
+        };
+        let key = format!("/local/domain/{domid}/data/domkit-action");
+        self.tool(&["xenstore-write", &key, word]).await?;
+        // With no toolstack watching, the Xen domain stays shut down with its reason.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            let ctx = self.driver.context().clone();
+            match tokio::task::spawn_blocking(move || ctx.domain_info(domid)).await {
+                Ok(Ok(info)) if info.shutdown && info.shutdown_reason == i32::from(reason) => {
+                    return Ok(None)
+                }
+                Ok(Ok(info)) => last = format!("{info:?}"),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!(
+            "{name} (domid {domid}) never shut down with reason {reason} after `{word}`: {last}"
+        ))
     }
 }

@@ -24,24 +24,29 @@
 //!   `saved`; the destroy only ends the suspended domain) or the destroy is (the save is
 //!   interrupted and leaves no file).
 
-use crate::context::{Context, DeathWatch, LibxlError};
+use crate::context::{Context, DeathWatch, DomInfo, LibxlError};
+use crate::driver::PersistedDomain;
+use crate::ephemeral::Reaper;
+use crate::reattach::{self, Plan, SaveEvidence};
 use crate::savefile::{self, SaveHeader, SaveTarget};
 use crate::translate::{
     translate_event, translate_input, Fact, FollowUp, LibxlEvent, LibxlEventKind, TraceEntry,
     TraceInput, REASON_SUSPEND,
 };
 use async_trait::async_trait;
+use domkit_core::store::{InFlight, StoredStatus};
 use domkit_core::{
     ControlState, Creation, Domain, DomainConfig, DomainId, DomainInfo, DomainState, Error,
-    EventKind, EventStream, Intent, IntentToken, LifecycleCell, Operation, PausedReason,
-    PmSuspendTarget, PolicyAction, RestoreOptions, Result, ShutdownMode, ShutdownOptions,
-    ShutdownOutcome, ShutdownWait, ShuttingDownReason, StartOptions, StoppedDetail,
+    EventKind, EventStream, Intent, IntentToken, LifecycleCell, Observation, Operation,
+    PausedReason, PmSuspendTarget, PolicyAction, RestoreOptions, Result, ShutdownMode,
+    ShutdownOptions, ShutdownOutcome, ShutdownWait, ShutoffReason, ShuttingDownReason,
+    StartOptions, StoppedDetail,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -142,6 +147,16 @@ pub(crate) struct DomainInner {
     /// API destroys in flight: an operation starts only once none is.
     destroying: tokio::sync::watch::Sender<usize>,
     trace: Mutex<Vec<TraceEntry>>,
+    /// The durable status of a persistent driver's domain (§11.2, §11.4).
+    persisted: Option<Arc<PersistedDomain>>,
+    /// The reaper of an ephemeral driver (§11.0): told before every create.
+    reaper: Option<Arc<Reaper>>,
+    /// A reconciled observation (§11.3) asked for a policy destroy: the end that destroy
+    /// produces belongs to what was found on reattach and is reported reconciled too.
+    end_reconciled: AtomicBool,
+    /// The driver detached (persistent drivers): this handle no longer controls the Xen
+    /// domain; the next manager does.
+    detached: AtomicBool,
 }
 
 impl std::fmt::Debug for DomainInner {
@@ -228,6 +243,7 @@ impl Drop for Creating<'_> {
 }
 
 impl DomainInner {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: DomainId,
         config: DomainConfig,
@@ -236,6 +252,8 @@ impl DomainInner {
         cell: LifecycleCell,
         ctx: Context,
         registry: Arc<Registry>,
+        persisted: Option<Arc<PersistedDomain>>,
+        reaper: Option<Arc<Reaper>>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| DomainInner {
             me: me.clone(),
@@ -252,11 +270,30 @@ impl DomainInner {
             destroys: AtomicU64::new(0),
             destroying: tokio::sync::watch::Sender::new(0),
             trace: Mutex::new(Vec::new()),
+            persisted,
+            reaper,
+            end_reconciled: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         })
     }
 
     fn domid(&self) -> Option<u32> {
         lock(&self.backend).domid
+    }
+
+    /// Ephemeral: a Xen domain of ours may exist from now on (before a create, §11.0).
+    fn track(&self) {
+        if let Some(reaper) = &self.reaper {
+            reaper.track(&self.id.name, self.id.uuid);
+        }
+    }
+
+    /// Record the operation in flight in the durable status (persistent drivers, §11.4).
+    fn set_in_flight(&self, in_flight: Option<InFlight>) {
+        if let Some(p) = &self.persisted {
+            p.set_in_flight(in_flight);
+            self.cell.persist_now();
+        }
     }
 
     fn invalid(&self, operation: Operation) -> Error {
@@ -273,6 +310,17 @@ impl DomainInner {
 
     /// Translate and feed one input (recorded in the trace). Returns the policy action.
     fn feed(&self, input: TraceInput) -> Option<PolicyAction> {
+        // The end of a policy destroy asked for by a reconciled observation is reconciled.
+        let is_end = match input {
+            TraceInput::Fact(f) => f == Fact::Destroyed,
+            TraceInput::Event(ev) => ev.kind == LibxlEventKind::DomainDeath,
+        };
+        let reconciled = is_end && self.end_reconciled.swap(false, Ordering::SeqCst);
+        self.feed_as(input, reconciled)
+    }
+
+    /// As [`DomainInner::feed`]; `reconciled`: a fact found on reattach (§11.3).
+    fn feed_as(&self, input: TraceInput, reconciled: bool) -> Option<PolicyAction> {
         let entry = TraceEntry {
             intent: self.cell.with(|l| l.intent()),
             input,
@@ -285,8 +333,12 @@ impl DomainInner {
             t.push(entry);
         }
         let obs = translate_input(&entry)?;
-        tracing::debug!(domain = %self.id.name, ?input, ?obs, "observation");
-        self.cell.observe(obs)
+        tracing::debug!(domain = %self.id.name, ?input, ?obs, reconciled, "observation");
+        if reconciled {
+            self.cell.observe_reconciled(obs)
+        } else {
+            self.cell.observe(obs)
+        }
     }
 
     /// Feed a fact and carry out any resulting policy action on a policy thread.
@@ -395,6 +447,7 @@ impl DomainInner {
     /// Start a create: from now until it ends, a destroy waits for it (and kills what it
     /// builds).
     fn begin_create(&self) -> Creating<'_> {
+        self.track();
         lock(&self.backend).creating = true;
         Creating {
             d: self,
@@ -470,14 +523,13 @@ impl DomainInner {
         n
     }
 
-    /// The domain's runtime directory, for channel sockets: created (0700, parents as
-    /// needed) before a create that has channels.
+    /// The domain's runtime directory, for channel sockets: created 0700 or verified
+    /// (§11.1) before a create that has channels.
     fn prepare_runtime_dir(&self, operation: Operation) -> Result<()> {
         if self.config.channels.is_empty() {
             return Ok(());
         }
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        let io = |e| {
+        domkit_core::store::ensure_private_dir(&self.runtime_dir).map_err(|e| {
             Error::io(
                 format!(
                     "{operation}: creating the domain's runtime directory {} (channel sockets)",
@@ -485,21 +537,7 @@ impl DomainInner {
                 ),
                 e,
             )
-        };
-        if let Some(parent) = self.runtime_dir.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)
-                .map_err(io)?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.runtime_dir)
-            .map_err(io)?;
-        std::fs::set_permissions(&self.runtime_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io)
+        })
     }
 
     /// Remove the domain's runtime directory (undefine; the domain is shut off).
@@ -672,6 +710,7 @@ impl DomainInner {
             }
             let d = b.domid;
             self.disarm_locked(&mut b);
+            self.track();
             b.creating = true;
             (
                 d,
@@ -769,6 +808,209 @@ impl DomainInner {
             tracing::warn!(domain = %self.id.name, left, "a failed create left Xen domains behind: destroyed");
         }
         self.feed_fact(Fact::CreateFailed);
+    }
+
+    // ---- reattach (§11.3, §11.4) and detach ----
+
+    /// Take over this domain after a manager restart: from the status the previous manager
+    /// recorded and `host` (`libxl_list_domain`), do what [`reattach::plan`] says. Blocking.
+    pub(crate) fn reattach(&self, status: Option<StoredStatus>, host: &[DomInfo]) {
+        let Some(status) = status else {
+            return; // defined, never changed
+        };
+        let save = status.in_flight.map(|in_flight| match in_flight {
+            InFlight::Save {
+                target,
+                temp,
+                was_paused,
+                committing,
+            } => SaveEvidence {
+                target,
+                temp_exists: temp.exists(),
+                temp,
+                was_paused,
+                committing,
+            },
+        });
+        // Ours by uuid only: a Xen domain with our name and another uuid is someone else's.
+        let found = host
+            .iter()
+            .find(|d| d.domid != 0 && d.uuid == self.id.uuid)
+            .and_then(|d| match self.ctx.domain_info(d.domid) {
+                Ok(info) => Some(info),
+                Err(e) if e.is_not_found() => None,
+                Err(_) => Some(d.clone()),
+            });
+        let plan = reattach::plan(
+            status.state,
+            self.config.policies(),
+            save.as_ref(),
+            found.as_ref(),
+        );
+        tracing::info!(domain = %self.id.name, stored = %status.state, ?found, ?save, ?plan, "reattach");
+        if let Some(temp) = reattach::temp_to_remove(save.as_ref()) {
+            match std::fs::remove_file(&temp) {
+                Ok(()) => {
+                    tracing::info!(domain = %self.id.name, temp = %temp.display(), "removed the temporary file of an interrupted save")
+                }
+                Err(e) => {
+                    tracing::warn!(domain = %self.id.name, temp = %temp.display(), error = %e, "cannot remove the temporary file of an interrupted save")
+                }
+            }
+        }
+        match plan {
+            Plan::Nothing => {}
+            Plan::DestroyLeftover { domid } => {
+                if let Err(e) = self.destroy_domid(domid) {
+                    tracing::warn!(domain = %self.id.name, domid, error = %e, "cannot destroy the leftover of an unfinished create");
+                }
+            }
+            Plan::Vanished { reason, committed } => {
+                let _committed = committed.then(|| self.cell.intent(Intent::SaveCommitted));
+                self.cell.observe_reconciled(Observation::Gone {
+                    unexplained: reason,
+                });
+            }
+            Plan::Adopt {
+                domid,
+                observation,
+                soft_reset,
+            } => {
+                // Armed and fed under the backend lock: the new watch reports a pending
+                // shutdown again, and must find it reconciled already (it is then a repeat).
+                let mut b = lock(&self.backend);
+                if let Err(e) = self.watch_locked(&mut b, domid) {
+                    drop(b);
+                    return self.watch_failed(domid, e);
+                }
+                let action = observation.and_then(|o| self.cell.observe_reconciled(o));
+                if action == Some(PolicyAction::Destroy) {
+                    self.end_reconciled.store(true, Ordering::SeqCst);
+                }
+                drop(b);
+                match action {
+                    Some(a) => self.spawn_action(a),
+                    None if soft_reset => self.spawn_soft_reset(),
+                    None => {}
+                }
+            }
+            Plan::Finish { domid, reason } => self.finish_found(domid, None, reason),
+            Plan::EndSaved { domid } => {
+                self.finish_found(domid, Some(Intent::SaveCommitted), ShutoffReason::Saved)
+            }
+            Plan::CancelSave {
+                domid,
+                resume_suspended,
+                pause,
+                unpause,
+            } => self.cancel_save_found(domid, resume_suspended, pause, unpause),
+        }
+        if save.is_some() {
+            self.set_in_flight(None);
+        }
+    }
+
+    fn watch_failed(&self, domid: u32, e: LibxlError) {
+        tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot watch the Xen domain");
+        self.cell.set_control(ControlState::Broken {
+            reason: format!("reattach: cannot watch Xen domain {domid}: {e}"),
+        });
+    }
+
+    /// End a found Xen domain whose end is already decided (`reason`, or the intent's):
+    /// destroy it and report the end, reconciled.
+    fn finish_found(&self, domid: u32, intent: Option<Intent>, reason: ShutoffReason) {
+        let _intent = intent.map(|i| self.cell.intent(i));
+        if let Err(e) = self.rearm(domid) {
+            return self.watch_failed(domid, e);
+        }
+        if let Err(e) = self.destroy_domid(domid) {
+            tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot destroy the domain");
+            return;
+        }
+        let mut b = lock(&self.backend);
+        if b.domid == Some(domid) {
+            self.disarm_locked(&mut b);
+            self.cell.observe_reconciled(Observation::Gone {
+                unexplained: reason,
+            });
+        }
+    }
+
+    /// Put back a domain whose save was not committed (§11.4): resumed if it is suspended,
+    /// then paused or unpaused as it was before the save; reconciled.
+    fn cancel_save_found(&self, domid: u32, resume_suspended: bool, pause: bool, unpause: bool) {
+        let save = self.cell.intent(Intent::Save);
+        if resume_suspended {
+            // Resumed first, watched after: a watch armed on the suspended domain would
+            // report its suspend (libxl reports a shutdown once per watch).
+            if let Err(e) = self.ctx.resume_cancel(domid) {
+                tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot resume the domain suspended by an interrupted save");
+            }
+        }
+        let mut b = lock(&self.backend);
+        if let Err(e) = self.watch_locked(&mut b, domid) {
+            drop(b);
+            return self.watch_failed(domid, e);
+        }
+        if resume_suspended {
+            self.cell.observe_reconciled(Observation::CpusResumed);
+        }
+        drop(b);
+        if unpause {
+            match self.ctx.unpause(domid) {
+                Ok(()) => {
+                    self.cell.observe_reconciled(Observation::CpusResumed);
+                }
+                Err(e) => {
+                    tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot unpause after an interrupted save")
+                }
+            }
+        }
+        drop(save);
+        if pause {
+            let _pause = self.cell.intent(Intent::Pause);
+            match self.ctx.pause(domid) {
+                Ok(()) => {
+                    self.cell.observe_reconciled(Observation::CpusStopped {
+                        cause: domkit_core::StopCause::Command,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot pause again after an interrupted save")
+                }
+            }
+        }
+    }
+
+    /// Stop controlling the Xen domain (a persistent driver detaching): no more events, no
+    /// more status writes; the next manager on the roots takes over.
+    pub(crate) fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        if let Some(p) = &self.persisted {
+            p.detach();
+        }
+        let mut b = lock(&self.backend);
+        if let Some(w) = b.watch.take() {
+            self.registry.remove(w.token());
+        }
+        b.domid = None;
+    }
+
+    /// An ephemeral driver is dropped: its domains die with it (§11.0).
+    pub(crate) fn destroy_for_drop(&self) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
+        let active = self.cell.state().is_active() || {
+            let b = lock(&self.backend);
+            b.domid.is_some() || b.creating
+        };
+        if active {
+            if let Err(e) = self.destroy_preempting() {
+                tracing::warn!(domain = %self.id.name, error = %e, "destroying the domain of a dropped ephemeral driver failed");
+            }
+        }
     }
 
     fn start_blocking(&self, options: StartOptions) -> Result<()> {
@@ -941,6 +1183,14 @@ impl DomainInner {
     }
 
     fn save_blocking(&self, path: &Path) -> Result<()> {
+        let r = self.save_recorded(path);
+        // Over, whichever way (a committed save ended the domain as saved already).
+        self.set_in_flight(None);
+        r
+    }
+
+    /// The save, recorded in the durable status while in flight (§11.4).
+    fn save_recorded(&self, path: &Path) -> Result<()> {
         let was_paused = match self.cell.state() {
             DomainState::Running(_)
             | DomainState::Blocked(_)
@@ -952,8 +1202,18 @@ impl DomainInner {
             _ => return Err(self.invalid(Operation::Save)),
         };
         let domid = self.domid().ok_or_else(|| self.invalid(Operation::Save))?;
+        // Recorded before the temporary file exists: a manager killed at any instant after
+        // this leaves the next one the name to remove (§11.4).
+        let temp = SaveTarget::temp_path_for(path).map_err(save_err)?;
+        let in_flight = |committing| InFlight::Save {
+            target: path.to_owned(),
+            temp: temp.clone(),
+            was_paused,
+            committing,
+        };
+        self.set_in_flight(Some(in_flight(false)));
         // The temporary file first: an unwritable place fails before the domain is touched.
-        let mut target = SaveTarget::create(path).map_err(save_err)?;
+        let mut target = SaveTarget::create_at(path, &temp).map_err(save_err)?;
         target
             .write_header(&SaveHeader {
                 format: savefile::FORMAT,
@@ -1010,6 +1270,9 @@ impl DomainInner {
         if let Err(e) = target.seal() {
             return Err(self.save_failed(domid, was_paused, path, target, save_err(e)));
         }
+        // From here the rename may happen: a new manager that finds the temporary file gone
+        // knows the file is committed.
+        self.set_in_flight(Some(in_flight(true)));
         // Commit: rename and stash SaveCommitted in one step under the cell's lock, unless
         // a destroy is stashed (it preempted the save) or the domain ended meanwhile.
         enum Commit {
@@ -1361,6 +1624,7 @@ impl LibxlDomain {
         operation: Operation,
         f: impl FnOnce(&DomainInner) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.check_attached(operation)?;
         let guard = self.inner.ops.clone().lock_owned().await;
         let mut destroying = self.inner.destroying.subscribe();
         while *destroying.borrow_and_update() > 0 {
@@ -1397,6 +1661,17 @@ impl LibxlDomain {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A handle of a driver that detached controls nothing any more.
+    fn check_attached(&self, operation: Operation) -> Result<()> {
+        if self.inner.detached.load(Ordering::SeqCst) {
+            return Err(backend_msg(format!(
+                "{operation}: this handle's driver detached from its roots; the domain \
+                 belongs to the next manager (open the roots again)"
+            )));
+        }
+        Ok(())
     }
 
     /// `Error::Interrupted` for `operation`, once the destroy that preempted it is over.
@@ -1509,6 +1784,12 @@ impl Domain for LibxlDomain {
     fn snapshot(&self) -> domkit_core::Snapshot {
         let (state, seq, events) = self.inner.cell.snapshot_and_subscribe();
         domkit_core::Snapshot { state, seq, events }
+    }
+
+    /// Replays the kept events after `after` (the cell's ring; §12.1): also those a reattach
+    /// produced before the caller got the handle.
+    fn subscribe_from(&self, after: u64) -> Result<EventStream> {
+        self.inner.cell.subscribe_from(after)
     }
 
     async fn start(&self, options: StartOptions) -> Result<()> {
@@ -1652,6 +1933,7 @@ impl Domain for LibxlDomain {
 
     /// §6.0, §6.5: never queues behind another operation; preempts it.
     async fn destroy(&self) -> Result<()> {
+        self.check_attached(Operation::Destroy)?;
         let inner = self.inner.clone();
         inner.destroys.fetch_add(1, Ordering::SeqCst);
         inner.destroying.send_modify(|n| *n += 1);

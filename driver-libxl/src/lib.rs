@@ -82,9 +82,12 @@ pub mod config;
 pub mod context;
 mod domain;
 mod driver;
+pub mod ephemeral;
+pub mod reattach;
 pub mod savefile;
 pub mod translate;
 
 pub use context::{Context, DomInfo, LibxlError};
 pub use domain::{LibxlDomain, BACKEND};
-pub use driver::{LibxlDriver, LibxlOptions};
+pub use domkit_core::Ownership;
+pub use driver::{default_runtime_root, default_state_root, LibxlDriver, LibxlOptions};

@@ -113,7 +113,15 @@ impl SaveTarget {
     /// Create the temporary file in `dest`'s directory (fails if it is not writable, if it
     /// does not exist, or if `dest` is a directory).
     pub fn create(dest: &Path) -> Result<Self, SaveFileError> {
-        let io = |context: String| move |source| SaveFileError::Io { context, source };
+        let temp = Self::temp_path_for(dest)?;
+        Self::create_at(dest, &temp)
+    }
+
+    /// The name of a new temporary file for a save to `dest`: `.<name>.<random>.tmp` in the
+    /// same directory (a rename from there is atomic). Known before the file exists, so a
+    /// persistent driver records it first (§11.4): a manager killed at any instant after
+    /// that leaves the next one the name to remove.
+    pub fn temp_path_for(dest: &Path) -> Result<PathBuf, SaveFileError> {
         if dest.is_dir() {
             return Err(SaveFileError::Io {
                 context: format!("saving to {}", dest.display()),
@@ -127,22 +135,39 @@ impl SaveTarget {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let prefix = format!(
-            ".{}.",
-            dest.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "save".into())
-        );
-        let tmp = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(io(format!(
-                "creating a temporary save file in {} (is the directory there and writable?)",
-                dir.display()
-            )))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "save".into());
+        Ok(dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple())))
+    }
+
+    /// Create the temporary file `temp` (0600, `O_EXCL`) for a save to `dest`.
+    pub fn create_at(dest: &Path, temp: &Path) -> Result<Self, SaveFileError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = temp.parent().unwrap_or_else(|| Path::new("."));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(temp)
+            .map_err(|source| SaveFileError::Io {
+                context: format!(
+                    "creating a temporary save file in {} (is the directory there and writable?)",
+                    dir.display()
+                ),
+                source,
+            })?;
         Ok(SaveTarget {
-            tmp,
+            tmp: tempfile::NamedTempFile::from_parts(
+                file,
+                tempfile::TempPath::try_from_path(temp).map_err(|source| SaveFileError::Io {
+                    context: format!("naming the temporary save file {}", temp.display()),
+                    source,
+                })?,
+            ),
             dest: dest.to_path_buf(),
             digest_at: None,
         })

@@ -1342,7 +1342,12 @@ async fn t22_name_or_uuid_taken_on_the_host_is_already_exists() {
     let first = LibxlDriver::new().expect("libxl");
     let d = first.define(domu("dk-taken", "")).await.unwrap();
     d.start(StartOptions::default()).await.unwrap();
-    let second = LibxlDriver::new().expect("libxl");
+    // Another manager: its own runtime root (one ephemeral driver per root, §11.1).
+    let other_root = tempfile::tempdir_in("/tmp").unwrap();
+    let second = LibxlDriver::with_options(domkit_libxl::LibxlOptions::with_runtime_dir(
+        other_root.path().join("r"),
+    ))
+    .expect("libxl");
     let r = second.define(domu("dk-taken", "")).await;
     assert!(matches!(r, Err(Error::AlreadyExists { .. })), "{r:?}");
     println!("name taken: {}", r.unwrap_err());
@@ -1432,7 +1437,11 @@ async fn t40_dominfo_of_each_condition_for_reattach() {
     info("suspended");
     d.pm_wakeup().await.unwrap();
     boot_id(&d).await;
-    for (case, word) in [("poweroff", "poweroff"), ("crash", "crash"), ("reboot", "reboot")] {
+    for (case, word) in [
+        ("poweroff", "poweroff"),
+        ("crash", "crash"),
+        ("reboot", "reboot"),
+    ] {
         if !d.state().is_active() {
             d.start(StartOptions::default()).await.unwrap();
         }

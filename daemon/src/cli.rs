@@ -1,0 +1,820 @@
+//! The `domkit` CLI verbs that talk to a domkitd, with virsh's names (`define`, `list`,
+//! `start`, `shutdown`, `dominfo`, `domstate`, `event`, ...). The `domkit` binary
+//! (examples/src/bin/domkit.rs) flattens [`Verb`] into its subcommands and hands them to
+//! [`main`].
+//!
+//! Errors print the library's message (`domkit: error: MESSAGE`) and exit with a code per
+//! kind ([`exit`]); output into a closed pipe ends quietly.
+
+use crate::client::{self, ClientError, ClientTls, Target};
+use crate::convert::{self, state_text};
+use crate::pb;
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The exit codes of the domkitd verbs (stable; `domkit --help` lists them).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The operation failed (any error kind without a code of its own).
+    pub const ERROR: u8 = 1;
+    /// Bad usage (arguments, address).
+    pub const USAGE: u8 = 2;
+    /// No such domain (`not_found`).
+    pub const NOT_FOUND: u8 = 3;
+    /// Not allowed in the domain's state (`invalid_state`).
+    pub const INVALID_STATE: u8 = 4;
+    /// Timed out (`timeout`).
+    pub const TIMEOUT: u8 = 5;
+    /// Refused: a read-only connection (`permission_denied`).
+    pub const PERMISSION_DENIED: u8 = 6;
+    /// domkitd cannot be reached (not running, no permission on the socket, TLS refused).
+    pub const UNREACHABLE: u8 = 7;
+    /// The domain config is invalid (`invalid_config`).
+    pub const INVALID_CONFIG: u8 = 8;
+}
+
+/// The help text listing the exit codes.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes of the domkitd verbs: 0 ok, 1 operation failed, 2 usage, 3 not_found,
+4 invalid_state, 5 timeout, 6 permission_denied (read-only connection), 7 domkitd
+unreachable, 8 invalid_config. Errors print the library's message.";
+
+/// How to reach domkitd (global options of `domkit`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConnectArgs {
+    /// domkitd's Unix socket (the same as `-c unix://PATH`). Default: $DOMKIT_SOCKET, else
+    /// /run/domkit/domkitd.sock as root, else $XDG_RUNTIME_DIR/domkit/domkitd.sock.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// For `-c tcp://HOST:PORT`: the CA that signed domkitd's certificate (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// For `-c tcp://HOST:PORT`: this client's certificate (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// For `-c tcp://HOST:PORT`: this client's key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
+/// How a shutdown or reboot is asked of the guest.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum ModeArg {
+    /// The backend's native way.
+    Default,
+    /// ACPI power button.
+    Acpi,
+    /// The guest agent.
+    Agent,
+    /// Xen PV control request.
+    Paravirt,
+}
+
+impl ModeArg {
+    fn to_pb(self) -> pb::ShutdownMode {
+        match self {
+            ModeArg::Default => pb::ShutdownMode::Default,
+            ModeArg::Acpi => pb::ShutdownMode::Acpi,
+            ModeArg::Agent => pb::ShutdownMode::Agent,
+            ModeArg::Paravirt => pb::ShutdownMode::Paravirt,
+        }
+    }
+}
+
+/// What `shutdown` waits for.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum WaitArg {
+    /// Until the request reached the guest (virsh's behaviour).
+    Acknowledged,
+    /// Until the domain is shut off.
+    Completed,
+}
+
+/// A power-management target.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum PmTargetArg {
+    /// Suspend to RAM.
+    Mem,
+    /// Suspend to disk.
+    Disk,
+}
+
+/// The verbs served by domkitd. DOMAIN is a name or a uuid.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Verb {
+    /// Define a domain from a TOML/JSON config file (`.json` is JSON), via domkitd. A
+    /// top-level `backend = "qemu" | "libxl"` picks the backend.
+    Define {
+        /// The config file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a shut-off domain.
+    Undefine {
+        /// The domain.
+        domain: String,
+    },
+    /// List active domains (`--all`: every defined domain).
+    List {
+        /// Also list shut-off domains.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a shut-off domain.
+    Start {
+        /// The domain.
+        domain: String,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the guest to shut down (returns once the request reached it, unless
+    /// `--wait completed`).
+    Shutdown {
+        /// The domain.
+        domain: String,
+        /// How to ask.
+        #[arg(long, value_enum, default_value = "default")]
+        mode: ModeArg,
+        /// What to wait for.
+        #[arg(long, value_enum, default_value = "acknowledged")]
+        wait: WaitArg,
+        /// Seconds to wait (default 60).
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+        /// Destroy the domain if it did not shut down in time.
+        #[arg(long)]
+        destroy_on_timeout: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the guest to reboot; returns when it did.
+    Reboot {
+        /// The domain.
+        domain: String,
+        /// How to ask.
+        #[arg(long, value_enum, default_value = "default")]
+        mode: ModeArg,
+        /// Seconds to wait (default 60).
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+    },
+    /// Hard reset.
+    Reset {
+        /// The domain.
+        domain: String,
+    },
+    /// Hard stop.
+    Destroy {
+        /// The domain.
+        domain: String,
+    },
+    /// Pause the vCPUs.
+    Suspend {
+        /// The domain.
+        domain: String,
+    },
+    /// Resume the vCPUs.
+    Resume {
+        /// The domain.
+        domain: String,
+    },
+    /// Save the domain's state to FILE (a path on domkitd's host) and stop it.
+    Save {
+        /// The domain.
+        domain: String,
+        /// The save file (made absolute against the current directory).
+        file: PathBuf,
+    },
+    /// Restore a shut-off domain from FILE (written by `save` of this domain).
+    Restore {
+        /// The domain.
+        domain: String,
+        /// The save file.
+        file: PathBuf,
+        /// Leave the vCPUs paused after the restore.
+        #[arg(long, conflicts_with = "running")]
+        paused: bool,
+        /// Run the vCPUs after the restore (even if saved paused).
+        #[arg(long)]
+        running: bool,
+    },
+    /// Put the guest to sleep.
+    Dompmsuspend {
+        /// The domain.
+        domain: String,
+        /// The sleep state.
+        #[arg(value_enum, default_value = "mem")]
+        target: PmTargetArg,
+    },
+    /// Wake a sleeping guest.
+    Dompmwakeup {
+        /// The domain.
+        domain: String,
+    },
+    /// A domain's summary.
+    Dominfo {
+        /// The domain.
+        domain: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A domain's state.
+    Domstate {
+        /// The domain.
+        domain: String,
+        /// Also print the reason (`running (booted)`).
+        #[arg(long)]
+        reason: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print lifecycle events: wait for the next one (`--loop`: keep following), of one
+    /// domain or of all. `--since` resumes after a cursor (a seq with a domain, a host-wide
+    /// cursor without one), replaying the kept events; missing ones are shown as a gap.
+    Event {
+        /// Only this domain.
+        domain: Option<String>,
+        /// Keep printing events until interrupted (or --timeout).
+        #[arg(long = "loop")]
+        follow: bool,
+        /// Stop after S seconds.
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+        /// Resume after this cursor (see above); without --loop, print what is kept and exit.
+        #[arg(long, value_name = "CURSOR")]
+        since: Option<u64>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon's version and backends, and this connection's access level.
+    DaemonVersion {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The default socket of this user (see [`ConnectArgs::socket`]).
+pub fn default_socket() -> PathBuf {
+    crate::daemon::default_runtime_dir().join("domkitd.sock")
+}
+
+/// Where to connect: `connect` when it is a domkitd address (`unix://`, `tcp://`), else
+/// `--socket` / `$DOMKIT_SOCKET`, else the default socket. A hypervisor URI (`qemu:///...`,
+/// the in-process backends of `demo`/`run`/`conformance`) means the default socket.
+pub fn target(connect: Option<&str>, args: &ConnectArgs) -> Result<Target, ClientError> {
+    let tls = ClientTls {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    };
+    match connect {
+        Some(uri) if uri.starts_with("unix:") || uri.starts_with("tcp:") => Target::parse(uri, tls),
+        _ => Ok(Target::Unix(
+            args.socket
+                .clone()
+                .or_else(|| std::env::var_os("DOMKIT_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(default_socket),
+        )),
+    }
+}
+
+/// Run `verb` against the domkitd `connect`/`args` name and return the exit code.
+pub fn main(connect: Option<&str>, args: &ConnectArgs, verb: Verb) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("domkit: error: cannot start the async runtime: {e}");
+            return exit::ERROR;
+        }
+    };
+    let result = runtime.block_on(async {
+        let target = target(connect, args)?;
+        let mut client = client::connect(&target).await?;
+        run(&mut client, verb).await
+    });
+    match result {
+        Ok(code) => code,
+        Err(Failure::Client(e)) => {
+            eprintln!("domkit: error: {e}");
+            exit_code(&e)
+        }
+        // The reader went away (`| head`): end quietly.
+        Err(Failure::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
+        Err(Failure::Output(e)) => {
+            eprintln!("domkit: error: writing the output: {e}");
+            exit::ERROR
+        }
+    }
+}
+
+/// The exit code for an error.
+pub fn exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Remote(r) => match r.kind() {
+            "not_found" => exit::NOT_FOUND,
+            "invalid_state" => exit::INVALID_STATE,
+            "timeout" => exit::TIMEOUT,
+            "permission_denied" => exit::PERMISSION_DENIED,
+            "invalid_config" => exit::INVALID_CONFIG,
+            "bad_request" => exit::USAGE,
+            _ => exit::ERROR,
+        },
+        ClientError::Unreachable { .. } => exit::UNREACHABLE,
+        ClientError::Usage(_) => exit::USAGE,
+        ClientError::Transport { .. } | ClientError::Io { .. } => exit::ERROR,
+    }
+}
+
+/// Why a verb did not finish.
+#[derive(Debug)]
+pub enum Failure {
+    /// The daemon (or reaching it) failed.
+    Client(ClientError),
+    /// Printing failed (a closed pipe is not reported).
+    Output(std::io::Error),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Client(s.into())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
+fn absolute(path: &Path) -> Result<String, ClientError> {
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| ClientError::Io {
+            context: format!("making {} absolute", path.display()),
+            source: e,
+        })
+}
+
+fn reply_json(r: &pb::OperationReply) -> serde_json::Value {
+    let state = r.state.as_ref().and_then(convert::state_from_pb);
+    serde_json::json!({
+        "domain": r.id.as_ref().map(|i| i.name.clone()),
+        "uuid": r.id.as_ref().map(|i| i.uuid.clone()),
+        "state": state,
+        "seq": r.seq,
+    })
+}
+
+fn info_json(i: &pb::DomainInfo) -> serde_json::Value {
+    let state = i.state.as_ref().and_then(convert::state_from_pb);
+    let control = i.control.as_ref().map(|c| {
+        serde_json::json!({
+            "kind": pb::control_state::Kind::try_from(c.kind).map(|k| k.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase()).unwrap_or_default(),
+            "operation": convert::operation_from_pb(c.operation),
+            "reason": c.reason,
+        })
+    });
+    serde_json::json!({
+        "name": i.id.as_ref().map(|i| i.name.clone()),
+        "uuid": i.id.as_ref().map(|i| i.uuid.clone()),
+        "backend": i.id.as_ref().map(|i| i.backend.clone()),
+        "state": state,
+        "control": control,
+        "vcpus": i.vcpus,
+        "memory_mib": i.memory_mib,
+        "backend_handle": i.backend_handle,
+        "seq": i.seq,
+    })
+}
+
+fn control_text(c: Option<&pb::ControlState>) -> String {
+    use pb::control_state::Kind;
+    match c {
+        Some(c) => match Kind::try_from(c.kind) {
+            Ok(Kind::Ok) => "ok".into(),
+            Ok(Kind::Job) => format!(
+                "job: {}",
+                convert::operation_from_pb(c.operation).map_or("?".into(), |o| o.to_string())
+            ),
+            Ok(Kind::Broken) => format!("broken: {}", c.reason),
+            _ => "unknown".into(),
+        },
+        None => "unknown".into(),
+    }
+}
+
+fn name_of(id: Option<&pb::DomainIdentity>) -> String {
+    id.map(|i| i.name.clone()).unwrap_or_default()
+}
+
+/// Print `text` (one line) to stdout.
+fn say(text: impl std::fmt::Display) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The human form of an event-stream entry.
+pub fn entry_text(msg: &pb::EventMessage) -> String {
+    match &msg.entry {
+        Some(pb::event_message::Entry::Event(ev)) => {
+            let what = if ev.detail.is_empty() {
+                ev.kind.clone()
+            } else {
+                format!("{}({})", ev.kind, ev.detail)
+            };
+            format!(
+                "event {what} for domain {}: seq {} cursor {}{}",
+                name_of(ev.domain.as_ref()),
+                ev.seq,
+                msg.cursor,
+                if ev.reconciled { " (reconciled)" } else { "" }
+            )
+        }
+        Some(pb::event_message::Entry::Gap(gap)) => match &gap.domain {
+            Some(d) => format!(
+                "gap: events seq {}..={} of domain {} are missing: {}",
+                gap.first_missing, gap.last_missing, d.name, gap.reason
+            ),
+            None => format!(
+                "gap: journal entries cursor {}..={} are missing: {}",
+                gap.first_missing, gap.last_missing, gap.reason
+            ),
+        },
+        None => "(empty entry)".into(),
+    }
+}
+
+/// The JSON form of an event-stream entry.
+pub fn entry_json(msg: &pb::EventMessage) -> serde_json::Value {
+    match &msg.entry {
+        Some(pb::event_message::Entry::Event(ev)) => serde_json::json!({
+            "cursor": msg.cursor,
+            "domain": ev.domain.as_ref().map(|d| serde_json::json!({"name": d.name, "uuid": d.uuid, "backend": d.backend})),
+            "seq": ev.seq,
+            "timestamp_us": ev.timestamp_us,
+            "event": ev.kind,
+            "detail": if ev.detail.is_empty() { serde_json::Value::Null } else { ev.detail.clone().into() },
+            "reconciled": ev.reconciled,
+        }),
+        Some(pb::event_message::Entry::Gap(gap)) => serde_json::json!({
+            "cursor": msg.cursor,
+            "gap": {
+                "domain": gap.domain.as_ref().map(|d| serde_json::json!({"name": d.name, "uuid": d.uuid, "backend": d.backend})),
+                "first_missing": gap.first_missing,
+                "last_missing": gap.last_missing,
+                "reason": gap.reason,
+            }
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// Run one verb on a connected client.
+pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure> {
+    use client::domain_ref;
+    match verb {
+        Verb::Define { file, json } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| ClientError::Io {
+                context: format!("reading config {}", file.display()),
+                source: e,
+            })?;
+            let format = if file.extension().is_some_and(|e| e == "json") {
+                pb::ConfigFormat::Json
+            } else {
+                pb::ConfigFormat::Toml
+            };
+            let info = client
+                .define(pb::DefineRequest {
+                    config: text,
+                    format: format as i32,
+                })
+                .await?
+                .into_inner();
+            if json {
+                say(info_json(&info))?;
+            } else {
+                let id = info.id.clone().unwrap_or_default();
+                say(format_args!(
+                    "Domain '{}' defined ({}, {})",
+                    id.name, id.uuid, id.backend
+                ))?;
+            }
+        }
+        Verb::Undefine { domain } => {
+            client.undefine(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' has been undefined"))?;
+        }
+        Verb::List { all, json } => {
+            let list = client.list(pb::ListRequest { all }).await?.into_inner();
+            if json {
+                let v: Vec<_> = list.domains.iter().map(info_json).collect();
+                say(serde_json::Value::Array(v))?;
+            } else {
+                say(format_args!(
+                    " {:<24} {:<28} {:<8} {}",
+                    "Name", "State", "Backend", "Handle"
+                ))?;
+                say("-".repeat(72))?;
+                for d in &list.domains {
+                    let id = d.id.clone().unwrap_or_default();
+                    say(format_args!(
+                        " {:<24} {:<28} {:<8} {}",
+                        id.name,
+                        state_text(d.state.as_ref()),
+                        id.backend,
+                        if d.backend_handle.is_empty() {
+                            "-"
+                        } else {
+                            &d.backend_handle
+                        }
+                    ))?;
+                }
+            }
+        }
+        Verb::Start {
+            domain,
+            paused,
+            json,
+        } => {
+            let r = client
+                .start(pb::StartRequest {
+                    domain: Some(domain_ref(&domain)),
+                    paused,
+                })
+                .await?
+                .into_inner();
+            if json {
+                say(reply_json(&r))?;
+            } else {
+                say(format_args!(
+                    "Domain '{domain}' started{}",
+                    if paused { " (paused)" } else { "" }
+                ))?;
+            }
+        }
+        Verb::Shutdown {
+            domain,
+            mode,
+            wait,
+            timeout,
+            destroy_on_timeout,
+            json,
+        } => {
+            let wait = match wait {
+                WaitArg::Acknowledged => pb::ShutdownWait::Acknowledged,
+                WaitArg::Completed => pb::ShutdownWait::Completed,
+            };
+            let r = client
+                .shutdown(pb::ShutdownRequest {
+                    domain: Some(domain_ref(&domain)),
+                    mode: mode.to_pb() as i32,
+                    wait: wait as i32,
+                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+                    destroy_on_timeout,
+                })
+                .await?
+                .into_inner();
+            let outcome = pb::ShutdownOutcome::try_from(r.outcome)
+                .unwrap_or(pb::ShutdownOutcome::Unspecified);
+            if json {
+                let mut v = r.result.as_ref().map(reply_json).unwrap_or_default();
+                v["outcome"] = outcome
+                    .as_str_name()
+                    .trim_start_matches("SHUTDOWN_OUTCOME_")
+                    .to_ascii_lowercase()
+                    .into();
+                say(v)?;
+            } else {
+                say(match outcome {
+                    pb::ShutdownOutcome::Acknowledged => {
+                        format!("Domain '{domain}' is being shutdown")
+                    }
+                    pb::ShutdownOutcome::Completed => {
+                        format!("Domain '{domain}' has been shut down")
+                    }
+                    pb::ShutdownOutcome::Destroyed => {
+                        format!("Domain '{domain}' did not shut down in time and was destroyed")
+                    }
+                    pb::ShutdownOutcome::Unspecified => {
+                        format!("Domain '{domain}': shutdown returned")
+                    }
+                })?;
+            }
+        }
+        Verb::Reboot {
+            domain,
+            mode,
+            timeout,
+        } => {
+            client
+                .reboot(pb::RebootRequest {
+                    domain: Some(domain_ref(&domain)),
+                    mode: mode.to_pb() as i32,
+                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+                })
+                .await?;
+            say(format_args!("Domain '{domain}' rebooted"))?;
+        }
+        Verb::Reset { domain } => {
+            client.reset(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' was reset"))?;
+        }
+        Verb::Destroy { domain } => {
+            client.destroy(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' destroyed"))?;
+        }
+        Verb::Suspend { domain } => {
+            client.pause(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' suspended"))?;
+        }
+        Verb::Resume { domain } => {
+            client.resume(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' resumed"))?;
+        }
+        Verb::Save { domain, file } => {
+            let path = absolute(&file)?;
+            client
+                .save(pb::SaveRequest {
+                    domain: Some(domain_ref(&domain)),
+                    path: path.clone(),
+                })
+                .await?;
+            say(format_args!("Domain '{domain}' saved to {path}"))?;
+        }
+        Verb::Restore {
+            domain,
+            file,
+            paused,
+            running,
+        } => {
+            let path = absolute(&file)?;
+            let paused = if paused {
+                Some(true)
+            } else if running {
+                Some(false)
+            } else {
+                None
+            };
+            client
+                .restore(pb::RestoreRequest {
+                    domain: Some(domain_ref(&domain)),
+                    path: path.clone(),
+                    paused,
+                })
+                .await?;
+            say(format_args!("Domain '{domain}' restored from {path}"))?;
+        }
+        Verb::Dompmsuspend { domain, target } => {
+            let target = match target {
+                PmTargetArg::Mem => pb::PmSuspendTarget::Memory,
+                PmTargetArg::Disk => pb::PmSuspendTarget::Disk,
+            };
+            client
+                .pm_suspend(pb::PmSuspendRequest {
+                    domain: Some(domain_ref(&domain)),
+                    target: target as i32,
+                })
+                .await?;
+            say(format_args!("Domain '{domain}' successfully suspended"))?;
+        }
+        Verb::Dompmwakeup { domain } => {
+            client.pm_wakeup(domain_ref(&domain)).await?;
+            say(format_args!("Domain '{domain}' successfully woken up"))?;
+        }
+        Verb::Dominfo { domain, json } => {
+            let i = client.info(domain_ref(&domain)).await?.into_inner();
+            if json {
+                say(info_json(&i))?;
+            } else {
+                let id = i.id.clone().unwrap_or_default();
+                let rows = [
+                    ("Name", id.name),
+                    ("UUID", id.uuid),
+                    ("Backend", id.backend),
+                    ("State", state_text(i.state.as_ref())),
+                    ("Control", control_text(i.control.as_ref())),
+                    ("CPU(s)", i.vcpus.to_string()),
+                    ("Memory", format!("{} MiB", i.memory_mib)),
+                    (
+                        "Handle",
+                        if i.backend_handle.is_empty() {
+                            "-".into()
+                        } else {
+                            i.backend_handle.clone()
+                        },
+                    ),
+                    ("Last seq", i.seq.to_string()),
+                ];
+                for (k, v) in rows {
+                    say(format_args!("{:<15} {v}", format!("{k}:")))?;
+                }
+            }
+        }
+        Verb::Domstate {
+            domain,
+            reason,
+            json,
+        } => {
+            let i = client.info(domain_ref(&domain)).await?.into_inner();
+            let state = i.state.as_ref().and_then(convert::state_from_pb);
+            if json {
+                say(serde_json::json!({"state": state, "seq": i.seq}))?;
+            } else {
+                match state {
+                    Some(s) if reason => say(s)?,
+                    Some(s) => say(s.name())?,
+                    None => say("unknown")?,
+                }
+            }
+        }
+        Verb::Event {
+            domain,
+            follow,
+            timeout,
+            since,
+            json,
+        } => {
+            let request = pb::EventsRequest {
+                domain: domain.as_deref().map(domain_ref),
+                since,
+                // Without --loop and with --since: the kept events, then exit.
+                follow: follow || since.is_none(),
+            };
+            let mut stream = client.events(request).await?.into_inner();
+            let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+            let mut printed = 0u64;
+            loop {
+                let next = match deadline {
+                    Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    },
+                    None => stream.next().await,
+                };
+                let Some(msg) = next else { break };
+                let msg = msg?;
+                if json {
+                    say(entry_json(&msg))?;
+                } else {
+                    say(entry_text(&msg))?;
+                }
+                printed += 1;
+                if !follow && since.is_none() {
+                    break;
+                }
+            }
+            if !json && follow {
+                eprintln!("events received: {printed}");
+            }
+        }
+        Verb::DaemonVersion { json } => {
+            let v = client.version(pb::VersionRequest {}).await?.into_inner();
+            if json {
+                say(serde_json::json!({
+                    "daemon_version": v.daemon_version,
+                    "protocol": v.protocol,
+                    "backends": v.backends,
+                    "read_only": v.read_only,
+                }))?;
+            } else {
+                say(format_args!(
+                    "domkitd {} ({}), backends: {}, access: {}",
+                    v.daemon_version,
+                    v.protocol,
+                    v.backends.join(", "),
+                    if v.read_only { "read-only" } else { "full" }
+                ))?;
+            }
+        }
+    }
+    Ok(exit::OK)
+}
