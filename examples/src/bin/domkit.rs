@@ -220,6 +220,27 @@ async fn run_command<B: TestBackend>(
 #[cfg(feature = "libxl")]
 async fn libxl_dispatch(command: Command) -> anyhow::Result<u8> {
     use domkit_conformance::libxl::LibxlTestBackend;
+    if let Command::Manager {
+        state_dir,
+        runtime_dir,
+        ephemeral,
+    } = &command
+    {
+        let mut options = domkit_libxl::LibxlOptions::persistent(state_dir, runtime_dir);
+        if *ephemeral {
+            options.ownership = domkit_libxl::Ownership::Ephemeral;
+        }
+        return match domkit_libxl::LibxlDriver::open(options).await {
+            Ok(driver) => {
+                domkit_conformance::manager::serve(driver).await?;
+                Ok(0)
+            }
+            Err(e) => {
+                domkit_conformance::manager::refuse(&e);
+                Ok(1)
+            }
+        };
+    }
     let make_backend = || LibxlTestBackend::new().map_err(anyhow::Error::msg);
     let make_driver = || Ok(domkit_libxl::LibxlDriver::new()?);
     run_command(command, make_backend, make_driver).await
