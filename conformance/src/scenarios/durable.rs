@@ -901,7 +901,7 @@ pub(super) async fn seq_continues<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> S
             &domain,
             seq + 1,
             &[
-                (E::Suspended(SuspendedDetail::Paused), true),
+                (E::Suspended(SuspendedDetail::Paused), false),
                 (E::Stopped(StoppedDetail::Destroyed), false),
             ],
         )
