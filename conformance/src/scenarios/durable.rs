@@ -993,6 +993,13 @@ pub(super) async fn ephemeral_dies_with_manager<B: TestBackend>(ctx: &ScenarioCt
         check(listed["names"] == json!([]), || {
             format!("the next ephemeral manager knows {listed}")
         })?;
+        let stale = away.roots.runtime.join(&name);
+        check(!stale.exists(), || {
+            format!(
+                "the next ephemeral manager left the dead one's {}",
+                stale.display()
+            )
+        })?;
         next.sigkill();
         Ok(())
     }
