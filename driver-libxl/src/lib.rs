@@ -10,6 +10,10 @@
 //! - [`config`]: pure [`domkit_core::DomainConfig`] -> libxl JSON domain config;
 //! - [`translate`]: pure libxl event / returned call -> core [`domkit_core::Observation`];
 //! - [`savefile`]: the save file (header + libxl stream);
+//! - [`reattach`]: pure: what a new manager makes of a stored domain and the Xen domain it
+//!   finds (`docs/semantics.md` §11.3, §11.4);
+//! - [`ephemeral`]: the reaper and markers that make an ephemeral driver's domains die with
+//!   its process (§11.0);
 //! - [`LibxlDomain`] / [`LibxlDriver`]: the trait implementations.
 //!
 //! ## Design choices
@@ -69,6 +73,26 @@
 //! `on_crash = restart`, `reset()`) and a restore create a new domid with the same name and
 //! uuid. Events of an old domid are dropped: each domid gets its own death watch with a fresh
 //! token, and the dispatcher only delivers events whose token is the domain's current one.
+//!
+//! **Durable domains** (`docs/semantics.md` §11). [`LibxlOptions::ownership`]:
+//! - *persistent* ([`LibxlDriver::open`] with [`LibxlOptions::persistent`]): definitions and
+//!   a status per domain (last `seq`, state, a save in flight) in the state root
+//!   (`domkit_core::store`), rewritten atomically with every event before it is published;
+//!   Xen domains outlive the process (as they do anyway). The next driver adopts each Xen
+//!   domain by its stored uuid, re-arms the death watch on its current domid and reconciles
+//!   `libxl_domain_info` through [`reattach::plan`] (events marked `reconciled`, policies
+//!   applied as if seen live). One manager per root: `flock` on `<state root>/lock`.
+//! - *ephemeral* (default, [`LibxlDriver::new`]): Xen domains would outlive the process, so a
+//!   forked reaper destroys them when the process dies ([`ephemeral`]), a dropped driver
+//!   destroys them, and the next ephemeral driver on the runtime root removes what a dead
+//!   one left. One manager per runtime root.
+//!
+//! FFI and process ownership added for this: the reaper is forked with `libc::fork` (twice,
+//! so that it is nobody's child here) and only ever calls async-signal-safe functions on
+//! memory prepared before the fork; the manager owns the pipe's write end (`O_CLOEXEC`, an
+//! `OwnedFd` in the driver) and nothing else of the reaper's; the reaper owns the read end
+//! and execs `xl destroy <name>` with an argv built from names the driver validated
+//! (`domkit_core::config::validate_name`: at most 64 bytes, no `/`), never through a shell.
 //!
 //! ## Unsupported
 //! ACPI and agent shutdown/reboot modes (PV/PVH guests have no ACPI power button; no agent

@@ -1462,6 +1462,84 @@ async fn t40_dominfo_of_each_condition_for_reattach() {
     finish(&driver, &[&d]).await;
 }
 
+/// Ephemeral ownership beyond the conformance scenario (which SIGKILLs a manager and sees its
+/// reaper destroy the domain, §11.0): a dropped ephemeral driver destroys its domains; and what
+/// a dead ephemeral manager left when its reaper could not run either (a Xen domain its marker
+/// names) is destroyed by the next ephemeral driver on the same runtime root, whose directory
+/// is then clean.
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t41_ephemeral_drop_and_sweep() {
+    use domkit_libxl::LibxlOptions;
+    init();
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let observer = LibxlDriver::with_options(LibxlOptions::with_runtime_dir(base.path().join("o")))
+        .expect("libxl");
+    let exists = |name: &str| {
+        observer
+            .host_domains()
+            .expect("list")
+            .iter()
+            .any(|d| d.name.as_deref() == Some(name))
+    };
+
+    let runtime = base.path().join("r");
+    let driver =
+        LibxlDriver::with_options(LibxlOptions::with_runtime_dir(&runtime)).expect("libxl");
+    let d = driver.define(domu("dk-eph-drop", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    let marker = runtime.join("dk-eph-drop").join("xen-domain");
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .expect("marker while running")
+            .trim(),
+        d.id().uuid.to_string()
+    );
+    let mut ev = d.subscribe();
+    let t0 = Instant::now();
+    drop(driver);
+    timing("drop_ephemeral_driver", t0);
+    assert!(
+        !exists("dk-eph-drop"),
+        "a dropped ephemeral driver left its domain"
+    );
+    assert_eq!(
+        events_until(&mut ev, Duration::from_secs(10), |k| matches!(
+            k,
+            EventKind::Stopped(_)
+        ))
+        .await,
+        vec![EventKind::Stopped(StoppedDetail::Destroyed)]
+    );
+    assert!(!marker.exists(), "the marker outlived the domain");
+    drop(d);
+
+    // A Xen domain left behind, named by a marker (made here by a persistent driver, which
+    // leaves its domains running, and a marker written as a dead ephemeral driver would).
+    let state = base.path().join("s");
+    let keeper = LibxlDriver::open(LibxlOptions::persistent(&state, base.path().join("k")))
+        .await
+        .expect("persistent");
+    let left = keeper.define(domu("dk-eph-left", "")).await.unwrap();
+    left.start(StartOptions::default()).await.unwrap();
+    let uuid = left.id().uuid;
+    drop(left);
+    keeper.detach();
+    drop(keeper);
+    assert!(exists("dk-eph-left"));
+    let dir = runtime.join("dk-eph-left");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("xen-domain"), uuid.to_string()).unwrap();
+    let next = LibxlDriver::with_options(LibxlOptions::with_runtime_dir(&runtime)).expect("libxl");
+    assert!(
+        !exists("dk-eph-left"),
+        "the next ephemeral driver left a dead one's domain"
+    );
+    assert!(!dir.exists(), "the dead one's directory is still there");
+    drop(next);
+    finish(&observer, &[]).await;
+}
+
 #[tokio::test]
 #[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
 async fn zz_no_leaked_domains() {
