@@ -16,6 +16,7 @@ use EventKind as E;
 
 mod durable;
 mod faults;
+mod watch;
 
 macro_rules! scenario {
     ($name:ident, $about:expr) => {
@@ -33,6 +34,16 @@ macro_rules! durable {
             name: stringify!($name),
             about: $about,
             run: |ctx| Box::pin(durable::$name(ctx)),
+        }
+    };
+}
+
+macro_rules! watch {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin(watch::$name(ctx)),
         }
     };
 }
@@ -107,6 +118,13 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         durable!(seq_continues, "seq continues across a SIGKILLed manager and an orderly detach (§11.3)"),
         durable!(open_cancelled, "an open dropped at 1 / 50 / 300 ms leaves the roots usable and the domain untouched (§6.0, §11.3)"),
         durable!(ephemeral_dies_with_manager, "ephemeral: the domain lives while its idle manager lives (>10 s) and dies with its SIGKILL; the next manager starts clean (§11.0)"),
+        // Watching a domain (issue 11): console stream, stats, race-free waiting.
+        watch!(console_read_boot_banner, "the boot output read through a console stream opened before the vCPUs ran; it ends when the domain stops; no console when shut off (§12.4)"),
+        watch!(console_write_command, "a command typed into the guest's shell through the stream answers on it and on a second reader; read-only cannot type; broken pipe once stopped (§12.4)"),
+        watch!(console_second_writer_busy, "one writer at a time: busy for the next until dropped or released; readers unaffected; every stream ends at destroy (§12.4)"),
+        watch!(stats_move, "cpu time (total, per vCPU) and disk read counters grow while the guest works; memory = config; shut off: state only; all_stats has it (§12.5)"),
+        watch!(wait_for_event_timeout, "wait_for_event: typed timeout, nothing changes; by name, kind, predicate; a snapshot taken before the operation misses nothing (§12.3)"),
+        watch!(snapshot_then_stream_no_gap, "a burst between snapshot and first read: every event once, in order; subscribe_from replays exactly; events_lost past the 128 kept; a lagging stream says so (§2.4, §12.1, §12.2)"),
     ]
 }
 

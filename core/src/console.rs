@@ -5,30 +5,33 @@
 //! hypervisor's console (QEMU: a chardev socket; Xen: the console pty): what the guest
 //! prints goes to [`ConsoleHub::publish`], what the writer types comes out of the receiver
 //! [`ConsoleHub::new`] returned. [`ConsoleHub::close`] (the instance ended) ends every
-//! stream. Everything is bounded: the guest controls what it prints, so a reader that does
-//! not keep up loses the oldest chunks (counted in [`ConsoleStream::lost_chunks`]) rather than
-//! making the manager buffer without limit.
+//! stream. Everything is bounded: the guest controls what it prints, so the output is kept in
+//! one ring of [`CONSOLE_BUFFER_BYTES`] per console that every reader reads at its own
+//! position; a reader that falls further behind loses the oldest bytes (counted in
+//! [`ConsoleStream::lost_bytes`]) rather than making the manager buffer without limit.
 
 use crate::{Error, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::Stream;
 use tokio_util::sync::PollSender;
 
-/// How many chunks of output a reader may fall behind before it loses the oldest.
-pub const CONSOLE_OUTPUT_CHUNKS: usize = 64;
+/// How many bytes of output a reader may fall behind before it loses the oldest: the size
+/// of the one ring per console (allocated when the hub is made, i.e. on a console's first
+/// stream). A serial port sends a byte at a time, so the ring counts bytes, not writes.
+pub const CONSOLE_BUFFER_BYTES: usize = 64 * 1024;
 
-/// The largest chunk a backend should publish (it reads at most this much at a time), so a
-/// lagging reader's ring holds at most `CONSOLE_OUTPUT_CHUNKS * CONSOLE_CHUNK_MAX` bytes.
+/// The most a backend reads from its console at a time, and the largest chunk a write is
+/// cut into.
 pub const CONSOLE_CHUNK_MAX: usize = 4096;
 
 /// How many chunks of input may wait for the backend (a writer faster than the guest's
@@ -50,54 +53,107 @@ pub enum ConsoleAccess {
 #[derive(Debug)]
 pub struct ConsoleHub {
     domain: String,
-    /// Taken by [`ConsoleHub::close`]: receivers then see the end of the stream.
-    output: Mutex<Option<broadcast::Sender<Bytes>>>,
+    output: Arc<Output>,
     input: mpsc::Sender<Bytes>,
     writer_taken: Arc<AtomicBool>,
+}
+
+/// The output ring shared by the hub and its readers.
+#[derive(Debug)]
+struct Output {
+    ring: Mutex<Ring>,
+    /// The ring's end offset, bumped on every publish and on close: readers wait on it.
+    progress: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    bytes: VecDeque<u8>,
+    /// The absolute offset (bytes since the hub was made) of `bytes[0]`.
+    start: u64,
+    closed: bool,
+}
+
+impl Ring {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+}
+
+impl Output {
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // Only mutated by whole appends and trims: a poisoned lock still holds a ring.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl ConsoleHub {
     /// A hub for the console of `domain`, and the receiver of what its writer types (the
     /// backend forwards it to the guest; dropping it makes writes fail as broken pipe).
     pub fn new(domain: &str) -> (ConsoleHub, mpsc::Receiver<Bytes>) {
-        let (output, _) = broadcast::channel(CONSOLE_OUTPUT_CHUNKS);
         let (input, input_rx) = mpsc::channel(CONSOLE_INPUT_CHUNKS);
+        let (progress, _) = watch::channel(0);
         let hub = ConsoleHub {
             domain: domain.to_owned(),
-            output: Mutex::new(Some(output)),
+            output: Arc::new(Output {
+                ring: Mutex::new(Ring {
+                    bytes: VecDeque::with_capacity(CONSOLE_BUFFER_BYTES),
+                    start: 0,
+                    closed: false,
+                }),
+                progress,
+            }),
             input,
             writer_taken: Arc::new(AtomicBool::new(false)),
         };
         (hub, input_rx)
     }
 
-    fn output(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Bytes>>> {
-        // Only ever replaced whole: a poisoned lock still holds a consistent value.
-        self.output.lock().unwrap_or_else(|p| p.into_inner())
+    /// Give what the guest printed to every reader: appended to the ring, whose oldest
+    /// bytes make room (a reader still behind them loses them).
+    pub fn publish(&self, bytes: &[u8]) {
+        let end = {
+            let mut ring = self.output.ring();
+            if ring.closed {
+                return;
+            }
+            // Only the last CONSOLE_BUFFER_BYTES of a huge write can ever be read.
+            let keep = &bytes[bytes.len().saturating_sub(CONSOLE_BUFFER_BYTES)..];
+            let skipped = (bytes.len() - keep.len()) as u64;
+            let overflow = (ring.bytes.len() + keep.len()).saturating_sub(CONSOLE_BUFFER_BYTES);
+            ring.bytes.drain(..overflow);
+            ring.start += overflow as u64;
+            if skipped > 0 {
+                // Everything kept before is older than the skipped bytes: gone too.
+                let dropped = ring.bytes.len() as u64;
+                ring.bytes.clear();
+                ring.start += dropped + skipped;
+            }
+            ring.bytes.extend(keep);
+            ring.end()
+        };
+        self.output.progress.send_replace(end);
     }
 
-    /// Give what the guest printed to every reader (none: dropped, nothing is kept).
-    pub fn publish(&self, bytes: Bytes) {
-        if let Some(tx) = self.output().as_ref() {
-            let _ = tx.send(bytes);
-        }
-    }
-
-    /// Whether anyone reads (a backend may stop pumping output when nobody does).
+    /// Whether anyone reads.
     pub fn has_readers(&self) -> bool {
-        self.output()
-            .as_ref()
-            .is_some_and(|tx| tx.receiver_count() > 0)
+        self.output.progress.receiver_count() > 0
     }
 
-    /// End every stream (the instance ended): readers see the end, writes fail.
+    /// End every stream (the instance ended): readers read what is left, then the end;
+    /// writes fail.
     pub fn close(&self) {
-        self.output().take();
+        let end = {
+            let mut ring = self.output.ring();
+            ring.closed = true;
+            ring.end()
+        };
+        self.output.progress.send_replace(end);
     }
 
     /// Whether [`ConsoleHub::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.output().is_none()
+        self.output.ring().closed
     }
 
     /// A new stream on this console.
@@ -105,13 +161,14 @@ impl ConsoleHub {
     /// Errors: [`Error::Busy`] for [`ConsoleAccess::ReadWrite`] while another writer is
     /// attached; [`Error::NotFound`] once closed.
     pub fn open(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
-        let rx = match self.output().as_ref() {
-            Some(tx) => tx.subscribe(),
-            None => {
+        let position = {
+            let ring = self.output.ring();
+            if ring.closed {
                 return Err(Error::NotFound {
                     what: format!("console of domain {:?} (the domain stopped)", self.domain),
-                })
+                });
             }
+            ring.end()
         };
         let writer = match access {
             ConsoleAccess::ReadOnly => None,
@@ -133,9 +190,10 @@ impl ConsoleHub {
             }
         };
         Ok(ConsoleStream {
-            output: BroadcastStream::new(rx),
-            current: Bytes::new(),
-            lost_chunks: 0,
+            output: self.output.clone(),
+            progress: WatchStream::new(self.output.progress.subscribe()),
+            position,
+            lost_bytes: 0,
             writer,
             access,
         })
@@ -162,10 +220,12 @@ struct ConsoleWriter {
 /// from the moment it was opened, [`AsyncWrite`] types into the guest (read-write streams
 /// only). Reading returns end-of-file when the domain stopped.
 pub struct ConsoleStream {
-    output: BroadcastStream<Bytes>,
-    /// The rest of the chunk being read.
-    current: Bytes,
-    lost_chunks: u64,
+    output: Arc<Output>,
+    /// Wakes the reader when the ring grew or closed.
+    progress: WatchStream<u64>,
+    /// The absolute offset of the next byte this stream reads.
+    position: u64,
+    lost_bytes: u64,
     writer: Option<ConsoleWriter>,
     access: ConsoleAccess,
 }
@@ -174,7 +234,8 @@ impl std::fmt::Debug for ConsoleStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsoleStream")
             .field("access", &self.access)
-            .field("lost_chunks", &self.lost_chunks())
+            .field("position", &self.position)
+            .field("lost_bytes", &self.lost_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -185,10 +246,10 @@ impl ConsoleStream {
         self.access
     }
 
-    /// How many chunks of output this reader lost by not keeping up (their bytes are gone
-    /// from this stream; the backend's console log still has them).
-    pub fn lost_chunks(&self) -> u64 {
-        self.lost_chunks
+    /// How many bytes of output this reader lost by falling more than
+    /// [`CONSOLE_BUFFER_BYTES`] behind (the backend's console log still has them).
+    pub fn lost_bytes(&self) -> u64 {
+        self.lost_bytes
     }
 
     /// Give up writing (frees the writer slot for another stream); reading goes on.
@@ -203,19 +264,39 @@ impl AsyncRead for ConsoleStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         loop {
-            if !self.current.is_empty() {
-                let n = self.current.len().min(buf.remaining());
-                let chunk = self.current.split_to(n);
-                buf.put_slice(&chunk);
-                return Poll::Ready(Ok(()));
-            }
-            match Pin::new(&mut self.output).poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => self.current = chunk,
-                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
-                    self.lost_chunks += n;
+            {
+                let ring = this.output.ring();
+                if this.position < ring.start {
+                    this.lost_bytes += ring.start - this.position;
+                    this.position = ring.start;
                 }
-                // The hub closed: end of file.
+                let end = ring.end();
+                if this.position < end {
+                    let from = (this.position - ring.start) as usize;
+                    let n = ((end - this.position) as usize).min(buf.remaining());
+                    let (front, back) = ring.bytes.as_slices();
+                    if from < front.len() {
+                        let first = &front[from..front.len().min(from + n)];
+                        buf.put_slice(first);
+                        buf.put_slice(&back[..n - first.len()]);
+                    } else {
+                        let at = from - front.len();
+                        buf.put_slice(&back[at..at + n]);
+                    }
+                    this.position += n as u64;
+                    return Poll::Ready(Ok(()));
+                }
+                if ring.closed {
+                    return Poll::Ready(Ok(())); // end of file
+                }
+            }
+            // Nothing new: wait for the next publish or close. The watch remembers what
+            // this stream has seen, so one that happened since the check above wakes it.
+            match Pin::new(&mut this.progress).poll_next(cx) {
+                Poll::Ready(Some(_)) => continue,
+                // The hub and its sender are gone: nothing more will come.
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }

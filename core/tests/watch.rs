@@ -247,7 +247,7 @@ async fn s12_4_console_several_readers_one_writer_end_when_closed() {
         Err(Error::Busy { what, .. }) => assert!(what.contains("web1"), "{what}"),
         other => panic!("want busy, got {other:?}"),
     }
-    hub.publish(bytes::Bytes::from_static(b"login: "));
+    hub.publish(b"login: ");
     let mut buf = [0u8; 7];
     reader_a.read_exact(&mut buf).await.expect("a reads");
     assert_eq!(&buf, b"login: ");
@@ -277,17 +277,57 @@ async fn s12_4_console_several_readers_one_writer_end_when_closed() {
 }
 
 #[tokio::test]
-async fn s12_4_a_console_reader_that_lags_loses_the_oldest_chunks_bounded() {
+async fn s12_4_a_console_reader_that_lags_loses_the_oldest_bytes_bounded() {
+    use domkit_core::console::CONSOLE_BUFFER_BYTES;
     let (hub, _input) = ConsoleHub::new("web1");
     let mut reader = hub.open(ConsoleAccess::ReadOnly).expect("reader");
-    let chunks = domkit_core::console::CONSOLE_OUTPUT_CHUNKS as u64 + 10;
-    for i in 0..chunks {
-        hub.publish(bytes::Bytes::from(format!("{i:04}")));
+    // A serial port writes a byte at a time: the ring counts bytes, not writes.
+    let total = CONSOLE_BUFFER_BYTES + 1000;
+    for i in 0..total {
+        hub.publish(&[b'a' + (i % 26) as u8]);
     }
+    let mut first = [0u8; 1];
+    reader.read_exact(&mut first).await.expect("a byte");
+    assert_eq!(reader.lost_bytes(), 1000);
+    assert_eq!(first[0], b'a' + (1000 % 26) as u8);
+    // One write larger than the ring: only its end is kept.
+    let late = hub.open(ConsoleAccess::ReadOnly).expect("late reader");
+    let mut late = late;
+    let huge: Vec<u8> = (0..CONSOLE_BUFFER_BYTES * 2)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    hub.publish(&huge);
     hub.close();
     let mut all = Vec::new();
-    reader.read_to_end(&mut all).await.expect("eof");
-    assert_eq!(reader.lost_chunks(), 10);
-    assert_eq!(all.len() as u64, 4 * (chunks - 10));
-    assert!(all.starts_with(b"0010"));
+    late.read_to_end(&mut all).await.expect("eof");
+    assert_eq!(all.len(), CONSOLE_BUFFER_BYTES);
+    assert_eq!(all[..], huge[CONSOLE_BUFFER_BYTES..]);
+    assert_eq!(late.lost_bytes(), CONSOLE_BUFFER_BYTES as u64);
+    // The early reader reads what is left, then the end.
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).await.expect("eof");
+    assert_eq!(rest[..], huge[CONSOLE_BUFFER_BYTES..]);
+}
+
+#[tokio::test]
+async fn s12_4_a_waiting_reader_wakes_on_publish_and_on_close() {
+    let (hub, _input) = ConsoleHub::new("web1");
+    let hub = Arc::new(hub);
+    let mut reader = hub.open(ConsoleAccess::ReadOnly).expect("reader");
+    let publisher = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            hub.publish(b"late output");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            hub.close();
+        })
+    };
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut all))
+        .await
+        .expect("woken")
+        .expect("eof");
+    assert_eq!(all, b"late output");
+    publisher.await.expect("publisher");
 }

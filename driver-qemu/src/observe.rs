@@ -9,7 +9,6 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
 use domkit_core::ConsoleHub;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -143,7 +142,7 @@ impl ConsoleLink {
                 tokio::select! {
                     read = rd.read(&mut buf) => match read {
                         Ok(0) => break,
-                        Ok(n) => pump_hub.publish(Bytes::copy_from_slice(&buf[..n])),
+                        Ok(n) => pump_hub.publish(&buf[..n]),
                         Err(e) => {
                             tracing::debug!(domain = %name, error = %e, "console socket read failed");
                             break;
