@@ -1,6 +1,6 @@
 //! The backends one daemon drives, behind one enum each for drivers and domains: the seam
 //! where libxl joins (a `Libxl` variant in [`BackendDriver`] and [`BackendDomain`] and one
-//! arm in [`with_domain!`] and [`BackendDriver`]'s methods), while everything above
+//! arm in [`crate::with_domain!`] and [`BackendDriver`]'s methods), while everything above
 //! (server, journal) stays backend-free.
 
 use domkit_core::{Domain, DomainConfig, DomainId, DomainInfo, Driver, Error, EventStream, Result};

@@ -271,6 +271,18 @@ pub enum Verb {
     },
 }
 
+/// The in-process connections of `domkit demo/run/conformance`; for a domkitd verb they
+/// mean the local daemon.
+const HYPERVISOR_URIS: &[&str] = &[
+    "qemu:///session",
+    "qemu:///system",
+    "qemu",
+    "libxl:///",
+    "xen:///",
+    "libxl",
+    "xen",
+];
+
 /// The default socket of this user (see [`ConnectArgs::socket`]).
 pub fn default_socket() -> PathBuf {
     crate::daemon::default_runtime_dir().join("domkitd.sock")
@@ -287,6 +299,9 @@ pub fn target(connect: Option<&str>, args: &ConnectArgs) -> Result<Target, Clien
     };
     match connect {
         Some(uri) if uri.starts_with("unix:") || uri.starts_with("tcp:") => Target::parse(uri, tls),
+        Some(uri) if !HYPERVISOR_URIS.contains(&uri) => Err(ClientError::Usage(format!(
+            "{uri:?} is not a domkitd address: use unix:///PATH or tcp://HOST:PORT"
+        ))),
         _ => Ok(Target::Unix(
             args.socket
                 .clone()

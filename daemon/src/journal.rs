@@ -99,6 +99,8 @@ struct Inner {
     last_seq: HashMap<Uuid, u64>,
     /// The highest `seq` per domain that fell out of the kept window.
     evicted_seq: HashMap<Uuid, u64>,
+    /// Each domain's identity and backend, for the gap markers a stream synthesises.
+    ids: HashMap<Uuid, (DomainId, String)>,
     file: Option<File>,
     path: Option<PathBuf>,
 }
@@ -186,12 +188,13 @@ impl Journal {
             next_cursor: 1,
             last_seq: HashMap::new(),
             evicted_seq: HashMap::new(),
+            ids: HashMap::new(),
             file,
             path,
         };
         for entry in loaded {
             inner.next_cursor = inner.next_cursor.max(entry.cursor + 1);
-            note_seq(&mut inner.last_seq, &entry.item);
+            note_seq(&mut inner, &entry.item);
             inner.entries.push_back(entry);
             evict(&mut inner, retention);
         }
@@ -282,7 +285,7 @@ impl Journal {
             item,
         };
         inner.next_cursor += 1;
-        note_seq(&mut inner.last_seq, &entry.item);
+        note_seq(inner, &entry.item);
         if let Some(file) = &mut inner.file {
             let written = serde_json::to_string(&entry)
                 .map_err(io::Error::other)
@@ -331,7 +334,8 @@ impl Journal {
                     // Events of this domain evicted from the window cannot be replayed.
                     if let Some(&evicted) = inner.evicted_seq.get(uuid) {
                         if evicted > since {
-                            backlog.push(follower.gap_seq(None, since + 1, evicted, &reason));
+                            let id = inner.ids.get(uuid).cloned();
+                            backlog.push(follower.gap_seq(id, since + 1, evicted, &reason));
                         }
                     }
                 }
@@ -344,7 +348,8 @@ impl Journal {
                     let known = inner.last_seq.get(uuid).copied().unwrap_or(0);
                     let sent = follower.last_seq.unwrap_or(since);
                     if known > sent {
-                        backlog.push(follower.gap_seq(None, sent + 1, known, &reason));
+                        let id = inner.ids.get(uuid).cloned();
+                        backlog.push(follower.gap_seq(id, sent + 1, known, &reason));
                     }
                 }
                 follower.last_cursor = follower.last_cursor.max(inner.next_cursor - 1);
@@ -379,18 +384,22 @@ fn evict(inner: &mut Inner, retention: usize) {
     }
 }
 
-fn note_seq(last_seq: &mut HashMap<Uuid, u64>, item: &Item) {
-    let (uuid, seq) = match item {
-        Item::Event { event, .. } => (event.domain.uuid, event.seq),
+fn note_seq(inner: &mut Inner, item: &Item) {
+    let (id, backend, seq) = match item {
+        Item::Event { event, backend } => (&event.domain, backend, event.seq),
         Item::Gap {
-            domain: Some((d, _)),
+            domain: Some((d, backend)),
             last,
             ..
-        } => (d.uuid, *last),
+        } => (d, backend, *last),
         Item::Gap { .. } => return,
     };
-    let e = last_seq.entry(uuid).or_insert(0);
+    let e = inner.last_seq.entry(id.uuid).or_insert(0);
     *e = (*e).max(seq);
+    inner
+        .ids
+        .entry(id.uuid)
+        .or_insert_with(|| (id.clone(), backend.clone()));
 }
 
 /// A stream's start: what to replay, and the live receiver.

@@ -20,12 +20,17 @@ use std::time::{Duration, Instant};
 
 /// Manage virtual machines on QEMU and Xen with one uniform lifecycle model.
 #[derive(Parser, Debug)]
-#[command(name = "domkit", version, about, long_about = None)]
+#[command(name = "domkit", version, about, long_about = None, after_help = domkitd::cli::EXIT_CODES_HELP)]
 struct Cli {
     /// Hypervisor connection: `qemu:///session` (default) or `libxl:///` (Xen, needs the
-    /// `libxl` feature and a dom0).
+    /// `libxl` feature and a dom0) for demo/run/conformance; for the domkitd verbs,
+    /// `unix:///PATH` or `tcp://HOST:PORT` (with --ca/--cert/--key), default the local
+    /// domkitd socket.
     #[arg(long, short = 'c', global = true, default_value = "qemu:///session")]
     connect: String,
+    /// How to reach domkitd.
+    #[command(flatten)]
+    daemon: domkitd::cli::ConnectArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +95,9 @@ enum Command {
         #[arg(long)]
         ephemeral: bool,
     },
+    /// The domkitd verbs (virsh's names): define, list, start, shutdown, dominfo, event, ...
+    #[command(flatten)]
+    Daemon(domkitd::cli::Verb),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,6 +129,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Daemon(verb) = cli.command {
+        return ExitCode::from(domkitd::cli::main(Some(&cli.connect), &cli.daemon, verb));
+    }
     let backend = match &cli.command {
         Command::Conformance {
             backend: Some(b), ..
@@ -213,6 +224,9 @@ async fn run_command<B: TestBackend>(
         }
         Command::Manager { .. } => {
             anyhow::bail!("`domkit manager` is not available for this backend yet")
+        }
+        Command::Daemon(_) => {
+            anyhow::bail!("the domkitd verbs talk to a domkitd, not to an in-process driver")
         }
     }
 }

@@ -1,0 +1,295 @@
+//! Shared by the domkitd tests: a real `domkitd` process on private directories and its
+//! real socket, the `domkit` CLI binary, the test guest's config, and waiting for the guest.
+
+#![allow(dead_code)]
+
+use domkitd::client::{self, Client, Target};
+use domkitd::pb;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A domkitd process of a test.
+pub struct Daemon {
+    pub child: Child,
+    pub dirs: std::sync::Arc<Dirs>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// The private directories of one daemon (kept across its restarts).
+pub struct Dirs {
+    pub root: tempfile::TempDir,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        // Short paths: QEMU's sockets under the runtime root must fit sun_path.
+        let root = tempfile::Builder::new()
+            .prefix("dkd")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        Dirs { root }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.root.path().join("s")
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.root.path().join("r")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime().join("domkitd.sock")
+    }
+
+    /// The serial log of domain `name` (the QEMU driver's runtime directory).
+    pub fn serial_log(&self, name: &str) -> PathBuf {
+        self.runtime().join("qemu").join(name).join("serial.log")
+    }
+}
+
+pub fn domkitd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_domkitd"))
+}
+
+/// The `domkit` CLI binary (package domkit-examples), built beside domkitd by
+/// `cargo test --workspace` (examples/tests makes cargo build it).
+pub fn domkit_bin() -> PathBuf {
+    let path = domkitd_bin().with_file_name("domkit");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (cargo build -p domkit-examples --bin domkit), or run \
+         cargo test --workspace",
+        path.display()
+    );
+    path
+}
+
+impl Daemon {
+    /// Start domkitd on `dirs` with `extra` arguments; waits until it answers.
+    pub fn start(dirs: Dirs, extra: &[&str]) -> Daemon {
+        Self::start_shared(std::sync::Arc::new(dirs), extra)
+    }
+
+    fn start_shared(dirs: std::sync::Arc<Dirs>, extra: &[&str]) -> Daemon {
+        let socket = dirs.socket();
+        let log = dirs.root.path().join(format!(
+            "domkitd-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Self::spawn(&dirs, extra, &log);
+        let mut daemon = Daemon {
+            child,
+            dirs,
+            socket,
+            log,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn(dirs: &Dirs, extra: &[&str], log: &Path) -> Child {
+        let logfile = std::fs::File::create(log).expect("log file");
+        Command::new(domkitd_bin())
+            .arg("--foreground")
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .arg("--runtime-dir")
+            .arg(dirs.runtime())
+            .arg("--listen")
+            .arg(format!("unix:{}", dirs.socket().display()))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("spawn domkitd")
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "domkitd exited ({status}) before answering:\n{}",
+                    self.log_text()
+                );
+            }
+            if self.log_text().contains("domkitd ready")
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("domkitd did not get ready in 60 s:\n{}", self.log_text());
+    }
+
+    pub async fn client(&self) -> Client {
+        client::connect(&Target::Unix(self.socket.clone()))
+            .await
+            .expect("connect to domkitd")
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "domkitd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start a new daemon process on the same directories (after a kill or a stop).
+    pub fn restart(mut self, extra: &[&str]) -> Daemon {
+        self.kill();
+        Daemon::start_shared(self.dirs.clone(), extra)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test guest directory.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("DOMKIT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/domkit/guest")
+        })
+}
+
+/// The TOML config of the repo's test guest (as conformance/src/qemu.rs
+/// `test_guest_config`: direct kernel boot, TCG, pvpanic, the guest agent).
+pub fn guest_toml(name: &str) -> String {
+    let dir = guest_dir();
+    for f in ["vmlinuz", "initrd.img"] {
+        assert!(
+            dir.join(f).is_file(),
+            "test guest missing: {} (run scripts/build-test-guest.sh or set DOMKIT_GUEST_DIR)",
+            dir.join(f).display()
+        );
+    }
+    format!(
+        r#"name = "{name}"
+memory_mib = 128
+on_crash = "preserve"
+
+[boot]
+from = "kernel"
+kernel = "{}"
+initrd = "{}"
+cmdline = "console=ttyS0 quiet"
+
+[qemu]
+accel = "tcg"
+pvpanic = true
+
+[[channels]]
+kind = "guest_agent"
+"#,
+        dir.join("vmlinuz").display(),
+        dir.join("initrd.img").display()
+    )
+}
+
+/// How many times the guest printed its ready line on its serial console so far.
+pub fn ready_count(serial_log: &Path) -> usize {
+    std::fs::read_to_string(serial_log)
+        .unwrap_or_default()
+        .matches("DOMKIT-GUEST-READY")
+        .count()
+}
+
+/// Wait until the guest printed its ready line `count` times on its serial console (its
+/// ACPI handler and agent run: a graceful shutdown is heard).
+pub async fn wait_guest_ready(serial_log: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = std::fs::read_to_string(serial_log).unwrap_or_default();
+        if text.matches("DOMKIT-GUEST-READY").count() >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not get ready in 180 s; serial log {}:\n{text}",
+            serial_log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn by_name(name: &str) -> pb::DomainRef {
+    client::domain_ref(name)
+}
+
+/// The state of `name` as the daemon says (`running (booted)`).
+pub async fn state_of(client: &mut Client, name: &str) -> String {
+    let info = client.info(by_name(name)).await.expect("info").into_inner();
+    domkitd::convert::state_text(info.state.as_ref())
+}
+
+/// Poll until `name`'s state text is `want`.
+pub async fn wait_state(client: &mut Client, name: &str, want: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = state_of(client, name).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {now}, not {want}, after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Run the `domkit` CLI against `socket`; (exit code, stdout, stderr).
+pub fn cli(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(domkit_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run domkit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// As [`cli`], asserting success; its stdout.
+pub fn cli_ok(socket: &Path, args: &[&str]) -> String {
+    let (code, out, err) = cli(socket, args);
+    assert_eq!(code, 0, "domkit {args:?} failed ({code}): {err}{out}");
+    out
+}

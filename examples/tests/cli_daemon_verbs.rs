@@ -1,0 +1,49 @@
+//! The `domkit` binary's domkitd verbs without a daemon: they are listed with their exit
+//! codes, and an unreachable daemon is exit code 7 with a message naming the socket. (The
+//! verbs against a real domkitd are tested in daemon/tests/lifecycle.rs, which runs this
+//! binary; having a test here makes `cargo test --workspace` build it.)
+
+use std::process::Command;
+
+fn domkit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_domkit"))
+        .args(args)
+        .output()
+        .expect("run domkit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_the_verbs_and_the_exit_codes() {
+    let (code, out, _) = domkit(&["--help"]);
+    assert_eq!(code, 0);
+    for verb in [
+        "define", "undefine", "list", "start", "shutdown", "reboot", "reset", "destroy", "suspend",
+        "resume", "save", "restore", "dominfo", "domstate", "event",
+    ] {
+        assert!(
+            out.contains(&format!("  {verb} ")),
+            "{verb} missing from --help:\n{out}"
+        );
+    }
+    assert!(out.contains("3 not_found"), "{out}");
+}
+
+#[test]
+fn an_unreachable_daemon_is_exit_code_7_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let socket = socket.display().to_string();
+    let (code, _, err) = domkit(&["--socket", &socket, "list"]);
+    assert_eq!(code, 7, "{err}");
+    assert!(
+        err.contains(&format!("cannot reach domkitd at unix://{socket}")),
+        "{err}"
+    );
+    let (code, _, err) = domkit(&["-c", "ftp://x", "list"]);
+    assert_eq!(code, 2, "{err}");
+}
