@@ -43,7 +43,10 @@ script="./domkit --connect libxl:/// conformance $only_args --record /tmp/libxl.
 export DOMKIT_XEN_QEMU_MEM=${DOMKIT_XEN_QEMU_MEM:-4608}
 export DOMKIT_XEN_DOM0_MEM=${DOMKIT_XEN_DOM0_MEM:-3072}
 set +e
-bash xen-host/run.sh --payload "$work/payload" --timeout 3000 --log "$log" -- sh -c "$script"
+# RUST_LOG (tracing filter of domkit in dom0, e.g. domkit_libxl=info) is passed on when set.
+envs=()
+[ -n "${RUST_LOG:-}" ] && envs=(--env "RUST_LOG=$RUST_LOG")
+bash xen-host/run.sh --payload "$work/payload" --timeout 3000 --log "$log" "${envs[@]}" -- sh -c "$script"
 rc=$?
 set -e
 

@@ -104,11 +104,18 @@ impl LibxlTestBackend {
     ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
+        let mut asked: Option<u32> = None;
         while Instant::now() < deadline {
             // The domid changes across restarts and restores: re-read it each round.
             if let Ok(domid) = domid() {
                 let key = format!("/local/domain/{domid}/data/domkit-bootid");
-                let _ = self.tool(&["xenstore-rm", &key]).await;
+                // An old answer is removed once per domid, not every round: a guest slower
+                // than one round (several booting at once under TCG) still gets its answer
+                // read.
+                if asked != Some(domid) {
+                    let _ = self.tool(&["xenstore-rm", &key]).await;
+                    asked = Some(domid);
+                }
                 let action_key = format!("/local/domain/{domid}/data/domkit-action");
                 match self
                     .tool(&["xenstore-write", &action_key, "report"])
