@@ -1,7 +1,8 @@
-//! The backends one daemon drives, behind one enum each for drivers and domains: the seam
-//! where libxl joins (a `Libxl` variant in [`BackendDriver`] and [`BackendDomain`] and one
-//! arm in [`crate::with_domain!`] and [`BackendDriver`]'s methods), while everything above
-//! (server, journal) stays backend-free.
+//! The backends one daemon drives, behind one enum each for drivers and domains: QEMU
+//! always, libxl with the `libxl` feature (built with libxen-dev, opened in a Xen dom0).
+//! A backend is one variant in [`BackendDriver`] and [`BackendDomain`] and one arm in the
+//! `with_domain!` macro and [`BackendDriver`]'s methods; everything above (server,
+//! journal) stays backend-free.
 
 use domkit_core::{Domain, DomainConfig, DomainId, DomainInfo, Driver, Error, EventStream, Result};
 use domkit_qemu::{QemuDomain, QemuDriver};
@@ -11,6 +12,9 @@ use uuid::Uuid;
 pub enum BackendDriver {
     /// QEMU/KVM.
     Qemu(QemuDriver),
+    /// Xen, through libxl.
+    #[cfg(feature = "libxl")]
+    Libxl(domkit_libxl::LibxlDriver),
 }
 
 /// A domain of one of the daemon's drivers.
@@ -18,15 +22,31 @@ pub enum BackendDriver {
 pub enum BackendDomain {
     /// A QEMU domain.
     Qemu(QemuDomain),
+    /// A Xen domain.
+    #[cfg(feature = "libxl")]
+    Libxl(domkit_libxl::LibxlDomain),
 }
 
 /// Run `$body` with `$d` bound to the backend's domain handle (it implements
 /// [`domkit_core::Domain`] whatever the backend).
-#[macro_export]
 macro_rules! with_domain {
     ($domain:expr, $d:ident => $body:expr) => {
         match $domain {
             $crate::backend::BackendDomain::Qemu($d) => $body,
+            #[cfg(feature = "libxl")]
+            $crate::backend::BackendDomain::Libxl($d) => $body,
+        }
+    };
+}
+pub(crate) use with_domain;
+
+/// Run `$body` with `$d` bound to the backend's driver.
+macro_rules! with_driver {
+    ($driver:expr, $d:ident => $body:expr) => {
+        match $driver {
+            BackendDriver::Qemu($d) => $body,
+            #[cfg(feature = "libxl")]
+            BackendDriver::Libxl($d) => $body,
         }
     };
 }
@@ -36,6 +56,8 @@ impl BackendDomain {
     pub fn backend(&self) -> &'static str {
         match self {
             BackendDomain::Qemu(_) => "qemu",
+            #[cfg(feature = "libxl")]
+            BackendDomain::Libxl(_) => domkit_libxl::BACKEND,
         }
     }
 
@@ -48,36 +70,34 @@ impl BackendDomain {
 impl BackendDriver {
     /// The backend's name.
     pub fn name(&self) -> &'static str {
-        match self {
-            BackendDriver::Qemu(d) => d.backend(),
-        }
+        with_driver!(self, d => d.backend())
     }
 
     /// Define a domain.
     pub async fn define(&self, config: DomainConfig) -> Result<BackendDomain> {
         match self {
             BackendDriver::Qemu(d) => d.define(config).await.map(BackendDomain::Qemu),
+            #[cfg(feature = "libxl")]
+            BackendDriver::Libxl(d) => d.define(config).await.map(BackendDomain::Libxl),
         }
     }
 
     /// Undefine a domain.
     pub async fn undefine(&self, name: &str) -> Result<()> {
-        match self {
-            BackendDriver::Qemu(d) => d.undefine(name).await,
-        }
+        with_driver!(self, d => d.undefine(name).await)
     }
 
     /// Every defined domain.
     pub async fn list(&self) -> Result<Vec<DomainInfo>> {
-        match self {
-            BackendDriver::Qemu(d) => d.list().await,
-        }
+        with_driver!(self, d => d.list().await)
     }
 
     /// A domain by name.
     pub async fn lookup_by_name(&self, name: &str) -> Result<BackendDomain> {
         match self {
             BackendDriver::Qemu(d) => d.lookup_by_name(name).await.map(BackendDomain::Qemu),
+            #[cfg(feature = "libxl")]
+            BackendDriver::Libxl(d) => d.lookup_by_name(name).await.map(BackendDomain::Libxl),
         }
     }
 
@@ -85,21 +105,19 @@ impl BackendDriver {
     pub async fn lookup_by_uuid(&self, uuid: Uuid) -> Result<BackendDomain> {
         match self {
             BackendDriver::Qemu(d) => d.lookup_by_uuid(uuid).await.map(BackendDomain::Qemu),
+            #[cfg(feature = "libxl")]
+            BackendDriver::Libxl(d) => d.lookup_by_uuid(uuid).await.map(BackendDomain::Libxl),
         }
     }
 
     /// Every event of the driver's domains.
     pub fn subscribe(&self) -> EventStream {
-        match self {
-            BackendDriver::Qemu(d) => d.subscribe(),
-        }
+        with_driver!(self, d => d.subscribe())
     }
 
     /// Stop supervising and leave every domain as it is (the daemon's orderly exit).
     pub fn detach(&self) {
-        match self {
-            BackendDriver::Qemu(d) => d.detach(),
-        }
+        with_driver!(self, d => d.detach())
     }
 }
 

@@ -289,6 +289,23 @@ pub fn error_detail(e: &Error) -> (Code, pb::ErrorDetail) {
             d.holder_pid = *holder_pid;
             Code::Unavailable
         }
+        Error::EventsLost {
+            domain,
+            after,
+            resumed_at,
+        } => {
+            d.kind = K::EventsLost as i32;
+            d.domain = domain.clone();
+            d.after_seq = *after;
+            d.resumed_at_seq = *resumed_at;
+            Code::OutOfRange
+        }
+        Error::Busy { what, holder } => {
+            d.kind = K::Busy as i32;
+            d.what = what.clone();
+            d.reason = holder.clone();
+            Code::ResourceExhausted
+        }
         Error::Protocol { message } => {
             d.kind = K::Protocol as i32;
             d.reason = message.clone();
@@ -349,6 +366,8 @@ pub fn kind_name(kind: i32) -> &'static str {
         K::Protocol => "protocol",
         K::PermissionDenied => "permission_denied",
         K::BadRequest => "bad_request",
+        K::EventsLost => "events_lost",
+        K::Busy => "busy",
     }
 }
 

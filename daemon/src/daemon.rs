@@ -156,7 +156,7 @@ pub async fn run(options: Options) -> Result<(), DaemonError> {
     ))
     .await?;
     let mut drivers = vec![BackendDriver::Qemu(qemu)];
-    drivers.extend(other_backends().await?);
+    drivers.extend(other_backends(&state_dir, &runtime_dir).await?);
     let journal_dir = state_dir.join("daemon");
     domkit_core::store::ensure_private_dir(&journal_dir).map_err(|e| {
         DaemonError::Setup(format!("journal directory {}: {e}", journal_dir.display()))
@@ -264,10 +264,34 @@ pub async fn run(options: Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// The drivers of the backends other than QEMU that this host has. The libxl persistent
-/// driver joins here (in a Xen dom0, when domkitd is built with it): a
-/// `BackendDriver::Libxl` variant, opened on `state_dir/libxl` and `runtime_dir/libxl`.
-async fn other_backends() -> Result<Vec<BackendDriver>, DaemonError> {
+/// The drivers of the backends other than QEMU that this host has: libxl in a Xen dom0
+/// (when built with the `libxl` feature), persistent on `STATE/libxl` and `RUNTIME/libxl`.
+#[cfg(feature = "libxl")]
+async fn other_backends(
+    state_dir: &Path,
+    runtime_dir: &Path,
+) -> Result<Vec<BackendDriver>, DaemonError> {
+    let dom0 = std::fs::read_to_string("/proc/xen/capabilities")
+        .map(|c| c.contains("control_d"))
+        .unwrap_or(false);
+    if !dom0 {
+        tracing::info!(
+            "not a Xen dom0 (/proc/xen/capabilities has no control_d): libxl not opened"
+        );
+        return Ok(Vec::new());
+    }
+    let options =
+        domkit_libxl::LibxlOptions::persistent(state_dir.join("libxl"), runtime_dir.join("libxl"));
+    let driver = domkit_libxl::LibxlDriver::open(options).await?;
+    Ok(vec![BackendDriver::Libxl(driver)])
+}
+
+/// Without the `libxl` feature there is no other backend.
+#[cfg(not(feature = "libxl"))]
+async fn other_backends(
+    _state_dir: &Path,
+    _runtime_dir: &Path,
+) -> Result<Vec<BackendDriver>, DaemonError> {
     Ok(Vec::new())
 }
 

@@ -6,11 +6,11 @@
 //! request, a killed `domkit`) does not cancel it half-way; it completes and its events
 //! are in the journal, like a libvirt job whose virsh was interrupted.
 
+use crate::backend::with_domain;
 use crate::backend::{BackendDomain, BackendDriver, Backends};
 use crate::convert::{self, daemon_status, error_to_status};
 use crate::journal::{Entry, Filter, Item, Journal};
 use crate::pb;
-use crate::with_domain;
 use domkit_core::{
     Domain, DomainConfig, Error, PmSuspendTarget, RestoreOptions, ShutdownOptions, StartOptions,
 };
@@ -679,8 +679,9 @@ impl pb::domkit_server::Domkit for DomkitService {
             Some(pb::domain_ref::Domain::Name(name)) => {
                 match self.core.backends.lookup_by_name(name).await {
                     Ok(d) => Filter::Uuid(d.id().uuid),
-                    // A name that is not defined now: its past incarnations' events.
-                    Err(Error::NotFound { .. }) => Filter::Name(name.clone()),
+                    // A name that is not defined now: the kept events of its past
+                    // incarnations, when a cursor asks for history; live, nothing can come.
+                    Err(Error::NotFound { .. }) if r.since.is_some() => Filter::Name(name.clone()),
                     Err(e) => return Err(error_to_status(&e)),
                 }
             }
