@@ -1,5 +1,6 @@
 //! Modules of `domkit-bench` (see `src/bin/domkit-bench.rs` and `docs/performance.md`).
 
+pub mod allstats;
 pub mod dk;
 pub mod qemu;
 pub mod raw;

@@ -214,6 +214,28 @@ impl Results {
             }
         }
 
+        let stats_ns: Vec<u64> = self
+            .figures
+            .keys()
+            .filter_map(|k| k.strip_prefix("allstats_call_ms.domkit.n")?.parse().ok())
+            .collect();
+        if !stats_ns.is_empty() {
+            md.push_str("\n#### 6. Bulk stats: `Driver::all_stats()` for N paused domains in one manager\n\n");
+            md.push_str("| N | per call, ms (median of 20) | p99 of 20, ms | manager CPU polling 1/s, % | idle, % | wake-ups/s polling | idle |\n|---|---|---|---|---|---|---|\n");
+            for n in stats_ns {
+                let key = |m: &str| format!("allstats_{m}.domkit.n{n}");
+                md.push_str(&format!(
+                    "| {n} | {} | {} | {} | {} | {} | {} |\n",
+                    self.cell(&key("call_ms")),
+                    self.cell(&key("call_p99_ms")),
+                    self.cell(&key("poll_cpu_pct")),
+                    self.cell(&key("idle_cpu_pct")),
+                    self.cell(&key("poll_wakeups_per_s")),
+                    self.cell(&key("idle_wakeups_per_s")),
+                ));
+            }
+        }
+
         if !targets.is_empty() {
             md.push_str(
                 "\n#### Targets\n\n| target | measured (median) | verdict |\n|---|---|---|\n",

@@ -12,7 +12,7 @@
 //! the peers interleaved in a rotating order inside each repetition, and reported as median
 //! [min-max]. Nothing here asserts a time: the bench reports, `docs/performance.md` judges.
 //!
-//! Sections (`--only rt,events,start,scale,reattach`):
+//! Sections (`--only rt,events,start,scale,reattach,stats`):
 //! 1. `rt`: sequential `query-status` for a fixed time per peer: ops/s, p50/p99; then 8
 //!    concurrent callers on one connection.
 //! 2. `events`: resume/pause cycles; latency from QEMU's own event timestamp to the event
@@ -242,6 +242,29 @@ fn main() -> anyhow::Result<()> {
         }
         eprintln!(
             "domkit-bench: reattach N={n} done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if section("stats") {
+        // Bulk stats (issue 11): N = 100 paused domains, polled once a second.
+        let n = 100;
+        let window = Duration::from_secs_f64(params.idle_secs.min(10.0));
+        let t = Instant::now();
+        if let Err(e) = bench::allstats::run(
+            &runtime,
+            tmp.path(),
+            &disk,
+            n,
+            params.reps,
+            window,
+            &mut res,
+        ) {
+            eprintln!("domkit-bench: stats N={n} failed: {e:#}");
+            res.notes
+                .insert(format!("stats N={n}"), format!("failed: {e:#}"));
+        }
+        eprintln!(
+            "domkit-bench: stats N={n} done in {:.1} s",
             t.elapsed().as_secs_f64()
         );
     }
