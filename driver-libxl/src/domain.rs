@@ -151,9 +151,6 @@ pub(crate) struct DomainInner {
     persisted: Option<Arc<PersistedDomain>>,
     /// The reaper of an ephemeral driver (§11.0): told before every create.
     reaper: Option<Arc<Reaper>>,
-    /// A reconciled observation (§11.3) asked for a policy destroy: the end that destroy
-    /// produces belongs to what was found on reattach and is reported reconciled too.
-    end_reconciled: AtomicBool,
     /// The driver detached (persistent drivers): this handle no longer controls the Xen
     /// domain; the next manager does.
     detached: AtomicBool,
@@ -272,7 +269,6 @@ impl DomainInner {
             trace: Mutex::new(Vec::new()),
             persisted,
             reaper,
-            end_reconciled: AtomicBool::new(false),
             detached: AtomicBool::new(false),
         })
     }
@@ -310,17 +306,6 @@ impl DomainInner {
 
     /// Translate and feed one input (recorded in the trace). Returns the policy action.
     fn feed(&self, input: TraceInput) -> Option<PolicyAction> {
-        // The end of a policy destroy asked for by a reconciled observation is reconciled.
-        let is_end = match input {
-            TraceInput::Fact(f) => f == Fact::Destroyed,
-            TraceInput::Event(ev) => ev.kind == LibxlEventKind::DomainDeath,
-        };
-        let reconciled = is_end && self.end_reconciled.swap(false, Ordering::SeqCst);
-        self.feed_as(input, reconciled)
-    }
-
-    /// As [`DomainInner::feed`]; `reconciled`: a fact found on reattach (§11.3).
-    fn feed_as(&self, input: TraceInput, reconciled: bool) -> Option<PolicyAction> {
         let entry = TraceEntry {
             intent: self.cell.with(|l| l.intent()),
             input,
@@ -333,12 +318,8 @@ impl DomainInner {
             t.push(entry);
         }
         let obs = translate_input(&entry)?;
-        tracing::debug!(domain = %self.id.name, ?input, ?obs, reconciled, "observation");
-        if reconciled {
-            self.cell.observe_reconciled(obs)
-        } else {
-            self.cell.observe(obs)
-        }
+        tracing::debug!(domain = %self.id.name, ?input, ?obs, "observation");
+        self.cell.observe(obs)
     }
 
     /// Feed a fact and carry out any resulting policy action on a policy thread.
@@ -883,10 +864,9 @@ impl DomainInner {
                     drop(b);
                     return self.watch_failed(domid, e);
                 }
+                // What was found is reconciled; what this manager does about it (a policy's
+                // destroy or restart) is seen live.
                 let action = observation.and_then(|o| self.cell.observe_reconciled(o));
-                if action == Some(PolicyAction::Destroy) {
-                    self.end_reconciled.store(true, Ordering::SeqCst);
-                }
                 drop(b);
                 match action {
                     Some(a) => self.spawn_action(a),
@@ -918,7 +898,7 @@ impl DomainInner {
     }
 
     /// End a found Xen domain whose end is already decided (`reason`, or the intent's):
-    /// destroy it and report the end, reconciled.
+    /// destroy it and report the end (done by this manager: not reconciled).
     fn finish_found(&self, domid: u32, intent: Option<Intent>, reason: ShutoffReason) {
         let _intent = intent.map(|i| self.cell.intent(i));
         if let Err(e) = self.rearm(domid) {
@@ -931,14 +911,15 @@ impl DomainInner {
         let mut b = lock(&self.backend);
         if b.domid == Some(domid) {
             self.disarm_locked(&mut b);
-            self.cell.observe_reconciled(Observation::Gone {
+            self.cell.observe(Observation::Gone {
                 unexplained: reason,
             });
         }
     }
 
     /// Put back a domain whose save was not committed (§11.4): resumed if it is suspended,
-    /// then paused or unpaused as it was before the save; reconciled.
+    /// then paused or unpaused as it was before the save (done by this manager: the events
+    /// are not reconciled).
     fn cancel_save_found(&self, domid: u32, resume_suspended: bool, pause: bool, unpause: bool) {
         let save = self.cell.intent(Intent::Save);
         if resume_suspended {
@@ -954,13 +935,13 @@ impl DomainInner {
             return self.watch_failed(domid, e);
         }
         if resume_suspended {
-            self.cell.observe_reconciled(Observation::CpusResumed);
+            self.cell.observe(Observation::CpusResumed);
         }
         drop(b);
         if unpause {
             match self.ctx.unpause(domid) {
                 Ok(()) => {
-                    self.cell.observe_reconciled(Observation::CpusResumed);
+                    self.cell.observe(Observation::CpusResumed);
                 }
                 Err(e) => {
                     tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot unpause after an interrupted save")
@@ -972,7 +953,7 @@ impl DomainInner {
             let _pause = self.cell.intent(Intent::Pause);
             match self.ctx.pause(domid) {
                 Ok(()) => {
-                    self.cell.observe_reconciled(Observation::CpusStopped {
+                    self.cell.observe(Observation::CpusStopped {
                         cause: domkit_core::StopCause::Command,
                     });
                 }
