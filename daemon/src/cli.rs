@@ -263,6 +263,15 @@ pub enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to the domain's serial console (Ctrl-] leaves). Read-write unless
+    /// --read-only; one writer at a time.
+    Console {
+        /// The domain.
+        domain: String,
+        /// Only watch: type nothing (any number of these at once).
+        #[arg(long)]
+        read_only: bool,
+    },
     /// The daemon's version and backends, and this connection's access level.
     DaemonVersion {
         /// Print JSON.
@@ -811,6 +820,7 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
                 eprintln!("events received: {printed}");
             }
         }
+        Verb::Console { domain, read_only } => return console(client, &domain, !read_only).await,
         Verb::DaemonVersion { json } => {
             let v = client.version(pb::VersionRequest {}).await?.into_inner();
             if json {
@@ -832,4 +842,120 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
         }
     }
     Ok(exit::OK)
+}
+
+/// The escape character of `console`: Ctrl-] (as virsh and telnet).
+const ESCAPE: u8 = 0x1d;
+
+/// The terminal in raw mode for as long as this lives (keystrokes go to the guest as
+/// typed: Ctrl-C interrupts the guest's program, not `domkit`).
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on stdin, if it is a terminal.
+    fn enable() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        use std::io::IsTerminal;
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// `console DOMAIN`: stdin to the guest's console (read-write), its output to stdout, until
+/// Ctrl-] or the domain stops.
+async fn console(
+    client: &mut client::Client,
+    domain: &str,
+    read_write: bool,
+) -> Result<u8, Failure> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsoleInput>(64);
+    let open = pb::ConsoleInput {
+        input: Some(pb::console_input::Input::Open(pb::ConsoleOpen {
+            domain: Some(client::domain_ref(domain)),
+            read_write,
+        })),
+    };
+    // The channel is empty: the first message always fits.
+    let _ = tx.try_send(open);
+    let mut output = client
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let raw = RawTerminal::enable();
+    eprint!("Connected to domain '{domain}'\r\nEscape character is ^] (Ctrl-])\r\n");
+    let (escape_tx, mut escape_rx) = tokio::sync::oneshot::channel::<()>();
+    // stdin has no async reader that a runtime can cancel: a thread of its own, ended
+    // with the process.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                // End of input: type nothing more, keep showing the output.
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let (keys, escaped) = match chunk.iter().position(|b| *b == ESCAPE) {
+                Some(at) => (&chunk[..at], true),
+                None => (chunk, false),
+            };
+            if read_write && !keys.is_empty() {
+                let data = pb::ConsoleInput {
+                    input: Some(pb::console_input::Input::Data(keys.to_vec())),
+                };
+                if tx.blocking_send(data).is_err() {
+                    return;
+                }
+            }
+            if escaped {
+                let _ = escape_tx.send(());
+                return;
+            }
+        }
+    });
+    let mut input_open = true;
+    let result = loop {
+        let msg = tokio::select! {
+            escaped = &mut escape_rx, if input_open => match escaped {
+                Ok(()) => break Ok(()),
+                // stdin ended without the escape: keep showing the output.
+                Err(_) => {
+                    input_open = false;
+                    continue;
+                }
+            },
+            msg = output.next() => msg,
+        };
+        match msg {
+            Some(Ok(out)) => {
+                let mut stdout = std::io::stdout().lock();
+                if let Err(e) = stdout.write_all(&out.data).and_then(|()| stdout.flush()) {
+                    break Err(Failure::Output(e));
+                }
+            }
+            Some(Err(status)) => break Err(Failure::from(status)),
+            None => break Ok(()),
+        }
+    };
+    drop(raw);
+    eprintln!();
+    result.map(|()| exit::OK)
 }

@@ -11,6 +11,7 @@ use crate::backend::{BackendDomain, BackendDriver, Backends};
 use crate::convert::{self, daemon_status, error_to_status};
 use crate::journal::{Entry, Filter, Item, Journal};
 use crate::pb;
+use domkit_core::console::ConsoleAccess;
 use domkit_core::{
     Domain, DomainConfig, Error, PmSuspendTarget, RestoreOptions, ShutdownOptions, StartOptions,
 };
@@ -354,6 +355,8 @@ fn entry_to_pb(entry: Entry) -> pb::EventMessage {
 }
 
 type EventsStream = Pin<Box<dyn futures::Stream<Item = Result<pb::EventMessage, Status>> + Send>>;
+type ConsoleOutputStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::domkit_server::Domkit for DomkitService {
@@ -663,6 +666,79 @@ impl pb::domkit_server::Domkit for DomkitService {
             with_domain!(&d, x => x.pm_wakeup().await)
         })
         .await
+    }
+
+    type ConsoleStream = ConsoleOutputStream;
+
+    async fn console(
+        &self,
+        req: Request<tonic::Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let peer = peer_of(&req);
+        self.require_full("console", &peer)?;
+        let mut inputs = req.into_inner();
+        let open = match inputs.message().await? {
+            Some(pb::ConsoleInput {
+                input: Some(pb::console_input::Input::Open(open)),
+            }) => open,
+            _ => {
+                return Err(bad_request(
+                    "a console stream starts with an `open` message naming the domain",
+                ))
+            }
+        };
+        let started = Instant::now();
+        let shown = ref_text(open.domain.as_ref());
+        let domain = self.resolve(open.domain.as_ref()).await?;
+        let access = if open.read_write {
+            ConsoleAccess::ReadWrite
+        } else {
+            ConsoleAccess::ReadOnly
+        };
+        let console = match with_domain!(&domain, d => d.console(access).await) {
+            Ok(c) => c,
+            Err(e) => {
+                let status = error_to_status(&e);
+                log_failure("console", &shown, &peer, started, &status);
+                return Err(status);
+            }
+        };
+        tracing::info!(op = "console", domain = %shown, %peer, outcome = "ok", read_write = open.read_write, "console opened");
+        let (mut reader, mut writer) = tokio::io::split(console);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConsoleOutput, Status>>(64);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = tokio::select! {
+                    _ = tx.closed() => return,
+                    n = reader.read(&mut buf) => n,
+                };
+                match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let out = pb::ConsoleOutput {
+                            data: buf[..n].to_vec(),
+                        };
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inputs.message().await {
+                if let Some(pb::console_input::Input::Data(data)) = msg.input {
+                    if writer.write_all(&data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type EventsStream = EventsStream;
