@@ -901,20 +901,18 @@ impl DomainInner {
     /// destroy it and report the end (done by this manager: not reconciled).
     fn finish_found(&self, domid: u32, intent: Option<Intent>, reason: ShutoffReason) {
         let _intent = intent.map(|i| self.cell.intent(i));
-        if let Err(e) = self.rearm(domid) {
-            return self.watch_failed(domid, e);
-        }
+        // Not watched first: the death event of this destroy would race with the end fed
+        // below, and without a pending end the core would read it as `destroyed`.
         if let Err(e) = self.destroy_domid(domid) {
-            tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot destroy the domain");
+            tracing::error!(domain = %self.id.name, domid, error = %e, "reattach: cannot destroy the domain: watching it as it is");
+            if let Err(e) = self.rearm(domid) {
+                self.watch_failed(domid, e);
+            }
             return;
         }
-        let mut b = lock(&self.backend);
-        if b.domid == Some(domid) {
-            self.disarm_locked(&mut b);
-            self.cell.observe(Observation::Gone {
-                unexplained: reason,
-            });
-        }
+        self.cell.observe(Observation::Gone {
+            unexplained: reason,
+        });
     }
 
     /// Put back a domain whose save was not committed (§11.4): resumed if it is suspended,
