@@ -1,5 +1,5 @@
 //! Statistics of a QEMU domain (`docs/semantics.md` §12.5): the pure half. QMP replies and
-//! `/proc` / `/sys` text in, [`DomainStats`] figures out; the I/O that fetches them is in
+//! `/proc` / `/sys` text in, [`DomainStats`](domkit_core::DomainStats) figures out; the I/O that fetches them is in
 //! `domain.rs` (`QemuDomain::stats`). Every parser takes text or JSON a process or QEMU
 //! produced and answers a typed [`StatsParseError`] for anything unexpected, never a panic.
 //!
