@@ -1,38 +1,53 @@
 //! The QMP client: tokio I/O around the pure [`codec`](super::codec).
 //!
-//! One connection is served by two tasks:
-//! - a **reader** that cuts the stream into messages, hands each reply to the caller waiting
-//!   for its `id`, and broadcasts each event. It never waits for anyone: replies go through
-//!   oneshot channels and events through a `tokio::sync::broadcast` ring, whose `send` never
-//!   blocks. A slow subscriber therefore cannot stall replies (or other subscribers); it
-//!   misses the oldest events instead and is told how many ([`EventRecvError::Lagged`]).
-//!   Broadcast was chosen over one unbounded channel per subscriber because its memory is
-//!   bounded whatever a forgotten subscriber does, and because the right reaction to lost
-//!   events is the same in every case: re-read the state with `query-status`.
-//! - a **writer** that owns the write half, so a caller that gives up (timeout, dropped
-//!   future) can never leave half a command on the wire.
+//! One connection, one task, one lock:
+//! - a caller **writes its command itself**, whole, under the connection's lock: a
+//!   non-blocking `send` inside a critical section that holds no `await`, so a caller that
+//!   gives up (timeout, dropped future) can never leave half a command on the wire. A command
+//!   line nearly always fits the socket buffer; when it does not (QEMU not reading), what is
+//!   left is queued, whole, under the same lock and written by a short-lived flusher task that
+//!   waits for writability, and later commands queue behind it, so the wire keeps whole
+//!   commands in call order.
+//! - a **reader** task cuts the stream into messages, completes the caller waiting for each
+//!   reply's `id` directly (the reply's bytes are handed over and the caller deserialises
+//!   them once into the type it wants), and appends each event to the connection's event
+//!   ring. It never waits for anyone. The socket is registered with the runtime for
+//!   readability only: a writable edge (QEMU having read a command) wakes no thread.
+//! - **events** go to every subscriber through a bounded ring that grows as events arrive
+//!   and shrinks once every subscriber has read them, so an idle connection holds no event
+//!   memory. A slow subscriber cannot stall replies (or other subscribers); it misses the
+//!   oldest events once `event_capacity` are waiting for it and is told how many
+//!   ([`EventRecvError::Lagged`]): memory stays bounded whatever a forgotten subscriber does,
+//!   and the right reaction to lost events is always the same: re-read the state with
+//!   `query-status`.
 //!
 //! When the connection ends (EOF, reset, I/O or protocol error) every pending command fails at
-//! once, subscribers see [`EventRecvError::Closed`] after the last event, and
-//! [`QmpClient::closed`] resolves with the [`ConnectionEnd`].
+//! once, subscribers see [`EventRecvError::Closed`] after the last event, the socket is
+//! closed, and [`QmpClient::closed`] resolves with the [`ConnectionEnd`].
 
-use std::collections::HashMap;
-use std::io;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::codec::{encode_command, parse_message, LineFramer, QmpMessage, DEFAULT_MAX_LINE};
+use super::codec::{
+    classify, encode_command, parse_message, Incoming, LineFramer, QmpMessage, ReplyBody,
+    DEFAULT_MAX_LINE,
+};
 use super::types::{MigrationInfo, QmpEvent, QmpGreeting, StatusInfo, VersionInfo};
 
 /// Errors of the QMP client.
@@ -177,10 +192,10 @@ impl Default for QmpClientOptions {
             // hangs is still caught.
             command_timeout: Duration::from_secs(30),
             greeting_timeout: Duration::from_secs(30),
-            // The ring is allocated up front per connection (~180 B a slot): 4096 slots cost
-            // 736 KiB per domain in the scale benchmark. The busiest sequences are a RESET
-            // burst (2-10) and a migration's passes; the supervisor drains it continuously,
-            // and a lag is reported, never silent.
+            // A bound, not an allocation: the ring holds only events some subscriber has
+            // not read yet (~180 B each). The busiest sequences are a RESET burst (2-10) and
+            // a migration's passes; the supervisor drains it continuously, and a lag is
+            // reported, never silent.
             event_capacity: 128,
             max_line: DEFAULT_MAX_LINE,
         }
@@ -199,102 +214,373 @@ pub enum EventRecvError {
     Closed,
 }
 
+/// The events of one connection, shared by its subscribers.
+///
+/// A bounded broadcast whose memory follows what it holds: an event stays only while a
+/// subscriber that was there when it arrived has not read it, and at most `capacity` are kept
+/// (the oldest go first, which the subscribers that had not read them see as a lag).
+/// `tokio::sync::broadcast` allocates every slot up front instead (128 slots of a
+/// `QmpEvent` are ~23 KiB per connection, most of a paused domain's memory).
+struct EventRing {
+    /// Unread events, oldest first, each with how many subscribers still have to read it.
+    buf: VecDeque<(QmpEvent, usize)>,
+    /// Position of `buf[0]` in the connection's event sequence (0 = the first event).
+    head: u64,
+    capacity: usize,
+    /// Subscribers alive.
+    receivers: usize,
+    /// Subscribers waiting for the next event, by subscriber id.
+    waiting: Vec<(u64, Waker)>,
+    next_receiver: u64,
+    closed: bool,
+}
+
+impl EventRing {
+    /// Drops the events every subscriber has read, and the buffer itself once empty after a
+    /// burst (a `VecDeque` never shrinks on its own).
+    fn trim(&mut self) {
+        while self.buf.front().is_some_and(|(_, unread)| *unread == 0) {
+            self.buf.pop_front();
+            self.head += 1;
+        }
+        if self.buf.is_empty() && self.buf.capacity() > 8 {
+            self.buf = VecDeque::new();
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.head + self.buf.len() as u64
+    }
+
+    fn wake_all(&mut self) {
+        // Waking only schedules the subscriber's task, so it is done under the lock: no
+        // subscriber can poll (and lock) before this returns.
+        for (_, waker) in self.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+struct EventHub {
+    ring: Mutex<EventRing>,
+}
+
+impl EventHub {
+    fn new(capacity: usize) -> Self {
+        EventHub {
+            ring: Mutex::new(EventRing {
+                buf: VecDeque::new(),
+                head: 0,
+                capacity: capacity.max(1),
+                receivers: 0,
+                waiting: Vec::new(),
+                next_receiver: 0,
+                closed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, EventRing> {
+        // Every update leaves the ring consistent (one push, pop or counter at a time).
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn subscribe(self: &Arc<Self>) -> QmpEventStream {
+        let mut ring = self.lock();
+        ring.receivers += 1;
+        let id = ring.next_receiver;
+        ring.next_receiver += 1;
+        QmpEventStream {
+            hub: self.clone(),
+            id,
+            pos: ring.end(),
+        }
+    }
+
+    fn publish(&self, event: QmpEvent) {
+        let mut ring = self.lock();
+        if ring.closed || ring.receivers == 0 {
+            // Nobody subscribed: nobody can ever read it.
+            return;
+        }
+        if ring.buf.len() >= ring.capacity {
+            ring.buf.pop_front();
+            ring.head += 1;
+        }
+        let readers = ring.receivers;
+        ring.buf.push_back((event, readers));
+        ring.wake_all();
+    }
+
+    fn close(&self) {
+        let mut ring = self.lock();
+        ring.closed = true;
+        ring.wake_all();
+    }
+}
+
 /// A subscription to the events of one QMP connection.
-#[derive(Debug)]
 pub struct QmpEventStream {
-    rx: broadcast::Receiver<QmpEvent>,
+    hub: Arc<EventHub>,
+    id: u64,
+    /// Position of the next event this subscriber reads.
+    pos: u64,
+}
+
+impl std::fmt::Debug for QmpEventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpEventStream")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
 }
 
 impl QmpEventStream {
     /// Waits for the next event.
     pub async fn recv(&mut self) -> Result<QmpEvent, EventRecvError> {
-        self.rx.recv().await.map_err(|e| match e {
-            broadcast::error::RecvError::Lagged(n) => EventRecvError::Lagged(n),
-            broadcast::error::RecvError::Closed => EventRecvError::Closed,
-        })
+        poll_fn(|cx| self.poll_next(Some(cx.waker()))).await
     }
 
     /// Takes the next event if one is buffered, without waiting.
     pub fn try_recv(&mut self) -> Result<Option<QmpEvent>, EventRecvError> {
-        match self.rx.try_recv() {
-            Ok(ev) => Ok(Some(ev)),
-            Err(broadcast::error::TryRecvError::Empty) => Ok(None),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(EventRecvError::Lagged(n)),
-            Err(broadcast::error::TryRecvError::Closed) => Err(EventRecvError::Closed),
+        match self.poll_next(None) {
+            Poll::Ready(Ok(ev)) => Ok(Some(ev)),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(None),
         }
+    }
+
+    /// The next event, a lag, the end, or (registering `waker` if given) nothing yet. Changes
+    /// nothing unless it returns `Ready`, so `recv` is cancel-safe.
+    fn poll_next(&mut self, waker: Option<&Waker>) -> Poll<Result<QmpEvent, EventRecvError>> {
+        let mut ring = self.hub.lock();
+        if self.pos < ring.head {
+            let lost = ring.head - self.pos;
+            self.pos = ring.head;
+            return Poll::Ready(Err(EventRecvError::Lagged(lost)));
+        }
+        let index = (self.pos - ring.head) as usize;
+        if index < ring.buf.len() {
+            self.pos += 1;
+            let event = if index == 0 && ring.buf[0].1 <= 1 {
+                // The last reader of the oldest event takes it instead of a copy.
+                let (event, _) = ring.buf.pop_front().expect("index 0 exists");
+                ring.head += 1;
+                event
+            } else {
+                let slot = &mut ring.buf[index];
+                slot.1 = slot.1.saturating_sub(1);
+                slot.0.clone()
+            };
+            ring.trim();
+            return Poll::Ready(Ok(event));
+        }
+        if ring.closed {
+            return Poll::Ready(Err(EventRecvError::Closed));
+        }
+        if let Some(waker) = waker {
+            let id = self.id;
+            match ring.waiting.iter_mut().find(|(w, _)| *w == id) {
+                Some((_, w)) => w.clone_from(waker),
+                None => ring.waiting.push((id, waker.clone())),
+            }
+        }
+        Poll::Pending
     }
 }
 
-type ReplySender = oneshot::Sender<Result<Value, QmpError>>;
+impl Drop for QmpEventStream {
+    fn drop(&mut self) {
+        let mut ring = self.hub.lock();
+        ring.receivers -= 1;
+        let id = self.id;
+        ring.waiting.retain(|(w, _)| *w != id);
+        let from = self.pos.saturating_sub(ring.head) as usize;
+        for slot in ring.buf.iter_mut().skip(from) {
+            slot.1 = slot.1.saturating_sub(1);
+        }
+        ring.trim();
+    }
+}
 
-/// State shared by the client handles and the reader/writer tasks.
+/// A caller waiting for the reply to command `id`.
+struct Waiter {
+    id: u64,
+    waker: Option<Waker>,
+    reply: Option<Result<ReplyBody, QmpError>>,
+}
+
+/// A command (and maybe a descriptor) not yet fully written.
+struct Outgoing {
+    id: u64,
+    bytes: Vec<u8>,
+    /// Bytes of `bytes` already on the wire.
+    sent: usize,
+    /// Rides on the command's first byte as `SCM_RIGHTS`; `None` once sent.
+    fd: Option<OwnedFd>,
+}
+
+type Socket = Arc<AsyncFd<StdUnixStream>>;
+
+/// State shared by the client handles, the reader and the flusher.
 struct Shared {
     state: Mutex<State>,
+    events: Arc<EventHub>,
     end_tx: watch::Sender<Option<ConnectionEnd>>,
 }
 
 struct State {
-    pending: HashMap<u64, ReplySender>,
-    /// Dropped when the connection ends, so subscribers see `Closed`.
-    events: Option<broadcast::Sender<QmpEvent>>,
+    /// Callers waiting for a reply, by increasing id (replies come in command order, so the
+    /// one looked for is nearly always first).
+    pending: VecDeque<Waiter>,
+    /// The socket while the connection is open; taken when it ends, which closes it once the
+    /// reader is gone.
+    sock: Option<Socket>,
+    /// Commands not yet fully written, whole and in call order (only when a write would
+    /// have blocked).
+    backlog: VecDeque<Outgoing>,
+    /// The task writing `backlog`, while there is one.
+    flusher: Option<AbortHandle>,
     end: Option<ConnectionEnd>,
+}
+
+impl State {
+    fn waiter(&mut self, id: u64) -> Option<&mut Waiter> {
+        let at = self.pending.partition_point(|w| w.id < id);
+        self.pending.get_mut(at).filter(|w| w.id == id)
+    }
+
+    fn remove_waiter(&mut self, id: u64) {
+        let at = self.pending.partition_point(|w| w.id < id);
+        if self.pending.get(at).is_some_and(|w| w.id == id) {
+            self.pending.remove(at);
+        }
+    }
+
+    /// Gives `id` its result (if someone still waits and has none yet) and wakes it.
+    fn complete(&mut self, id: u64, result: Result<ReplyBody, QmpError>) {
+        match self.waiter(id) {
+            Some(w) if w.reply.is_none() => {
+                w.reply = Some(result);
+                if let Some(waker) = w.waker.take() {
+                    // Only schedules the caller's task; it locks after this returns.
+                    waker.wake();
+                }
+            }
+            _ => tracing::debug!(id, "QMP reply for a command nobody waits for (timed out?)"),
+        }
+    }
+
+    /// Writes `msg` now if nothing is queued before it and the socket takes it; otherwise
+    /// queues what is left of it, whole, for the flusher. Under the lock and without an
+    /// await: a caller dropped at any point leaves either nothing or the whole command.
+    fn send_or_queue(&mut self, shared: &Arc<Shared>, mut msg: Outgoing) -> Result<(), QmpError> {
+        let Some(sock) = &self.sock else {
+            return Err(QmpError::Disconnected);
+        };
+        if self.backlog.is_empty() {
+            match write_some(sock.get_ref(), &mut msg) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    // Fail this command only; the reader decides when the connection is over
+                    // (it still has to deliver whatever QEMU wrote before going away).
+                    tracing::debug!(id = msg.id, error = %e, "QMP write failed");
+                    return Err(write_error(e));
+                }
+            }
+        }
+        tracing::debug!(id = msg.id, "QMP socket full: command queued");
+        self.backlog.push_back(msg);
+        if self.flusher.is_none() {
+            let task = tokio::spawn(flush_backlog(shared.clone()));
+            self.flusher = Some(task.abort_handle());
+        }
+        Ok(())
+    }
+}
+
+fn write_error(e: io::Error) -> QmpError {
+    if is_peer_gone(&e) {
+        QmpError::Disconnected
+    } else {
+        QmpError::Io(e)
+    }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves the map consistent (every operation on it is
-        // a single insert/remove), so a poisoned lock is safe to keep using.
+        // A panic while holding this lock leaves the state consistent (every operation on it
+        // is a single insert/remove/assignment), so a poisoned lock is safe to keep using.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Ends the connection once: fails every pending command, closes event subscriptions,
-    /// and publishes how it ended.
+    /// releases the socket and publishes how it ended.
     fn finish(&self, end: ConnectionEnd) {
-        let pending = {
+        let sock = {
             let mut st = self.lock();
             if st.end.is_some() {
                 return;
             }
             tracing::debug!(%end, pending = st.pending.len(), "QMP connection ended");
             st.end = Some(end.clone());
-            st.events = None;
-            std::mem::take(&mut st.pending)
+            for w in st.pending.iter_mut() {
+                if w.reply.is_none() {
+                    w.reply = Some(Err(end.command_error()));
+                }
+                if let Some(waker) = w.waker.take() {
+                    waker.wake();
+                }
+            }
+            st.backlog.clear();
+            if let Some(flusher) = st.flusher.take() {
+                flusher.abort();
+            }
+            st.sock.take()
         };
-        for (_, tx) in pending {
-            let _ = tx.send(Err(end.command_error()));
-        }
+        self.events.close();
         self.end_tx.send_replace(Some(end));
+        drop(sock);
     }
 
-    fn complete(&self, id: u64, result: Result<Value, QmpError>) {
-        let tx = self.lock().pending.remove(&id);
-        match tx {
-            Some(tx) => {
-                // The caller may have given up just now; then nobody wants the result.
-                let _ = tx.send(result);
-            }
-            None => tracing::debug!(id, "QMP reply for a command nobody waits for (timed out?)"),
+    /// The reply to `id` once it is there (or the connection's end). Cancel-safe: the entry
+    /// stays until the caller's guard removes it.
+    fn poll_reply(&self, id: u64, waker: &Waker) -> Poll<Result<ReplyBody, QmpError>> {
+        let mut st = self.lock();
+        let end = st.end.as_ref().map(ConnectionEnd::command_error);
+        let Some(w) = st.waiter(id) else {
+            return Poll::Ready(Err(end.unwrap_or(QmpError::Disconnected)));
+        };
+        if let Some(reply) = w.reply.take() {
+            st.remove_waiter(id);
+            return Poll::Ready(reply);
         }
+        match &mut w.waker {
+            Some(w) => w.clone_from(waker),
+            None => w.waker = Some(waker.clone()),
+        }
+        Poll::Pending
     }
 
     /// Handles one line from QEMU. An error means the stream is not QMP.
-    fn dispatch(&self, line: &[u8]) -> Result<(), ConnectionEnd> {
-        let msg = parse_message(line).map_err(|e| ConnectionEnd::Protocol {
+    fn dispatch(&self, line: Vec<u8>) -> Result<(), ConnectionEnd> {
+        let msg = classify(line).map_err(|e| ConnectionEnd::Protocol {
             message: e.message,
             excerpt: e.excerpt,
         })?;
         match msg {
-            QmpMessage::Reply { id, result } => {
+            Incoming::Reply { id, result } => {
                 let result = result.map_err(|e| QmpError::CommandFailed {
                     class: e.class,
                     desc: e.desc,
                 });
                 match id.as_ref().and_then(Value::as_u64) {
-                    Some(id) => self.complete(id, result),
+                    Some(id) => self.lock().complete(id, result),
                     None => tracing::warn!(?id, ?result, "QMP reply without a known id dropped"),
                 }
             }
-            QmpMessage::Event(wire) => {
+            Incoming::Event(wire) => {
                 let event = QmpEvent::from_wire(
                     wire.name,
                     wire.data,
@@ -303,42 +589,40 @@ impl Shared {
                     SystemTime::now(),
                 );
                 tracing::trace!(name = %event.name, "QMP event");
-                if let Some(tx) = &self.lock().events {
-                    // Err only means nobody is subscribed right now.
-                    let _ = tx.send(event);
-                }
+                self.events.publish(event);
             }
-            QmpMessage::Greeting(_) => tracing::warn!("second QMP greeting ignored"),
-            QmpMessage::Unrecognized(v) => tracing::warn!(%v, "unrecognized QMP message ignored"),
+            Incoming::Greeting(_) => tracing::warn!("second QMP greeting ignored"),
+            Incoming::Unrecognized(v) => tracing::warn!(%v, "unrecognized QMP message ignored"),
         }
         Ok(())
     }
 }
 
-/// A command (or a command with a file descriptor) for the writer task.
-struct Outgoing {
-    id: u64,
-    bytes: Vec<u8>,
-    fd: Option<OwnedFd>,
-}
-
 struct Inner {
     shared: Arc<Shared>,
-    outgoing: mpsc::UnboundedSender<Outgoing>,
     next_id: AtomicU64,
     greeting: QmpGreeting,
     options: QmpClientOptions,
     end_rx: watch::Receiver<Option<ConnectionEnd>>,
-    early_events: Mutex<Option<broadcast::Receiver<QmpEvent>>>,
-    tasks: [AbortHandle; 2],
+    early_events: Mutex<Option<QmpEventStream>>,
+    reader: AbortHandle,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The last handle is gone: stop the tasks, which drops both socket halves.
-        for task in &self.tasks {
-            task.abort();
-        }
+        // The last handle is gone: stop the reader and any flusher and let go of the socket,
+        // which closes it; subscribers still holding a stream see it end.
+        self.reader.abort();
+        let sock = {
+            let mut st = self.shared.lock();
+            if let Some(flusher) = st.flusher.take() {
+                flusher.abort();
+            }
+            st.backlog.clear();
+            st.sock.take()
+        };
+        drop(sock);
+        self.shared.events.close();
     }
 }
 
@@ -382,42 +666,44 @@ impl QmpClient {
         stream: UnixStream,
         options: QmpClientOptions,
     ) -> Result<Self, QmpError> {
-        let (mut read, write) = stream.into_split();
+        // Registered for readability only: with tokio's stream (read and write interest,
+        // edge-triggered) every command woke a worker a second time, for nothing, when QEMU
+        // read it and the socket became writable again.
+        let sock: Socket = Arc::new(register(stream.into_std()?, Interest::READABLE)?);
         let mut framer = LineFramer::new(options.max_line);
-        let greeting = tokio::time::timeout(
-            options.greeting_timeout,
-            read_greeting(&mut read, &mut framer),
-        )
-        .await
-        .map_err(|_| QmpError::Timeout {
-            command: "greeting".into(),
-            after: options.greeting_timeout,
-        })??;
+        let greeting =
+            tokio::time::timeout(options.greeting_timeout, read_greeting(&sock, &mut framer))
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    command: "greeting".into(),
+                    after: options.greeting_timeout,
+                })??;
         tracing::debug!(qemu = ?greeting.version.qemu, "QMP greeting");
 
-        let (events_tx, early_rx) = broadcast::channel(options.event_capacity.max(1));
+        let events = Arc::new(EventHub::new(options.event_capacity));
+        let early = events.subscribe();
         let (end_tx, end_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                pending: HashMap::new(),
-                events: Some(events_tx),
+                pending: VecDeque::new(),
+                sock: Some(sock.clone()),
+                backlog: VecDeque::new(),
+                flusher: None,
                 end: None,
             }),
+            events,
             end_tx,
         });
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(reader_loop(read, framer, shared.clone()));
-        let writer = tokio::spawn(writer_loop(write, out_rx, shared.clone(), end_rx.clone()));
+        let reader = tokio::spawn(reader_loop(sock, framer, shared.clone()));
         let client = Self {
             inner: Arc::new(Inner {
                 shared,
-                outgoing: out_tx,
                 next_id: AtomicU64::new(1),
                 greeting,
                 options,
                 end_rx,
-                early_events: Mutex::new(Some(early_rx)),
-                tasks: [reader.abort_handle(), writer.abort_handle()],
+                early_events: Mutex::new(Some(early)),
+                reader: reader.abort_handle(),
             }),
         };
         client.execute("qmp_capabilities", None).await?;
@@ -436,14 +722,8 @@ impl QmpClient {
 
     /// Subscribes to events received from now on.
     pub fn subscribe(&self) -> QmpEventStream {
-        match &self.inner.shared.lock().events {
-            Some(tx) => QmpEventStream { rx: tx.subscribe() },
-            None => {
-                // Already closed: a stream that reports Closed at once.
-                let (_, rx) = broadcast::channel(1);
-                QmpEventStream { rx }
-            }
-        }
+        // Once the connection has ended the ring is closed: the stream reports Closed at once.
+        self.inner.shared.events.subscribe()
     }
 
     /// The one subscription that has existed since the handshake, so its holder misses no
@@ -458,7 +738,6 @@ impl QmpClient {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
-            .map(|rx| QmpEventStream { rx })
     }
 
     /// How the connection ended, or `None` while it is open.
@@ -496,7 +775,8 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        self.call(command, arguments.as_ref(), None, timeout).await
+        self.execute_typed_with_timeout(command, arguments, timeout)
+            .await
     }
 
     /// Runs a command and deserialises its `return` value (unknown fields are ignored unless
@@ -517,10 +797,11 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<T, QmpError> {
-        let value = self
-            .execute_with_timeout(command, arguments, timeout)
+        let body = self
+            .call(command, arguments.as_ref(), None, timeout)
             .await?;
-        serde_json::from_value(value).map_err(|e| QmpError::UnexpectedReply {
+        // The reply's bytes straight into `T`: parsed once.
+        body.decode().map_err(|e| QmpError::UnexpectedReply {
             command: command.to_owned(),
             message: e.to_string(),
         })
@@ -538,27 +819,27 @@ impl QmpClient {
 
     /// `stop`: pause the vCPUs (a STOP event follows unless already paused).
     pub async fn stop(&self) -> Result<(), QmpError> {
-        self.execute("stop", None).await.map(drop)
+        self.run_unit("stop", None).await
     }
 
     /// `cont`: run the vCPUs (RESUME; QEMU sends the event before the reply).
     pub async fn cont(&self) -> Result<(), QmpError> {
-        self.execute("cont", None).await.map(drop)
+        self.run_unit("cont", None).await
     }
 
     /// `system_reset`.
     pub async fn system_reset(&self) -> Result<(), QmpError> {
-        self.execute("system_reset", None).await.map(drop)
+        self.run_unit("system_reset", None).await
     }
 
     /// `system_powerdown`: press the ACPI power button (the guest decides what to do).
     pub async fn system_powerdown(&self) -> Result<(), QmpError> {
-        self.execute("system_powerdown", None).await.map(drop)
+        self.run_unit("system_powerdown", None).await
     }
 
     /// `system_wakeup`: wake a guest from S3.
     pub async fn system_wakeup(&self) -> Result<(), QmpError> {
-        self.execute("system_wakeup", None).await.map(drop)
+        self.run_unit("system_wakeup", None).await
     }
 
     /// `quit`: make QEMU exit.
@@ -567,8 +848,8 @@ impl QmpClient {
     /// 7.2 often exits before its reply is read, so EOF after `quit` is the expected outcome.
     /// Await [`closed`](Self::closed) to know the socket is gone.
     pub async fn quit(&self) -> Result<(), QmpError> {
-        match self.execute("quit", None).await {
-            Ok(_) | Err(QmpError::Disconnected) => Ok(()),
+        match self.run_unit("quit", None).await {
+            Ok(()) | Err(QmpError::Disconnected) => Ok(()),
             Err(QmpError::Io(e)) if is_peer_gone(&e) => Ok(()),
             Err(e) => Err(e),
         }
@@ -580,7 +861,8 @@ impl QmpClient {
     /// Use the name in commands that take one, e.g. `migrate` with uri `fd:NAME` to save a VM
     /// to a file. Release it with [`closefd`](Self::closefd) if QEMU did not consume it.
     pub async fn send_fd(&self, fdname: &str, fd: impl AsFd) -> Result<(), QmpError> {
-        // The writer task sends later; it needs a descriptor that outlives the borrow.
+        // If the socket is full the command waits in the backlog: it needs a descriptor that
+        // outlives the borrow.
         let fd = fd.as_fd().try_clone_to_owned()?;
         let args = json!({ "fdname": fdname });
         self.call("getfd", Some(&args), Some(fd), self.default_timeout())
@@ -590,9 +872,8 @@ impl QmpClient {
 
     /// `closefd`: drop a descriptor passed with [`send_fd`](Self::send_fd).
     pub async fn closefd(&self, fdname: &str) -> Result<(), QmpError> {
-        self.execute("closefd", Some(json!({ "fdname": fdname })))
+        self.run_unit("closefd", Some(json!({ "fdname": fdname })))
             .await
-            .map(drop)
     }
 
     /// `migrate-set-capabilities` with the given `(capability, state)` pairs; e.g.
@@ -602,25 +883,29 @@ impl QmpClient {
             .iter()
             .map(|(name, state)| json!({ "capability": name, "state": state }))
             .collect();
-        self.execute(
+        self.run_unit(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": caps })),
         )
         .await
-        .map(drop)
     }
 
     /// `migrate` to `uri` (e.g. `fd:NAME`, `exec:cat > FILE`). Returns when the migration
     /// has started; follow it with MIGRATION events or [`query_migrate`](Self::query_migrate).
     pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
-            .await
-            .map(drop)
+        self.run_unit("migrate", Some(json!({ "uri": uri }))).await
     }
 
     /// `query-migrate`.
     pub async fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
         self.execute_typed("query-migrate", None).await
+    }
+
+    /// A command whose `return` value is not looked at: its bytes are not even parsed.
+    async fn run_unit(&self, command: &str, arguments: Option<Value>) -> Result<(), QmpError> {
+        self.call(command, arguments.as_ref(), None, self.default_timeout())
+            .await
+            .map(drop)
     }
 
     async fn call(
@@ -629,33 +914,40 @@ impl QmpClient {
         arguments: Option<&Value>,
         fd: Option<OwnedFd>,
         timeout: Duration,
-    ) -> Result<Value, QmpError> {
+    ) -> Result<ReplyBody, QmpError> {
         let shared = &self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let msg = Outgoing {
+            id,
+            bytes: encode_command(id, command, arguments),
+            sent: 0,
+            fd,
+        };
         {
             let mut st = shared.lock();
             if let Some(end) = &st.end {
                 return Err(end.command_error());
             }
-            st.pending.insert(id, tx);
+            // Ids are taken before the lock, so two callers may arrive out of order.
+            let at = st.pending.partition_point(|w| w.id < id);
+            st.pending.insert(
+                at,
+                Waiter {
+                    id,
+                    waker: None,
+                    reply: None,
+                },
+            );
+            if let Err(e) = st.send_or_queue(shared, msg) {
+                st.remove_waiter(id);
+                return Err(e);
+            }
         }
         // Removes the pending entry however this future ends (timeout, or dropped).
         let _pending = PendingGuard { shared, id };
-        let msg = Outgoing {
-            id,
-            bytes: encode_command(id, command, arguments),
-            fd,
-        };
-        if self.inner.outgoing.send(msg).is_err() {
-            // Writer gone: the connection is over.
-            return Err(self
-                .connection_end()
-                .map_or(QmpError::Disconnected, |e| e.command_error()));
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(QmpError::Disconnected),
+        let reply = poll_fn(|cx| shared.poll_reply(id, cx.waker()));
+        match tokio::time::timeout(timeout, reply).await {
+            Ok(result) => result,
             Err(_) => Err(QmpError::Timeout {
                 command: command.to_owned(),
                 after: timeout,
@@ -671,15 +963,142 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared.lock().pending.remove(&self.id);
+        self.shared.lock().remove_waiter(self.id);
     }
 }
 
-async fn read_greeting(
-    read: &mut OwnedReadHalf,
-    framer: &mut LineFramer,
-) -> Result<QmpGreeting, QmpError> {
-    let mut buf = vec![0u8; 4096];
+/// Registers `stream` (non-blocking) with the runtime for `interest` only.
+fn register(stream: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<StdUnixStream>> {
+    // SAFETY: the `AsyncFd` owns `stream`, whose descriptor stays open and the same for the
+    // stream's whole life: it is only closed when the stream (inside the `AsyncFd`) is dropped.
+    unsafe { AsyncFd::register_with_interest(stream, interest) }.map_err(io::Error::from)
+}
+
+/// Writes as much of `msg` as the socket takes now: `Ok(true)` once all of it is written,
+/// `Ok(false)` when the socket is full (the rest stays in `msg`).
+fn write_some(sock: &StdUnixStream, msg: &mut Outgoing) -> io::Result<bool> {
+    use nix::sys::socket::{send, MsgFlags};
+    // MSG_NOSIGNAL: a peer that went away is an EPIPE error, not a process-killing SIGPIPE.
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let raw = sock.as_raw_fd();
+    while msg.sent < msg.bytes.len() {
+        let written = match &msg.fd {
+            // The descriptor rides on the first bytes; the rest, if any, follows as plain data.
+            Some(fd) => send_with_fd(raw, &msg.bytes, fd.as_raw_fd()),
+            None => send(raw, &msg.bytes[msg.sent..], flags).map_err(io::Error::from),
+        };
+        match written {
+            Ok(n) => {
+                msg.sent += n;
+                msg.fd = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes the backlog whenever the socket is writable again, until it is empty (then the
+/// task ends: a flusher only exists while QEMU is not reading fast enough). It waits on a
+/// second registration of the socket, for writability only, so the reader's stays
+/// readable-only.
+async fn flush_backlog(shared: Arc<Shared>) {
+    let fail_all = |e: &io::Error| {
+        let mut st = shared.lock();
+        let failed: Vec<u64> = st.backlog.drain(..).map(|m| m.id).collect();
+        for id in failed {
+            st.complete(
+                id,
+                Err(write_error(io::Error::new(e.kind(), e.to_string()))),
+            );
+        }
+        st.flusher = None;
+    };
+    let Some(sock) = shared.lock().sock.clone() else {
+        return;
+    };
+    let writable = match sock
+        .get_ref()
+        .try_clone()
+        .and_then(|dup| register(dup, Interest::WRITABLE))
+    {
+        Ok(w) => w,
+        Err(e) => return fail_all(&e),
+    };
+    drop(sock);
+    loop {
+        let mut ready = match writable.writable().await {
+            Ok(r) => r,
+            Err(e) => return fail_all(&e),
+        };
+        let mut st = shared.lock();
+        if st.end.is_some() {
+            st.backlog.clear();
+            st.flusher = None;
+            return;
+        }
+        loop {
+            let Some(front) = st.backlog.front_mut() else {
+                st.flusher = None;
+                return;
+            };
+            match write_some(writable.get_ref(), front) {
+                Ok(true) => {
+                    st.backlog.pop_front();
+                }
+                Ok(false) => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(e) => {
+                    // Fail this command only, as a direct write would have.
+                    tracing::debug!(error = %e, "QMP write failed");
+                    if let Some(msg) = st.backlog.pop_front() {
+                        st.complete(msg.id, Err(write_error(e)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Every reader on a thread reads into this buffer and keeps only the bytes of a partial
+    /// line (in its framer): a connection holds no read buffer of its own while idle.
+    static READ_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice());
+}
+
+/// Reads what the socket has into `framer`; `Ok(0)` at EOF.
+async fn read_into(sock: &AsyncFd<StdUnixStream>, framer: &mut LineFramer) -> io::Result<usize> {
+    loop {
+        let mut ready = sock.readable().await?;
+        let read = READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = (&*ready.get_inner()).read(&mut buf[..])?;
+            framer.push(&buf[..n]);
+            Ok::<_, io::Error>((n, n < buf.len()))
+        });
+        match read {
+            Ok((0, _)) => return Ok(0),
+            Ok((n, drained)) => {
+                // A short read emptied the socket: wait for the next edge without a read that
+                // would only say EAGAIN (tokio's own streams do the same).
+                if drained {
+                    ready.clear_ready();
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn read_greeting(sock: &Socket, framer: &mut LineFramer) -> Result<QmpGreeting, QmpError> {
     loop {
         let line = framer.next_line().map_err(|e| QmpError::Protocol {
             message: e.to_string(),
@@ -696,29 +1115,20 @@ async fn read_greeting(
                 Err(e) => Err(protocol(e.message)),
             };
         }
-        let n = read.read(&mut buf).await.map_err(|e| {
-            if is_peer_gone(&e) {
-                QmpError::Disconnected
-            } else {
-                QmpError::Io(e)
-            }
-        })?;
+        let n = read_into(sock, framer).await.map_err(write_error)?;
         if n == 0 {
             return Err(QmpError::Disconnected);
         }
-        framer.push(&buf[..n]);
     }
 }
 
-async fn reader_loop(mut read: OwnedReadHalf, mut framer: LineFramer, shared: Arc<Shared>) {
-    // QMP messages are small; a larger reply just takes more reads.
-    let mut buf = vec![0u8; 8 * 1024];
+async fn reader_loop(sock: Socket, mut framer: LineFramer, shared: Arc<Shared>) {
     let end = 'conn: loop {
         // Lines first: the framer may already hold some from the handshake.
         loop {
             match framer.next_line() {
                 Ok(Some(line)) => {
-                    if let Err(end) = shared.dispatch(&line) {
+                    if let Err(end) = shared.dispatch(line) {
                         break 'conn end;
                     }
                 }
@@ -731,7 +1141,8 @@ async fn reader_loop(mut read: OwnedReadHalf, mut framer: LineFramer, shared: Ar
                 }
             }
         }
-        match read.read(&mut buf).await {
+        framer.release_if_empty();
+        match read_into(&sock, &mut framer).await {
             Ok(0) => {
                 if !framer.buffered().is_empty() {
                     tracing::warn!(
@@ -741,60 +1152,17 @@ async fn reader_loop(mut read: OwnedReadHalf, mut framer: LineFramer, shared: Ar
                 }
                 break ConnectionEnd::Eof;
             }
-            Ok(n) => framer.push(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(_) => {}
             Err(e) => break ConnectionEnd::from_io(&e),
         }
     };
     shared.finish(end);
-    // Returning drops the read half; the writer stops on the end notification and drops the
-    // write half, which closes the socket.
+    // Returning drops the reader's handle on the socket; `finish` dropped the callers' one:
+    // the socket closes.
 }
 
-async fn writer_loop(
-    mut write: OwnedWriteHalf,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    shared: Arc<Shared>,
-    mut end: watch::Receiver<Option<ConnectionEnd>>,
-) {
-    loop {
-        let msg = tokio::select! {
-            msg = outgoing.recv() => match msg {
-                Some(msg) => msg,
-                None => return,
-            },
-            _ = end.wait_for(Option::is_some) => return,
-        };
-        if let Err(e) = write_message(&mut write, &msg).await {
-            // Fail this command only; the reader decides when the connection is over (it
-            // still has to deliver whatever QEMU wrote before going away).
-            tracing::debug!(id = msg.id, error = %e, "QMP write failed");
-            let err = if is_peer_gone(&e) {
-                QmpError::Disconnected
-            } else {
-                QmpError::Io(e)
-            };
-            shared.complete(msg.id, Err(err));
-        }
-    }
-}
-
-async fn write_message(write: &mut OwnedWriteHalf, msg: &Outgoing) -> io::Result<()> {
-    let mut sent = 0;
-    if let Some(fd) = &msg.fd {
-        let stream: &UnixStream = write.as_ref();
-        let sock = stream.as_raw_fd();
-        let fd = fd.as_raw_fd();
-        // The descriptor rides on the first bytes; the rest, if any, follows as plain data.
-        sent = stream
-            .async_io(Interest::WRITABLE, || send_with_fd(sock, &msg.bytes, fd))
-            .await?;
-    }
-    write.write_all(&msg.bytes[sent..]).await
-}
-
-/// One `sendmsg` of `bytes` with `fd` as `SCM_RIGHTS`. Non-blocking: `WouldBlock` makes
-/// tokio wait for writability and retry.
+/// One `sendmsg` of `bytes` with `fd` as `SCM_RIGHTS`. Non-blocking: `WouldBlock` leaves the
+/// command (descriptor included) for the flusher.
 fn send_with_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> io::Result<usize> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     let iov = [io::IoSlice::new(bytes)];
@@ -812,7 +1180,8 @@ mod tests {
     //! QEMU behaviour is tested in tests/qmp_client.rs.
 
     use super::*;
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use std::collections::HashMap;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
     const GREETING: &[u8] = include_bytes!("../../tests/fixtures/transcripts/qmp-greeting.raw");
     const LONG: Duration = Duration::from_secs(30);
@@ -1048,6 +1417,80 @@ mod tests {
         let ev = early.recv().await.expect("event");
         assert_eq!(ev.name, "RESUME");
         assert_eq!(ev.timestamp.seconds, 5);
+    }
+
+    /// A command bigger than the socket buffer is queued and written by the flusher; a caller
+    /// that gives up meanwhile still leaves its whole command on the wire (never half), and a
+    /// later command follows it, whole, in call order.
+    #[tokio::test]
+    async fn full_socket_keeps_whole_commands_in_order_when_a_caller_gives_up() {
+        let (client, mut peer) = connected().await;
+        let blob = "x".repeat(4 << 20); // far more than a Unix socket buffer holds
+        let big = tokio::spawn({
+            let c = client.clone();
+            let blob = blob.clone();
+            async move { c.execute("big", Some(json!({ "blob": blob }))).await }
+        });
+        // Until the big command is queued (its caller is waiting for the reply).
+        while client.inner.shared.lock().backlog.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let small = tokio::spawn({
+            let c = client.clone();
+            async move { c.execute("small", None).await }
+        });
+        tokio::task::yield_now().await;
+        big.abort();
+        assert!(big.await.expect_err("aborted").is_cancelled());
+
+        let mut line = String::new();
+        peer.reader.read_line(&mut line).await.expect("read big");
+        let v: Value = serde_json::from_str(&line).expect("the whole big command");
+        assert_eq!(v["execute"], "big");
+        assert_eq!(
+            v["arguments"]["blob"].as_str().map(str::len),
+            Some(blob.len())
+        );
+        let (small_id, cmd) = peer.read_command().await;
+        assert_eq!(cmd, "small");
+        peer.send(
+            format!(
+                "{{\"return\": \"late\", \"id\": {}}}\r\n{{\"return\": \"ok\", \"id\": {small_id}}}\r\n",
+                v["id"]
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(small.await.expect("join").expect("reply"), json!("ok"));
+        let st = client.inner.shared.lock();
+        assert!(st.backlog.is_empty() && st.flusher.is_none() && st.pending.is_empty());
+    }
+
+    /// The event ring holds only what some subscriber has not read: once every subscriber
+    /// has read an event (or dropped its stream) it is gone, and a new subscriber does not
+    /// see older events.
+    #[tokio::test]
+    async fn event_ring_keeps_only_unread_events() {
+        let (client, mut peer) = connected().await;
+        drop(client.events_since_handshake());
+        let mut a = client.subscribe();
+        let mut b = client.subscribe();
+        let buffered = |c: &QmpClient| c.inner.shared.events.lock().buf.len();
+        peer.send(b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 0}, \"event\": \"STOP\"}\r\n{\"timestamp\": {\"seconds\": 2, \"microseconds\": 0}, \"event\": \"RESUME\"}\r\n")
+            .await;
+        assert_eq!(a.recv().await.expect("a 1").timestamp.seconds, 1);
+        assert_eq!(a.recv().await.expect("a 2").timestamp.seconds, 2);
+        assert_eq!(buffered(&client), 2, "b has read neither");
+        assert_eq!(b.recv().await.expect("b 1").timestamp.seconds, 1);
+        assert_eq!(buffered(&client), 1);
+        let mut late = client.subscribe();
+        assert!(
+            matches!(late.try_recv(), Ok(None)),
+            "no older event for a new subscriber"
+        );
+        drop(b);
+        assert_eq!(buffered(&client), 0, "the last reader's stream is gone");
+        drop(late);
     }
 
     #[tokio::test]

@@ -145,6 +145,17 @@ impl LineFramer {
         found
     }
 
+    /// Frees a large buffer once nothing is buffered, so an idle connection does not keep the
+    /// memory of the largest message it ever received (small buffers are kept: freeing them
+    /// would cost an allocation per message).
+    pub fn release_if_empty(&mut self) {
+        if self.start == self.buf.len() && self.buf.capacity() > 1024 {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.scanned = 0;
+        }
+    }
+
     /// Reclaims the consumed prefix once it is at least as long as the unconsumed rest, so
     /// the bytes moved never exceed the bytes consumed since the previous compaction.
     fn compact(&mut self) {
@@ -286,6 +297,297 @@ pub fn parse_message(line: &[u8]) -> Result<QmpMessage, DecodeError> {
         }));
     }
     Ok(QmpMessage::Unrecognized(Value::Object(obj)))
+}
+
+/// The body of a successful reply as the client's reader hands it to the caller.
+///
+/// The reader only needs a reply's `id` to route it; the caller knows the type it wants. So the
+/// line is kept as bytes and the caller deserialises its `return` member straight into that
+/// type ([`ReplyBody::decode`]): a typed reply is built once, never as a [`Value`] first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyBody {
+    /// The whole reply line; its `return` member is the value.
+    Line(Vec<u8>),
+    /// The value itself (a line the fast path did not take, see [`classify`]).
+    Value(Value),
+}
+
+/// `{"return": T, ...}`: the `return` member as `T`, every other member skipped. As in a
+/// [`Value`], a member given twice counts once, with its last value.
+struct ReturnOf<T>(T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ReturnOf<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = ReturnOf<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QMP reply object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut ret = None;
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Return => ret = Some(map.next_value::<T>()?),
+                        _ => map.next_value::<Checked>().map(drop)?,
+                    }
+                }
+                ret.map(ReturnOf)
+                    .ok_or_else(|| serde::de::Error::missing_field("return"))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl ReplyBody {
+    /// The `return` value as `T`. Exactly what `serde_json::from_value::<T>` of
+    /// [`parse_message`]'s value gives, errors included: the direct parse is tried first and,
+    /// only if it fails, the value is built and converted as before (a [`Value`] forgives
+    /// what a typed parse may not, such as a duplicate member inside the value).
+    pub fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, serde_json::Error> {
+        match self {
+            ReplyBody::Value(v) => serde_json::from_value(v),
+            ReplyBody::Line(line) => match serde_json::from_slice::<ReturnOf<T>>(&line) {
+                Ok(r) => Ok(r.0),
+                Err(_) => {
+                    let v = serde_json::from_slice::<ReturnOf<Value>>(&line)?;
+                    serde_json::from_value(v.0)
+                }
+            },
+        }
+    }
+}
+
+/// The member names [`parse_message`] looks at.
+enum Key {
+    Qmp,
+    Return,
+    Id,
+    Error,
+    Event,
+    Data,
+    Timestamp,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key, E> {
+                Ok(match s {
+                    "QMP" => Key::Qmp,
+                    "return" => Key::Return,
+                    "id" => Key::Id,
+                    "error" => Key::Error,
+                    "event" => Key::Event,
+                    "data" => Key::Data,
+                    "timestamp" => Key::Timestamp,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Any JSON value, checked exactly as building a [`Value`] would check it (numbers in range,
+/// strings valid, the nesting limit) but not built. `serde::de::IgnoredAny` is not enough:
+/// serde_json skips it without those checks, and a line a [`Value`] rejects must still be a
+/// protocol error.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Checked;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_none<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Checked, D::Error> {
+                <Checked as serde::Deserialize>::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Checked, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Checked, A::Error> {
+                while map.next_entry::<Checked, Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The members [`parse_message`] looks at, a reply's `return` checked but not built. As in
+/// a [`Value`], a member given twice counts once, with its last value.
+#[derive(Default)]
+struct Envelope {
+    qmp: bool,
+    ret: bool,
+    id: Option<Value>,
+    error: Option<Value>,
+    event: Option<Value>,
+    data: Option<Value>,
+    timestamp: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Envelope, A::Error> {
+                let mut env = Envelope::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Qmp => {
+                            map.next_value::<Checked>()?;
+                            env.qmp = true;
+                        }
+                        Key::Return => {
+                            map.next_value::<Checked>()?;
+                            env.ret = true;
+                        }
+                        Key::Id => env.id = Some(map.next_value()?),
+                        Key::Error => env.error = Some(map.next_value()?),
+                        Key::Event => env.event = Some(map.next_value()?),
+                        Key::Data => env.data = Some(map.next_value()?),
+                        Key::Timestamp => env.timestamp = Some(map.next_value()?),
+                        Key::Other => map.next_value::<Checked>().map(drop)?,
+                    }
+                }
+                Ok(env)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// One message from QEMU as the client's reader needs it: [`QmpMessage`] with a reply's
+/// value left as bytes ([`ReplyBody`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// The greeting.
+    Greeting(QmpGreeting),
+    /// A reply: its echoed `id` and its body or error.
+    Reply {
+        /// The echoed `id` (`None` when absent).
+        id: Option<Value>,
+        /// The body, or the `error` member.
+        result: Result<ReplyBody, QmpErrorReply>,
+    },
+    /// An event.
+    Event(WireEvent),
+    /// A JSON object of no known shape.
+    Unrecognized(Value),
+}
+
+impl From<QmpMessage> for Incoming {
+    fn from(m: QmpMessage) -> Self {
+        match m {
+            QmpMessage::Greeting(g) => Incoming::Greeting(g),
+            QmpMessage::Reply { id, result } => Incoming::Reply {
+                id,
+                result: result.map(ReplyBody::Value),
+            },
+            QmpMessage::Event(e) => Incoming::Event(e),
+            QmpMessage::Unrecognized(v) => Incoming::Unrecognized(v),
+        }
+    }
+}
+
+/// [`parse_message`] for the client's reader: the same classification of every line (same
+/// precedence: greeting, `return`, `error`, `event`; same errors), but a successful reply
+/// keeps its bytes ([`ReplyBody::Line`]) instead of being built as a [`Value`]
+/// (`classify_agrees_with_parse_message` checks the two agree).
+pub fn classify(line: Vec<u8>) -> Result<Incoming, DecodeError> {
+    let Ok(env) = serde_json::from_slice::<Envelope>(&line) else {
+        // Not an object, or not valid JSON: the general parser says so (in its words).
+        return parse_message(&line).map(Incoming::from);
+    };
+    if env.qmp {
+        return parse_message(&line).map(Incoming::from);
+    }
+    if env.ret {
+        return Ok(Incoming::Reply {
+            id: env.id,
+            result: Ok(ReplyBody::Line(line)),
+        });
+    }
+    if let Some(error) = &env.error {
+        let class = error.get("class").and_then(Value::as_str);
+        let desc = error.get("desc").and_then(Value::as_str);
+        if let (Some(class), Some(desc)) = (class, desc) {
+            let reply = QmpErrorReply {
+                class: class.to_owned(),
+                desc: desc.to_owned(),
+            };
+            return Ok(Incoming::Reply {
+                id: env.id,
+                result: Err(reply),
+            });
+        }
+        return parse_message(&line).map(Incoming::from);
+    }
+    if let Some(Value::String(name)) = env.event {
+        let timestamp = env
+            .timestamp
+            .and_then(|t| serde_json::from_value::<QemuTimestamp>(t).ok())
+            .unwrap_or(QemuTimestamp {
+                seconds: 0,
+                microseconds: 0,
+            });
+        return Ok(Incoming::Event(WireEvent {
+            name,
+            data: env.data.unwrap_or(Value::Null),
+            timestamp,
+        }));
+    }
+    parse_message(&line).map(Incoming::from)
 }
 
 #[derive(Serialize)]
@@ -661,6 +963,95 @@ mod tests {
         assert!(not_object.message.contains("not a JSON object"));
         let binary = parse_message(b"\x00\xff\xfe").expect_err("binary");
         assert_eq!(binary.excerpt, "\\x00\\xff\\xfe");
+    }
+
+    /// `classify` (the client's reader) must classify every line exactly as `parse_message`
+    /// does, with a reply's body decoding to the same value: every recorded transcript line,
+    /// and the shapes where a typed envelope and a `Value` could differ (null members,
+    /// duplicates, members of the wrong type, non-objects, invalid JSON).
+    #[test]
+    fn classify_agrees_with_parse_message() {
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        let dir = format!("{}/tests/fixtures/transcripts", env!("CARGO_MANIFEST_DIR"));
+        for entry in std::fs::read_dir(&dir).expect("transcripts") {
+            let path = entry.expect("entry").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("raw") {
+                continue;
+            }
+            let mut framer = LineFramer::default();
+            framer.push(&std::fs::read(&path).expect("read"));
+            while let Ok(Some(line)) = framer.next_line() {
+                lines.push(line);
+            }
+        }
+        assert!(lines.len() > 20, "{} transcript lines", lines.len());
+        for extra in [
+            &br#"{"return": null, "id": 1}"#[..],
+            br#"{"return": {}, "id": null}"#,
+            br#"{"return": {}}"#,
+            br#"{"return": 1, "return": 2, "id": 3}"#,
+            br#"{"return": {"status": "paused", "status": "running"}, "id": 3}"#,
+            br#"{"id": 4, "return": {"a": [1, 2, {"b": null}]}, "error": {"class": "X", "desc": "y"}}"#,
+            br#"{"error": {"class": "X", "desc": "y"}, "id": 5}"#,
+            br#"{"error": {"class": "X"}, "id": 5}"#,
+            br#"{"error": 7}"#,
+            br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            br#"{"event": "STOP", "timestamp": "now", "data": null}"#,
+            br#"{"event": 3, "data": {}}"#,
+            br#"{"event": "A", "event": "B"}"#,
+            br#"{"QMP": {"version": 1}, "return": {}}"#,
+            br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#,
+            br#"{"hello": 1}"#,
+            br#"{}"#,
+            b"[1, 2]",
+            b"\"text\"",
+            br#"{"return": {}, "id": 1"#,
+            b"\x00\xff",
+            br#"{"return": 1e999999, "id": 1}"#,
+        ] {
+            lines.push(extra.to_vec());
+        }
+        for line in lines {
+            let expected = parse_message(&line);
+            let got = classify(line.clone());
+            let got = got.map(|m| match m {
+                Incoming::Reply { id, result } => QmpMessage::Reply {
+                    id,
+                    result: result.map(|body| body.decode::<Value>().expect("decodes")),
+                },
+                Incoming::Greeting(g) => QmpMessage::Greeting(g),
+                Incoming::Event(e) => QmpMessage::Event(e),
+                Incoming::Unrecognized(v) => QmpMessage::Unrecognized(v),
+            });
+            assert_eq!(got, expected, "line {}", excerpt(&line));
+        }
+    }
+
+    /// A typed reply decoded from the line equals the typed value decoded from the `Value`,
+    /// and a shape error is an error both ways.
+    #[test]
+    fn reply_body_decodes_like_from_value() {
+        let line =
+            br#"{"return": {"status": "paused", "singlestep": false, "running": false}, "id": 2}"#;
+        let Ok(Incoming::Reply {
+            result: Ok(body), ..
+        }) = classify(line.to_vec())
+        else {
+            panic!("a reply")
+        };
+        let status: StatusInfo = body.clone().decode().expect("typed");
+        let via_value: StatusInfo = serde_json::from_value(body.decode::<Value>().expect("value"))
+            .expect("typed via value");
+        assert_eq!(status, via_value);
+        assert_eq!(status.status, RunState::Paused);
+        let line = br#"{"return": {"status": "paused"}, "id": 2}"#;
+        let Ok(Incoming::Reply {
+            result: Ok(body), ..
+        }) = classify(line.to_vec())
+        else {
+            panic!("a reply")
+        };
+        assert!(body.decode::<StatusInfo>().is_err(), "`running` is missing");
     }
 
     #[test]
