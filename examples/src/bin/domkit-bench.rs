@@ -12,7 +12,7 @@
 //! the peers interleaved in a rotating order inside each repetition, and reported as median
 //! [min-max]. Nothing here asserts a time: the bench reports, `docs/performance.md` judges.
 //!
-//! Sections (`--only rt,events,start,scale,reattach,stats`):
+//! Sections (`--only rt,events,start,scale,reattach,stats,daemon`):
 //! 1. `rt`: sequential `query-status` for a fixed time per peer: ops/s, p50/p99; then 8
 //!    concurrent callers on one connection.
 //! 2. `events`: resume/pause cycles; latency from QEMU's own event timestamp to the event
@@ -268,6 +268,20 @@ fn main() -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    if section("daemon") {
+        // domkitd (issue 13): in-process vs through the daemon, and the CLI round trip.
+        let t = Instant::now();
+        let idle = Duration::from_secs_f64(params.idle_secs.min(10.0));
+        if let Err(e) = bench::daemon::run(&runtime, tmp.path(), &disk, params.reps, idle, &mut res)
+        {
+            eprintln!("domkit-bench: daemon failed: {e:#}");
+            res.notes.insert("daemon".into(), format!("failed: {e:#}"));
+        }
+        eprintln!(
+            "domkit-bench: daemon done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     if let Some(path) = &cli.xen_json {
         match xen_note(path) {
             Ok(note) => {
@@ -288,7 +302,7 @@ fn main() -> anyhow::Result<()> {
     res.meta.insert("loadavg_end".into(), json!(loadavg()));
 
     let targets = verdicts(&res);
-    let md = res.markdown(&targets);
+    let md = res.markdown(&targets) + &bench::daemon::markdown(&res);
     println!("{md}");
     let mut json = res.to_json();
     json["targets"] = targets.iter().map(|t| t.to_json()).collect();

@@ -1,0 +1,286 @@
+//! domkitd (issue 13): the same calls in-process and through a real domkitd process over its
+//! Unix socket, interleaved in one run, plus the CLI round trip and the daemon's idle cost.
+//!
+//! One paused QEMU per side (a persistent in-process driver; the daemon's own driver), the
+//! same config. Per repetition, alternating which side goes first:
+//! - `info`: `Domain::info` vs the `Info` RPC (no backend round trip: the pure cost of the
+//!   daemon hop: gRPC over a Unix socket);
+//! - `pause_resume`: a resume + pause pair (two QMP round trips and their events) vs the
+//!   same through `Resume` + `Pause`;
+//! - `cli`: `domkit domstate` as a process (spawn, connect, `Info`, print), wall time.
+//!
+//! Then the daemon's RSS and CPU over an idle window.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use domkit_core::{Domain, Driver, StartOptions};
+use domkit_qemu::{QemuDriver, QemuDriverOptions};
+use domkitd::client::{self, Target};
+use domkitd::pb;
+
+use super::qemu::{bench_config, SCALE_MEMORY_MIB};
+use super::results::Results;
+use super::stats::percentile;
+
+/// Info calls per side per repetition.
+const INFO_CALLS: usize = 300;
+/// Resume + pause pairs per side per repetition.
+const PAUSE_RESUME: usize = 20;
+/// `domkit domstate` runs per repetition.
+const CLI_RUNS: usize = 10;
+
+struct DaemonProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary built beside this one (`cargo build --release -p domkitd -p domkit-examples`).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it beside domkit-bench (cargo build --release -p domkitd -p \
+             domkit-examples)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn start_daemon(dir: &Path) -> anyhow::Result<DaemonProcess> {
+    let socket = dir.join("r").join("d.sock");
+    let child = Command::new(sibling("domkitd")?)
+        .arg("--foreground")
+        .arg("--state-dir")
+        .arg(dir.join("s"))
+        .arg("--runtime-dir")
+        .arg(dir.join("r"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting domkitd")?;
+    let daemon = DaemonProcess { child, socket };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "domkitd did not listen on {} in 30 s",
+                daemon.socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(daemon)
+}
+
+fn us(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+fn p50(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    percentile(samples, 50.0)
+}
+
+fn p99(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    percentile(samples, 99.0)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs the daemon figures into `res`: `daemon_info_p50_us.{inprocess,domkitd}`,
+/// `daemon_info_vs_inprocess`, `daemon_pause_resume_ms.{inprocess,domkitd}`,
+/// `daemon_pause_resume_vs_inprocess`, `cli_domstate_ms.p50/p99`, `domkitd_rss_kib.idle`,
+/// `domkitd_idle_cpu_ms_per_s`.
+pub fn run(
+    runtime: &tokio::runtime::Runtime,
+    tmp: &Path,
+    disk: &Path,
+    reps: usize,
+    idle: Duration,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let base = tmp.join("dmn");
+    let daemon = start_daemon(&base.join("d"))?;
+    let domkit = sibling("domkit")?;
+    let config = bench_config("bd", SCALE_MEMORY_MIB, disk);
+    let (driver, local, mut remote) = runtime.block_on(async {
+        let options = QemuDriverOptions::persistent(base.join("ls"), base.join("lr"));
+        let driver = QemuDriver::open(options).await?;
+        let mut local_config = config.clone();
+        local_config.name = "bl".into();
+        local_config.uuid = None;
+        let local = driver
+            .create(local_config, StartOptions { paused: true })
+            .await?;
+        let mut remote = client::connect(&Target::Unix(daemon.socket.clone())).await?;
+        remote
+            .define(pb::DefineRequest {
+                config: serde_json::to_string(&config)?,
+                format: pb::ConfigFormat::Json as i32,
+            })
+            .await?;
+        remote
+            .start(pb::StartRequest {
+                domain: Some(client::domain_ref("bd")),
+                paused: true,
+            })
+            .await?;
+        anyhow::Ok((driver, local, remote))
+    })?;
+    let remote_ref = || client::domain_ref("bd");
+    let result = (|| -> anyhow::Result<()> {
+        for rep in 0..reps {
+            let sides = if rep % 2 == 0 {
+                ["inprocess", "domkitd"]
+            } else {
+                ["domkitd", "inprocess"]
+            };
+            let mut info_p50 = [0.0f64; 2];
+            let mut pr_p50 = [0.0f64; 2];
+            for side in sides {
+                let i = usize::from(side == "domkitd");
+                let (mut info, mut pr) = runtime.block_on(async {
+                    let mut info = Vec::with_capacity(INFO_CALLS);
+                    let mut pr = Vec::with_capacity(PAUSE_RESUME);
+                    for _ in 0..INFO_CALLS {
+                        let t = Instant::now();
+                        if side == "domkitd" {
+                            remote.info(remote_ref()).await?;
+                        } else {
+                            local.info().await?;
+                        }
+                        info.push(us(t));
+                    }
+                    for _ in 0..PAUSE_RESUME {
+                        let t = Instant::now();
+                        if side == "domkitd" {
+                            remote.resume(remote_ref()).await?;
+                            remote.pause(remote_ref()).await?;
+                        } else {
+                            local.resume().await?;
+                            local.pause().await?;
+                        }
+                        pr.push(us(t) / 1000.0);
+                    }
+                    anyhow::Ok((info, pr))
+                })?;
+                info_p50[i] = p50(&mut info);
+                pr_p50[i] = p50(&mut pr);
+                res.push(format!("daemon_info_p50_us.{side}"), info_p50[i]);
+                res.push(format!("daemon_info_p99_us.{side}"), p99(&mut info));
+                res.push(format!("daemon_pause_resume_ms.{side}"), pr_p50[i]);
+            }
+            res.push("daemon_info_vs_inprocess", info_p50[1] / info_p50[0]);
+            res.push("daemon_pause_resume_vs_inprocess", pr_p50[1] / pr_p50[0]);
+            let mut cli = Vec::with_capacity(CLI_RUNS);
+            for _ in 0..CLI_RUNS {
+                let t = Instant::now();
+                let out = Command::new(&domkit)
+                    .arg("--socket")
+                    .arg(&daemon.socket)
+                    .args(["domstate", "bd"])
+                    .stdin(Stdio::null())
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "domkit domstate failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                cli.push(us(t) / 1000.0);
+            }
+            res.push("cli_domstate_ms.p50", p50(&mut cli));
+            res.push("cli_domstate_ms.p99", p99(&mut cli));
+        }
+        let pid = daemon.child.id();
+        if let Some(rss) = rss_kib(pid) {
+            res.push("domkitd_rss_kib.idle", rss);
+        }
+        let before = cpu_ticks(pid);
+        std::thread::sleep(idle);
+        if let (Some(a), Some(b)) = (before, cpu_ticks(pid)) {
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            let ms = (b - a) as f64 * 1000.0 / hz;
+            res.push("domkitd_idle_cpu_ms_per_s", ms / idle.as_secs_f64());
+        }
+        Ok(())
+    })();
+    runtime.block_on(async {
+        let _ = remote.destroy(remote_ref()).await;
+        let _ = local.destroy().await;
+        let _ = driver.undefine("bl").await;
+    });
+    result
+}
+
+/// The Markdown table of the daemon figures (empty if the section did not run).
+pub fn markdown(res: &Results) -> String {
+    let Some(_) = res.figure("daemon_info_p50_us.domkitd") else {
+        return String::new();
+    };
+    let cell = |k: &str| res.figure(k).map_or_else(|| "n/a".into(), |f| f.cell());
+    let mut md = String::from(
+        "\n#### domkitd: the same calls in-process and through a domkitd process (Unix socket)\n\n",
+    );
+    md.push_str(
+        "| call | in-process | through domkitd | domkitd vs in-process |\n|---|---|---|---|\n",
+    );
+    md.push_str(&format!(
+        "| `info` p50 µs (no backend round trip) | {} | {} | {} |\n",
+        cell("daemon_info_p50_us.inprocess"),
+        cell("daemon_info_p50_us.domkitd"),
+        cell("daemon_info_vs_inprocess"),
+    ));
+    md.push_str(&format!(
+        "| `info` p99 µs | {} | {} | |\n",
+        cell("daemon_info_p99_us.inprocess"),
+        cell("daemon_info_p99_us.domkitd"),
+    ));
+    md.push_str(&format!(
+        "| resume + pause p50 ms (2 QMP round trips + events) | {} | {} | {} |\n",
+        cell("daemon_pause_resume_ms.inprocess"),
+        cell("daemon_pause_resume_ms.domkitd"),
+        cell("daemon_pause_resume_vs_inprocess"),
+    ));
+    md.push_str(&format!(
+        "\n`domkit domstate` (a process: spawn, connect, `Info`, print): p50 {} ms, p99 {} ms. \
+         domkitd with one paused domain: RSS {} KiB, idle CPU {} ms/s.\n",
+        cell("cli_domstate_ms.p50"),
+        cell("cli_domstate_ms.p99"),
+        cell("domkitd_rss_kib.idle"),
+        cell("domkitd_idle_cpu_ms_per_s"),
+    ));
+    md
+}
