@@ -47,3 +47,21 @@ fn an_unreachable_daemon_is_exit_code_7_naming_the_socket() {
     let (code, _, err) = domkit(&["-c", "ftp://x", "list"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_listing_quietly() {
+    use std::process::Stdio;
+    // stdout is a pipe whose reader is already gone (like `| head -n 0`): every write
+    // fails with EPIPE, deterministically.
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_domkit"))
+        .args(["conformance", "--list"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run domkit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{}: {err}", out.status);
+}
