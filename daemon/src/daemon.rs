@@ -57,6 +57,10 @@ pub struct Options {
     /// from a cursor.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RETENTION)]
     pub journal_retention: usize,
+    /// Let this group use the full-access Unix sockets too: they become 0660 with this
+    /// group (like libvirt's `unix_sock_group`), in a directory the group may enter.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 fn is_root() -> bool {
@@ -183,9 +187,28 @@ pub async fn run(options: Options) -> Result<(), DaemonError> {
         })
         .collect();
     for (dir, _) in &unix_dirs {
-        let shared = unix_dirs.iter().any(|(d, ro)| d == dir && *ro);
+        // A group-accessible or read-only socket needs a directory others may enter.
+        let shared =
+            options.socket_group.is_some() || unix_dirs.iter().any(|(d, ro)| d == dir && *ro);
         listen::ensure_socket_dir(dir, shared)?;
     }
+
+    let socket_gid = match &options.socket_group {
+        None => None,
+        Some(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Some(group.gid),
+            Ok(None) => {
+                return Err(DaemonError::Setup(format!(
+                    "--socket-group {name:?}: no such group"
+                )))
+            }
+            Err(e) => {
+                return Err(DaemonError::Setup(format!(
+                    "--socket-group {name:?}: cannot look it up: {e}"
+                )))
+            }
+        },
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
@@ -204,12 +227,15 @@ pub async fn run(options: Options) -> Result<(), DaemonError> {
         let stop = wait_stop(stop_rx.clone());
         match &listener.spec {
             ListenSpec::Unix(path) => {
-                let mode = if listener.access == Access::ReadOnly {
-                    0o666
-                } else {
-                    0o600
+                let mode = match (listener.access, socket_gid) {
+                    (Access::ReadOnly, _) => 0o666,
+                    (Access::Full, Some(_)) => 0o660,
+                    (Access::Full, None) => 0o600,
                 };
                 let socket = listen::bind_unix(path, mode)?;
+                if let (Access::Full, Some(gid)) = (listener.access, socket_gid) {
+                    listen::share_with_group(path, gid)?;
+                }
                 sockets.push(path.clone());
                 let incoming = listen::unix_incoming(socket, label.clone());
                 servers.push(tokio::spawn(async move {

@@ -182,3 +182,20 @@ pub fn server_tls(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig,
         .client_ca_root(ca)
         .client_auth_optional(false))
 }
+
+/// Give group `gid` the socket `path` (already 0660) and a way into its directory: the
+/// directory gets that group and `g+x` (search only: the group cannot list or add entries).
+pub fn share_with_group(path: &Path, gid: nix::unistd::Gid) -> Result<(), DaemonError> {
+    nix::unistd::chown(path, None, Some(gid))
+        .map_err(|e| setup(format!("chgrp {gid} {}: {e}", path.display())))?;
+    if let Some(dir) = path.parent() {
+        let meta =
+            std::fs::symlink_metadata(dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
+        nix::unistd::chown(dir, None, Some(gid))
+            .map_err(|e| setup(format!("chgrp {gid} {}: {e}", dir.display())))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))
+            .map_err(|e| setup(format!("chmod g+x {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}

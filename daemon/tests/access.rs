@@ -262,3 +262,28 @@ fn plaintext_tcp_is_never_offered_and_a_second_daemon_on_a_root_is_refused() {
     );
     assert!(!other_socket.exists(), "the refused daemon touched nothing");
 }
+
+#[test]
+fn a_socket_group_makes_the_full_socket_0660_with_that_group() {
+    use std::os::unix::fs::MetadataExt;
+    let daemon = Daemon::start(Dirs::new(), &["--socket-group", "root"]);
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 0);
+    let dir = std::fs::metadata(daemon.socket.parent().unwrap()).unwrap();
+    assert_eq!(
+        dir.mode() & 0o070,
+        0o010,
+        "the group may enter, not list or write"
+    );
+    let out = Command::new(common::domkitd_bin())
+        .args(["--foreground", "--socket-group", "no-such-group-dk"])
+        .arg("--state-dir")
+        .arg(daemon.dirs.root.path().join("s2"))
+        .arg("--runtime-dir")
+        .arg(daemon.dirs.root.path().join("r2"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such group"));
+}
