@@ -10,17 +10,18 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 /// How many events a subscriber of one domain may fall behind before it loses some (it can
-/// tell: the sequence numbers jump and [`EventStream::lost`] counts them). A domain's
-/// lifecycle produces a handful of events per operation; the ring is allocated up front for
-/// every domain, so it is kept small (128 slots, ~11 KiB; 1024 cost 88 KiB per domain in
-/// the scale benchmark).
+/// tell: the sequence numbers jump and [`EventStream::lost`] counts them), and how many a
+/// domain keeps for [`LifecycleCell::subscribe_from`]. Both are the same buffer: the
+/// domain's kept events, which its subscribers read at their own position. It grows as
+/// events happen (a domain's lifecycle produces a handful per operation), so an idle domain
+/// costs nothing; a preallocated broadcast ring cost 11 KiB per domain (1024 slots: 88 KiB).
 pub const EVENT_BUFFER: usize = 128;
 
 /// The same for a driver-wide stream (all domains of one driver; one ring per driver).
@@ -32,7 +33,7 @@ pub const DRIVER_EVENT_BUFFER: usize = 4096;
 /// number skipped is in [`EventStream::lost`], and the per-domain `seq` shows the gap
 /// (`docs/semantics.md` §2.4, §12.2).
 pub struct EventStream {
-    inner: BroadcastStream<DomainEvent>,
+    inner: Source,
     lost: Arc<AtomicU64>,
     /// Events delivered before the live ones (a [`LifecycleCell::subscribe_from`] replay).
     replay: VecDeque<DomainEvent>,
@@ -41,23 +42,110 @@ pub struct EventStream {
     skip_through: u64,
 }
 
+/// Where a stream's events come from.
+enum Source {
+    /// A broadcast ring (a driver-wide stream).
+    Broadcast(BroadcastStream<DomainEvent>),
+    /// One domain's kept events, read from a position of its own.
+    Domain(DomainCursor),
+}
+
+/// A domain's kept events (the last [`EVENT_BUFFER`], oldest first) and the subscribers
+/// waiting for the next one.
+struct History {
+    events: VecDeque<DomainEvent>,
+    /// Subscribers waiting for an event, by subscriber id.
+    waiting: Vec<(u64, Waker)>,
+    next_subscriber: u64,
+    /// The cell is gone: subscribers end after the events they have not read.
+    closed: bool,
+}
+
+impl History {
+    fn wake_all(&mut self) {
+        // Waking only schedules the subscriber, which locks after this returns.
+        for (_, waker) in self.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+/// A subscriber's position in a domain's [`History`].
+struct DomainCursor {
+    history: Arc<Mutex<History>>,
+    id: u64,
+    /// The `seq` of the next event to deliver.
+    next_seq: u64,
+}
+
+impl DomainCursor {
+    fn poll_next(&mut self, cx: &mut Context<'_>, lost: &AtomicU64) -> Poll<Option<DomainEvent>> {
+        let mut history = lock_history(&self.history);
+        if let Some(oldest) = history.events.front().map(|ev| ev.seq) {
+            if self.next_seq < oldest {
+                // Lagged past what is kept: go on with the oldest kept event (§2.4).
+                lost.fetch_add(oldest - self.next_seq, Ordering::Relaxed);
+                self.next_seq = oldest;
+            }
+        }
+        let at = history.events.partition_point(|ev| ev.seq < self.next_seq);
+        if let Some(ev) = history.events.get(at) {
+            self.next_seq = ev.seq + 1;
+            return Poll::Ready(Some(ev.clone()));
+        }
+        if history.closed {
+            return Poll::Ready(None);
+        }
+        let id = self.id;
+        match history.waiting.iter_mut().find(|(w, _)| *w == id) {
+            Some((_, w)) => w.clone_from(cx.waker()),
+            None => history.waiting.push((id, cx.waker().clone())),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for DomainCursor {
+    fn drop(&mut self) {
+        let id = self.id;
+        lock_history(&self.history)
+            .waiting
+            .retain(|(w, _)| *w != id);
+    }
+}
+
+fn lock_history(history: &Mutex<History>) -> MutexGuard<'_, History> {
+    // Only pushed to and popped from whole events: a poisoned lock is still consistent.
+    history.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl EventStream {
     /// Wrap a broadcast receiver.
     pub fn new(rx: broadcast::Receiver<DomainEvent>) -> Self {
-        EventStream::with_replay(rx, VecDeque::new(), 0)
+        EventStream {
+            inner: Source::Broadcast(BroadcastStream::new(rx)),
+            lost: Arc::new(AtomicU64::new(0)),
+            replay: VecDeque::new(),
+            skip_through: 0,
+        }
     }
 
-    /// Deliver `replay` first, then the events of `rx` whose `seq` is above `skip_through`.
-    fn with_replay(
-        rx: broadcast::Receiver<DomainEvent>,
-        replay: VecDeque<DomainEvent>,
-        skip_through: u64,
-    ) -> Self {
+    /// A stream of `history`'s events from `seq` `next_seq` on.
+    fn of_domain(history: &Arc<Mutex<History>>, next_seq: u64) -> Self {
+        let id = {
+            let mut h = lock_history(history);
+            h.next_subscriber += 1;
+            h.next_subscriber
+        };
         EventStream {
-            inner: BroadcastStream::new(rx),
+            inner: Source::Domain(DomainCursor {
+                history: history.clone(),
+                id,
+                next_seq,
+            }),
             lost: Arc::new(AtomicU64::new(0)),
-            replay,
-            skip_through,
+            replay: VecDeque::new(),
+            skip_through: 0,
         }
     }
 
@@ -88,12 +176,22 @@ impl Stream for EventStream {
         if let Some(ev) = self.replay.pop_front() {
             return Poll::Ready(Some(ev));
         }
+        let this = &mut *self;
+        let inner = match &mut this.inner {
+            Source::Domain(cursor) => loop {
+                match cursor.poll_next(cx, &this.lost) {
+                    Poll::Ready(Some(ev)) if ev.seq <= this.skip_through => continue,
+                    other => return other,
+                }
+            },
+            Source::Broadcast(inner) => inner,
+        };
         loop {
-            match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(ev))) if ev.seq <= self.skip_through => continue,
+            match Pin::new(&mut *inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(ev))) if ev.seq <= this.skip_through => continue,
                 Poll::Ready(Some(Ok(ev))) => return Poll::Ready(Some(ev)),
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
-                    self.lost.fetch_add(n, Ordering::Relaxed);
+                    this.lost.fetch_add(n, Ordering::Relaxed);
                     continue;
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -111,12 +209,11 @@ impl Stream for EventStream {
 /// and the state watch is never older than the last event delivered (§5).
 pub struct LifecycleCell {
     inner: Mutex<Lifecycle>,
-    events: broadcast::Sender<DomainEvent>,
-    /// The last [`EVENT_BUFFER`] events, oldest first, for [`LifecycleCell::subscribe_from`]
-    /// (the broadcast ring cannot be read by a new receiver). Locked only while `inner` is
-    /// held, so it always ends at the lifecycle's `last_seq`. Grows as events happen: an
-    /// idle domain costs nothing.
-    history: Mutex<VecDeque<DomainEvent>>,
+    /// The last [`EVENT_BUFFER`] events, oldest first: what every subscriber of the domain
+    /// reads (at its own position) and what [`LifecycleCell::subscribe_from`] replays from.
+    /// Pushed to only while `inner` is held, so it always ends at the lifecycle's
+    /// `last_seq`. Grows as events happen: an idle domain costs nothing.
+    history: Arc<Mutex<History>>,
     driver_events: Option<broadcast::Sender<DomainEvent>>,
     state_tx: watch::Sender<DomainState>,
     persist: Option<PersistHook>,
@@ -141,12 +238,15 @@ impl LifecycleCell {
         lifecycle: Lifecycle,
         driver_events: Option<broadcast::Sender<DomainEvent>>,
     ) -> Self {
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (state_tx, _) = watch::channel(lifecycle.state());
         LifecycleCell {
             inner: Mutex::new(lifecycle),
-            events,
-            history: Mutex::new(VecDeque::new()),
+            history: Arc::new(Mutex::new(History {
+                events: VecDeque::new(),
+                waiting: Vec::new(),
+                next_subscriber: 0,
+                closed: false,
+            })),
             driver_events,
             state_tx,
             persist: None,
@@ -243,27 +343,22 @@ impl LifecycleCell {
     /// Send one event to both streams; the caller holds the lock.
     fn send(&self, ev: DomainEvent) {
         tracing::debug!(domain = %ev.domain.name, seq = ev.seq, event = %ev.kind, "domain event");
-        {
-            let mut history = self.history_lock();
-            if history.len() >= EVENT_BUFFER {
-                history.pop_front();
-            }
-            history.push_back(ev.clone());
-        }
         if let Some(d) = &self.driver_events {
             let _ = d.send(ev.clone());
         }
-        let _ = self.events.send(ev);
-    }
-
-    fn history_lock(&self) -> MutexGuard<'_, VecDeque<DomainEvent>> {
-        // Only pushed to and popped from whole events: a poisoned lock is still consistent.
-        self.history.lock().unwrap_or_else(|p| p.into_inner())
+        let mut history = lock_history(&self.history);
+        if history.events.len() >= EVENT_BUFFER {
+            history.events.pop_front();
+        }
+        history.events.push_back(ev);
+        history.wake_all();
     }
 
     /// Subscribe to this domain's events (from now on).
     pub fn subscribe(&self) -> EventStream {
-        EventStream::new(self.events.subscribe())
+        let lc = self.lock();
+        // Under the lock: the stream starts right after the last event published.
+        EventStream::of_domain(&self.history, lc.last_seq() + 1)
     }
 
     /// The current state, the `seq` of the last event it reflects, and a stream of every
@@ -274,7 +369,7 @@ impl LifecycleCell {
         (
             lc.state(),
             lc.last_seq(),
-            EventStream::new(self.events.subscribe()),
+            EventStream::of_domain(&self.history, lc.last_seq() + 1),
         )
     }
 
@@ -287,26 +382,23 @@ impl LifecycleCell {
     pub fn subscribe_from(&self, after: u64) -> Result<EventStream> {
         let lc = self.lock();
         let last = lc.last_seq();
-        // Subscribed under the lock: every live event has a seq above `last`.
-        let rx = self.events.subscribe();
-        if after >= last {
-            return Ok(EventStream::with_replay(rx, VecDeque::new(), after));
+        // Under the lock: the kept events end at `last`, and later ones are pushed after it.
+        if after < last {
+            let resumed_at = lock_history(&self.history)
+                .events
+                .front()
+                .map_or(last + 1, |ev| ev.seq);
+            if resumed_at > after + 1 {
+                return Err(Error::EventsLost {
+                    domain: lc.id().name.clone(),
+                    after,
+                    resumed_at,
+                });
+            }
         }
-        let history = self.history_lock();
-        let resumed_at = history.front().map_or(last + 1, |ev| ev.seq);
-        if resumed_at > after + 1 {
-            return Err(Error::EventsLost {
-                domain: lc.id().name.clone(),
-                after,
-                resumed_at,
-            });
-        }
-        let replay = history
-            .iter()
-            .filter(|ev| ev.seq > after)
-            .cloned()
-            .collect();
-        Ok(EventStream::with_replay(rx, replay, last))
+        // The kept events above `after` are read first, then the live ones: one sequence,
+        // no seam.
+        Ok(EventStream::of_domain(&self.history, after + 1))
     }
 
     /// Stash `intent` until the returned guard is dropped; other operations' intents stay.
@@ -345,6 +437,16 @@ impl LifecycleCell {
                 hint: format!("the domain is still {}", self.state()),
             }),
         }
+    }
+}
+
+impl Drop for LifecycleCell {
+    fn drop(&mut self) {
+        // Subscribers end once they have read what is kept (as a dropped broadcast sender
+        // ends its receivers): the domain was undefined or its driver dropped.
+        let mut history = lock_history(&self.history);
+        history.closed = true;
+        history.wake_all();
     }
 }
 
