@@ -83,7 +83,7 @@ pub async fn run<B: TestBackend>(backend: &B, only: Option<&str>) -> SuiteReport
     let selected: Vec<(usize, crate::scenario::Scenario<B>)> = crate::scenarios::all::<B>()
         .into_iter()
         .enumerate()
-        .filter(|(_, s)| only.is_none_or(|p| p.split(',').any(|p| s.name.contains(p))))
+        .filter(|(_, s)| only.map_or(true, |p| p.split(',').any(|p| s.name.contains(p))))
         .collect();
     let reports = futures::stream::iter(selected)
         .map(|(i, scenario)| async move {

@@ -1077,7 +1077,8 @@ async fn read_into(sock: &AsyncFd<StdUnixStream>, framer: &mut LineFramer) -> io
         let mut ready = sock.readable().await?;
         let read = READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let n = (&*ready.get_inner()).read(&mut buf[..])?;
+            let mut stream: &StdUnixStream = ready.get_inner();
+            let n = stream.read(&mut buf[..])?;
             framer.push(&buf[..n]);
             Ok::<_, io::Error>((n, n < buf.len()))
         });
