@@ -612,6 +612,12 @@ async fn while_away<B: TestBackend>(
                 .await
                 .map_err(|e| prefix_stop(&format!("{name} ({policy:?})"), e))?;
         }
+        // The manager that reattached them ends them (a restarted one included) and the
+        // backend lets them go.
+        for name in &names {
+            driver.lookup_by_name(name).await?.destroy().await?;
+            away.expect_gone(name, TEARDOWN * 3).await?;
+        }
         Ok(())
     }
     .await;
