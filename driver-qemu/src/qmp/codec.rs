@@ -241,6 +241,17 @@ pub enum QmpMessage {
     Unrecognized(Value),
 }
 
+/// The `{"class", "desc"}` object of an error reply, or `None` when either is missing or not a
+/// string (the message is then unrecognized). Shared by both decode paths.
+fn error_reply(error: &Value) -> Option<QmpErrorReply> {
+    let class = error.get("class")?.as_str()?;
+    let desc = error.get("desc")?.as_str()?;
+    Some(QmpErrorReply {
+        class: class.to_owned(),
+        desc: desc.to_owned(),
+    })
+}
+
 /// Parses one line (without terminator) into a [`QmpMessage`].
 ///
 /// Only bytes that are not a JSON object are an error; every JSON object parses.
@@ -266,13 +277,7 @@ pub fn parse_message(line: &[u8]) -> Result<QmpMessage, DecodeError> {
         });
     }
     if let Some(error) = obj.get("error") {
-        let class = error.get("class").and_then(Value::as_str);
-        let desc = error.get("desc").and_then(Value::as_str);
-        if let (Some(class), Some(desc)) = (class, desc) {
-            let reply = QmpErrorReply {
-                class: class.to_owned(),
-                desc: desc.to_owned(),
-            };
+        if let Some(reply) = error_reply(error) {
             return Ok(QmpMessage::Reply {
                 id: obj.remove("id"),
                 result: Err(reply),
@@ -559,13 +564,7 @@ pub fn classify(line: Vec<u8>) -> Result<Incoming, DecodeError> {
         });
     }
     if let Some(error) = &env.error {
-        let class = error.get("class").and_then(Value::as_str);
-        let desc = error.get("desc").and_then(Value::as_str);
-        if let (Some(class), Some(desc)) = (class, desc) {
-            let reply = QmpErrorReply {
-                class: class.to_owned(),
-                desc: desc.to_owned(),
-            };
+        if let Some(reply) = error_reply(error) {
             return Ok(Incoming::Reply {
                 id: env.id,
                 result: Err(reply),
