@@ -16,11 +16,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use domkit_core::{Domain, Driver, StartOptions};
+use anyhow::bail;
+use domkit_core::{Domain, Driver};
 use domkit_qemu::{QemuDriver, QemuDriverOptions};
 
-use super::qemu::{bench_config, SCALE_MEMORY_MIB};
+use super::qemu::{create_paused_in_batches, SCALE_MEMORY_MIB};
 use super::results::Results;
 use super::scale::cpu_and_wakeups;
 use super::stats::percentile;
@@ -44,17 +44,8 @@ pub fn run(
     std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let driver = QemuDriver::new(QemuDriverOptions::with_runtime_root(&root))?;
     let result = runtime.block_on(async {
-        // In batches: 100 QEMUs initialising at once on 2 cores miss their connect timeout.
-        for batch in (0..n).collect::<Vec<_>>().chunks(10) {
-            let starts = batch.iter().map(|i| {
-                let driver = driver.clone();
-                let config = bench_config(&format!("s{i}"), SCALE_MEMORY_MIB, disk);
-                async move { driver.create(config, StartOptions { paused: true }).await }
-            });
-            for created in futures::future::join_all(starts).await {
-                created.context("starting a domain to poll")?;
-            }
-        }
+        create_paused_in_batches(&driver, n, "s", SCALE_MEMORY_MIB, disk, "a domain to poll")
+            .await?;
         // Warm-up, and a check that every record has its figures.
         let all = driver.all_stats().await?;
         let complete = all

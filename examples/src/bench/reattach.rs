@@ -14,10 +14,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use domkit_core::{Domain, DomainState, Driver, StartOptions};
+use domkit_core::{Domain, DomainState, Driver};
 use domkit_qemu::{QemuDriver, QemuDriverOptions};
 
-use super::qemu::{bench_config, SCALE_MEMORY_MIB};
+use super::qemu::{create_paused_in_batches, SCALE_MEMORY_MIB};
 use super::raw::{RawQmp, QUERY_STATUS};
 use super::results::Results;
 
@@ -35,16 +35,15 @@ pub fn run(
     let options = || QemuDriverOptions::persistent(base.join("s"), base.join("r"));
     runtime.block_on(async {
         let driver = QemuDriver::open(options()).await?;
-        for batch in (0..n).collect::<Vec<_>>().chunks(10) {
-            let starts = batch.iter().map(|i| {
-                let driver = driver.clone();
-                let config = bench_config(&format!("r{i}"), SCALE_MEMORY_MIB, disk);
-                async move { driver.create(config, StartOptions { paused: true }).await }
-            });
-            for created in futures::future::join_all(starts).await {
-                created.context("starting a domain to reattach to")?;
-            }
-        }
+        create_paused_in_batches(
+            &driver,
+            n,
+            "r",
+            SCALE_MEMORY_MIB,
+            disk,
+            "a domain to reattach to",
+        )
+        .await?;
         driver.detach();
         anyhow::Ok(())
     })?;
