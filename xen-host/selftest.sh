@@ -89,7 +89,9 @@ ready_more() { [ "$(nready "$1")" -gt "$2" ]; }
 newdomid() { d=$(xl domid "$1" 2>/dev/null) && [ -n "$d" ] && [ "$d" != "$2" ]; }
 state() { xl list "$1" 2>/dev/null | awk 'NR == 2 { print $5 }'; }
 paused() { state "$1" | grep -q p; }
-action() { xenstore-write "/local/domain/$1/data/domkit-action" "$2"; }
+# A token after the word: the guest acts on each new value once (xen-host/domu/init).
+ntoken=0
+action() { ntoken=$((ntoken + 1)); xenstore-write "/local/domain/$1/data/domkit-action" "$2 $ntoken"; }
 
 mkcfg() { # name extra-cmdline
   cat > "/tmp/$1.cfg" <<CFG

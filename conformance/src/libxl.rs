@@ -3,7 +3,8 @@
 //! initramfs. Guest-side actions go through xenstore: dom0 writes
 //! `/local/domain/<domid>/data/domkit-action` (`poweroff`, `reboot`, `crash`, `report`), the
 //! guest acts on it (`xen-host/domu/init`); `report` makes it write its kernel boot id to
-//! `data/domkit-bootid`.
+//! `data/domkit-bootid`. Every command carries a token ([`command`]): the guest acts on each
+//! new value once and never removes the key (removing it raced with the next command).
 
 use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
@@ -12,6 +13,15 @@ use domkit_libxl::translate::{REASON_CRASH, REASON_POWEROFF, REASON_REBOOT};
 use domkit_libxl::{LibxlDomain, LibxlDriver, LibxlOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The xenstore value of the guest command `word`: the word and a token no other command of
+/// this or any other test process has, so the guest tells two identical commands apart.
+fn command(word: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{word} {}-{n}", std::process::id())
+}
 
 fn env_path(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
@@ -78,7 +88,7 @@ impl LibxlTestBackend {
 
     async fn action(&self, domain: &LibxlDomain, action: &str) -> Result<(), String> {
         let key = format!("/local/domain/{}/data/domkit-action", Self::domid(domain)?);
-        self.tool(&["xenstore-write", &key, action])
+        self.tool(&["xenstore-write", &key, &command(action)])
             .await
             .map(|_| ())
     }
@@ -118,7 +128,7 @@ impl LibxlTestBackend {
                 }
                 let action_key = format!("/local/domain/{domid}/data/domkit-action");
                 match self
-                    .tool(&["xenstore-write", &action_key, "report"])
+                    .tool(&["xenstore-write", &action_key, &command("report")])
                     .await
                     .map(|_| ())
                 {
@@ -298,7 +308,7 @@ impl TestBackend for LibxlTestBackend {
             AwayAction::Guest(GuestAction::Panic) => ("crash", REASON_CRASH),
         };
         let key = format!("/local/domain/{domid}/data/domkit-action");
-        self.tool(&["xenstore-write", &key, word]).await?;
+        self.tool(&["xenstore-write", &key, &command(word)]).await?;
         // With no toolstack watching, the Xen domain stays shut down with its reason.
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut last = String::from("no answer");

@@ -70,9 +70,14 @@ fn xs(args: &[&str]) -> Option<String> {
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Write the guest command `what` with a fresh token (xen-host/domu/init acts on each new value
+/// once).
 fn action(domid: u32, what: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
     let key = format!("/local/domain/{domid}/data/domkit-action");
-    xs(&["xenstore-write", &key, what]).expect("xenstore-write");
+    let value = format!("{what} {}", NEXT.fetch_add(1, Ordering::Relaxed));
+    xs(&["xenstore-write", &key, &value]).expect("xenstore-write");
 }
 
 /// Ask the guest for its boot id; waits until its action loop answers.
