@@ -9,6 +9,8 @@
 #      on libxl inside a real Xen 4.17 host booted nested under QEMU TCG (xen-host/)
 # Ends with one line `domkit-tests: N passed, M failed, K skipped`; exits non-zero on any
 # failure. Set DOMKIT_SKIP_XEN=1 to skip step 4 (it is then reported as skipped, not passed).
+# Set DOMKIT_RECORD_DIR=DIR to keep both conformance results records there (qemu.json,
+# libxl.json: what docs/conformance/ holds and scripts/status-table.py reads).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -70,7 +72,7 @@ else
   # but most of either side's time is spent waiting on TCG guests.
   (
     bash xen-host/run-libxl-tests.sh >"$xenlog" 2>&1 || echo "!!!! FAILED (rc=$?): xen-host/run-libxl-tests.sh" >>"$xenlog"
-    bash xen-host/run-conformance.sh >"$xenconflog" 2>&1 || echo "!!!! FAILED (rc=$?): xen-host/run-conformance.sh" >>"$xenconflog"
+    bash xen-host/run-conformance.sh ${DOMKIT_RECORD_DIR:+--record "$DOMKIT_RECORD_DIR/libxl.json"} >"$xenconflog" 2>&1 || echo "!!!! FAILED (rc=$?): xen-host/run-conformance.sh" >>"$xenconflog"
   ) &
   xen_pid=$!
 fi
@@ -79,6 +81,7 @@ stage "tests: core, QEMU driver, conformance on QEMU, CLI (doc tests, then the t
 run "$log" cargo test --doc --no-fail-fast --workspace --exclude libxenlight-sys --exclude domkit-libxl
 # Two conformance scenarios at a time (each has its own domains and roots).
 export DOMKIT_CONFORMANCE_JOBS=${DOMKIT_CONFORMANCE_JOBS:-2}
+[ -n "${DOMKIT_RECORD_DIR:-}" ] && export DOMKIT_CONFORMANCE_RECORD=$DOMKIT_RECORD_DIR/qemu.json
 run "$log" python3 scripts/run-test-binaries.py "$build_json" -- --test-threads=2
 
 if [ -n "$xen_pid" ]; then

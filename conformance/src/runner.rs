@@ -30,6 +30,23 @@ impl SuiteReport {
         self.count(Verdict::Fail) == 0
     }
 
+    /// Write this report as a results record (what `scripts/status-table.py` reads from
+    /// `docs/conformance/<backend>.json`): the report with the command that produced it, the
+    /// UTC date and the host. The file is written whole (temporary file, then rename).
+    pub fn write_record(&self, path: &std::path::Path, command: &str) -> std::io::Result<()> {
+        let doc = serde_json::json!({
+            "backend": self.backend,
+            "command": command,
+            "date": utc_date_now(),
+            "host": host_facts(),
+            "report": self,
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(std::io::Error::other)? + "\n";
+        let temp = path.with_extension("json.tmp");
+        std::fs::write(&temp, text)?;
+        std::fs::rename(&temp, path)
+    }
+
     /// The closing line: `conformance: N passed, M failed, K skipped` (skipped = unsupported).
     pub fn summary_line(&self) -> String {
         format!(
@@ -135,4 +152,33 @@ pub fn list<B: TestBackend>() -> Vec<(&'static str, &'static str)> {
         .into_iter()
         .map(|s| (s.name, s.about))
         .collect()
+}
+
+/// Today's UTC date, `YYYY-MM-DD`.
+fn utc_date_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86400) as i64;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The kernel and the core count of the machine the suite ran on.
+fn host_facts() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("Linux {}, {cores} cores", release.trim())
 }

@@ -1,6 +1,7 @@
 //! The conformance suite against the real QEMU backend (TCG, the repo's test guest).
 //! Needs `scripts/build-test-guest.sh` to have run; fails (never silently passes) otherwise.
-//! `DOMKIT_CONFORMANCE_ONLY=pattern` runs a subset.
+//! `DOMKIT_CONFORMANCE_ONLY=pattern` runs a subset; `DOMKIT_CONFORMANCE_RECORD=FILE` writes
+//! the results record (`docs/conformance/qemu.json`'s format) there.
 
 use domkit_conformance::qemu::QemuTestBackend;
 
@@ -17,6 +18,12 @@ async fn conformance_suite_on_qemu() {
     let report = domkit_conformance::run(&backend, only.as_deref()).await;
     println!("{}", report.table());
     println!("{}", report.summary_line());
+    if let Some(path) = std::env::var_os("DOMKIT_CONFORMANCE_RECORD") {
+        let path = std::path::PathBuf::from(path);
+        report
+            .write_record(&path, "cargo test -p domkit-conformance (scripts/test.sh)")
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
     assert!(!report.scenarios.is_empty(), "no scenario ran");
     assert!(report.ok(), "conformance failures:\n{}", report.table());
 }

@@ -492,51 +492,9 @@ async fn conformance<B: TestBackend>(
     }
     if let Some(path) = record {
         let args: Vec<String> = std::env::args().collect();
-        let doc = serde_json::json!({
-            "backend": report.backend,
-            "command": args.join(" "),
-            "date": utc_date_now(),
-            "host": host_facts(),
-            "report": report,
-        });
-        std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+        report
+            .write_record(&path, &args.join(" "))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(if report.ok() { 0 } else { 1 })
-}
-
-/// `YYYY-MM-DD` (UTC) without a date crate.
-fn utc_date_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86400) as i64;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-fn host_facts() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let uname = nix::sys::utsname::uname()
-        .map(|u| {
-            format!(
-                "{} {}",
-                u.sysname().to_string_lossy(),
-                u.release().to_string_lossy()
-            )
-        })
-        .unwrap_or_default();
-    format!("{uname}, {cores} cores")
 }
