@@ -115,6 +115,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         durable!(manager_killed_mid_save, "manager SIGKILLed mid-save: committed (saved, file restores) or rolled back (running, no file, no temp file) (§11.4)"),
         durable!(manager_killed_mid_shutdown, "manager SIGKILLed while its shutdown waits: the next manager completes it as shutoff(shutdown) (§11.4)"),
         durable!(second_manager_refused, "a second manager (process, driver, two opening at once) gets root_in_use naming the holder; the holder keeps working (§11.1)"),
+        durable!(reattach_after_restart, "a domain its policy restarted, then left by its manager: the next one adopts the restarted instance (same uuid and seq, running, guest answers) and its destroy ends it on the host (§11.3)"),
         durable!(seq_continues, "seq continues across a SIGKILLed manager and an orderly detach (§11.3)"),
         durable!(open_cancelled, "an open dropped at 1 / 50 / 300 ms leaves the roots usable and the domain untouched (§6.0, §11.3)"),
         durable!(ephemeral_dies_with_manager, "ephemeral: the domain lives while its idle manager lives (>10 s) and dies with its SIGKILL; the next manager starts clean (§11.0)"),

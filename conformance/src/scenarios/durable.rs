@@ -624,6 +624,120 @@ async fn while_away<B: TestBackend>(
     away.finish(result).await
 }
 
+/// A domain its lifecycle policy restarted (a new backend domain: a new QEMU process, a new
+/// Xen domid) while a manager watched, then left by that manager: the next manager adopts the
+/// restarted instance (same uuid, same seq, running(booted), the guest answers). Then the
+/// same with the restart done by a reattach (the guest powered off while away): a third
+/// manager adopts that instance, and its destroy ends it on the host. The previous manager's restart must have reached the store
+/// (the new domid / process and monitor), or the next one would see a vanished domain and
+/// leave the restarted one running unmanaged.
+pub(super) async fn reattach_after_restart<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let away = &Away::new(ctx)?;
+    let result: Step = async {
+        use LifecycleAction::*;
+        let name = away.name("restarted");
+        let first = away.open().await?;
+        let (uuid, seq) = away
+            .boot_here(&first, &name, with_policies(Restart, Destroy, Destroy))
+            .await?;
+        let domain = first.lookup_by_name(&name).await?;
+        hook(
+            "guest poweroff",
+            away.backend()
+                .guest_do(&domain, GuestAction::Poweroff)
+                .await,
+        )?;
+        expect_since(
+            &domain,
+            seq,
+            &[
+                (E::ShutdownRequested(ShutdownRequester::Guest), false),
+                (E::Stopped(StoppedDetail::Shutdown), false),
+                (E::Started(StartedDetail::Booted), false),
+            ],
+        )
+        .await?;
+        hook(
+            "the restarted guest is ready",
+            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        let seq = domain.snapshot().seq;
+        drop(domain);
+        away.backend().detach(first);
+
+        let driver = away.open().await?;
+        let domain = away.reattached(&driver, &name, &uuid).await?;
+        expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+        let snap = domain.snapshot();
+        check(snap.seq == seq, || {
+            format!(
+                "nothing happened while away, yet seq is {} (was {seq})",
+                snap.seq
+            )
+        })?;
+        hook(
+            "the restarted guest answers the new manager",
+            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+
+        // Now the restart is the next manager's: the guest powers off while none runs, the
+        // reattach restarts it (reconciled), that manager leaves too, and a third one must
+        // find the instance the second one started.
+        drop(domain);
+        away.backend().detach(driver);
+        hook(
+            "the guest powers off while no manager runs",
+            away.backend()
+                .act_while_away(&away.roots, &name, AwayAction::Guest(GuestAction::Poweroff))
+                .await,
+        )?;
+        let second = away.open().await?;
+        let domain = away.reattached(&second, &name, &uuid).await?;
+        expect_since(
+            &domain,
+            seq,
+            &[
+                (E::ShutdownRequested(ShutdownRequester::Guest), true),
+                (E::Stopped(StoppedDetail::Shutdown), true),
+                (E::Started(StartedDetail::Booted), true),
+            ],
+        )
+        .await?;
+        hook(
+            "the guest restarted on reattach is ready",
+            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        let seq = domain.snapshot().seq;
+        drop(domain);
+        away.backend().detach(second);
+
+        let third = away.open().await?;
+        let domain = away.reattached(&third, &name, &uuid).await?;
+        expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+        let snap = domain.snapshot();
+        check(snap.seq == seq, || {
+            format!(
+                "nothing happened while away, yet seq is {} (was {seq})",
+                snap.seq
+            )
+        })?;
+        hook(
+            "the guest restarted on reattach answers the third manager",
+            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        domain.destroy().await?;
+        expect_since(
+            &domain,
+            seq,
+            &[(E::Stopped(StoppedDetail::Destroyed), false)],
+        )
+        .await?;
+        away.expect_gone(&name, TEARDOWN).await
+    }
+    .await;
+    away.finish(result).await
+}
+
 fn prefix_stop(what: &str, stop: Stop) -> Stop {
     match stop {
         Stop::Fail(m) => Stop::Fail(format!("{what}: {m}")),
