@@ -311,12 +311,16 @@ impl LifecycleCell {
 
     fn observe_as(&self, obs: Observation, reconciled: bool) -> Option<PolicyAction> {
         let mut lc = self.lock();
+        let end_before = lc.pending_end();
         let outcome = if reconciled {
             lc.observe_reconciled(obs, SystemTime::now())
         } else {
             lc.observe(obs, SystemTime::now())
         };
-        if !outcome.events.is_empty() {
+        // A decided end is recorded before the driver carries it out, even when the
+        // observation has no event of its own (a guest poweroff completing a pending
+        // shutdown): a manager killed before the backend domain is gone leaves that end.
+        if !outcome.events.is_empty() || lc.pending_end() != end_before {
             if let Some(persist) = &self.persist {
                 persist(&lc);
             }

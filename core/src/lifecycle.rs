@@ -223,6 +223,24 @@ impl Lifecycle {
         lc
     }
 
+    /// As [`Lifecycle::resume_from`] goes on: the end the previous manager had decided and
+    /// was carrying out when it stopped ([`Lifecycle::pending_end`], from the durable
+    /// status), so the backend domain's disappearance is that end.
+    pub fn with_pending_end(mut self, end: Option<ShutoffReason>) -> Self {
+        if self.state.is_active() {
+            self.pending_end = end;
+        }
+        self
+    }
+
+    /// The shutoff reason already decided for the end being carried out (a guest poweroff
+    /// that completes a shutdown or meets `on_poweroff = destroy`, a crash under
+    /// `on_crash = destroy`), reported when the backend domain is gone. Persistent drivers
+    /// store it before they tear the backend domain down (§11.4).
+    pub fn pending_end(&self) -> Option<ShutoffReason> {
+        self.pending_end
+    }
+
     /// As [`Lifecycle::observe`], for a fact found on reattach: its events are marked
     /// `reconciled`.
     pub fn observe_reconciled(&mut self, obs: Observation, at: SystemTime) -> Outcome {

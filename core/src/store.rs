@@ -9,7 +9,7 @@
 //! - `domains/<uuid>.status.json`: a [`StoredStatus`], rewritten with every event.
 
 use crate::config::DomainConfig;
-use crate::state::DomainState;
+use crate::state::{DomainState, ShutoffReason};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -210,6 +210,12 @@ pub struct StoredStatus {
     /// An operation in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlight>,
+    /// The end the manager had decided and was carrying out (a guest poweroff completing a
+    /// shutdown, a crash under `on_crash = destroy`: [`crate::Lifecycle::pending_end`]), so
+    /// that a next manager which finds the backend domain gone reports that end, not an
+    /// unexplained one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_end: Option<ShutoffReason>,
 }
 
 /// A domain found in a state root.

@@ -4,7 +4,7 @@
 use domkit_core::store::{
     ensure_private_dir, write_atomic, DefinitionStore, InFlight, StoredStatus,
 };
-use domkit_core::{DomainConfig, DomainState, PausedReason, RunningReason};
+use domkit_core::{DomainConfig, DomainState, PausedReason, RunningReason, ShutoffReason};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 
@@ -118,6 +118,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
             was_paused: false,
             committing: false,
         }),
+        pending_end: Some(ShutoffReason::Shutdown),
     };
     store.save_status(a.uuid.unwrap(), &status).unwrap();
 
@@ -137,6 +138,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
                 seq: 2,
                 state: DomainState::Running(RunningReason::Booted),
                 in_flight: None,
+                pending_end: None,
             },
         )
         .unwrap();

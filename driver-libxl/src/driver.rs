@@ -352,7 +352,8 @@ impl LibxlDriver {
             uuid,
         };
         let lifecycle = match status {
-            Some(st) => Lifecycle::resume_from(id.clone(), config.policies(), st.seq, st.state),
+            Some(st) => Lifecycle::resume_from(id.clone(), config.policies(), st.seq, st.state)
+                .with_pending_end(st.pending_end),
             None => Lifecycle::new(id.clone(), config.policies()),
         };
         let events = Some(self.shared.events.clone());
@@ -662,6 +663,7 @@ impl PersistedDomain {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            pending_end: lc.pending_end(),
         };
         if let Err(e) = self.store.save_status(self.uuid, &status) {
             tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");

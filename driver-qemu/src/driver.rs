@@ -271,7 +271,8 @@ impl QemuDriver {
             uuid,
         };
         let lifecycle = match status {
-            Some(st) => Lifecycle::resume_from(id.clone(), config.policies(), st.seq, st.state),
+            Some(st) => Lifecycle::resume_from(id.clone(), config.policies(), st.seq, st.state)
+                .with_pending_end(st.pending_end),
             None => Lifecycle::new(id.clone(), config.policies()),
         };
         let events = Some(self.shared.events.clone());
@@ -521,6 +522,7 @@ impl PersistedDomain {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            pending_end: lc.pending_end(),
         };
         if let Err(e) = self.store.save_status(self.uuid, &status) {
             tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");

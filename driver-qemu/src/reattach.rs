@@ -112,6 +112,47 @@ mod tests {
         );
     }
 
+    /// Found by daemon/tests/restart.rs: a host shutdown whose guest powered off at once,
+    /// the manager killed after it quit QEMU but before the exit was seen. The decided end
+    /// is in the durable status (`pending_end`, written although that observation has no
+    /// event of its own), and the next manager reports it, not `crashed`.
+    #[test]
+    fn gone_after_a_decided_shutdown_is_shutdown_not_crashed() {
+        use domkit_core::{Observation, PolicyAction, ShuttingDownReason};
+        let mut first = resumed(DomainState::Running(RunningReason::Booted));
+        let _shutdown = first.push_intent(Intent::Shutdown);
+        first.observe(Observation::ShutdownRequestDelivered, SystemTime::now());
+        assert_eq!(
+            first.state(),
+            DomainState::ShuttingDown(ShuttingDownReason::User)
+        );
+        let out = first.observe(Observation::GuestPoweredOff, SystemTime::now());
+        assert!(
+            out.events.is_empty(),
+            "the poweroff completes a shutdown already on record"
+        );
+        assert_eq!(out.action, Some(PolicyAction::Destroy));
+        assert_eq!(first.pending_end(), Some(ShutoffReason::Shutdown));
+
+        // What the store holds when the manager dies now, read by the next one.
+        let id = first.id().clone();
+        let mut next = Lifecycle::resume_from(
+            id,
+            LifecyclePolicies::default(),
+            first.last_seq(),
+            first.state(),
+        )
+        .with_pending_end(first.pending_end());
+        let out = next.observe_reconciled(plan_gone(None).observation, SystemTime::now());
+        assert_eq!(next.state(), DomainState::Shutoff(ShutoffReason::Shutdown));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(
+            out.events[0].kind,
+            EventKind::Stopped(StoppedDetail::Shutdown)
+        );
+        assert!(out.events[0].reconciled);
+    }
+
     #[test]
     fn gone_during_an_uncommitted_save_removes_the_temp_and_is_never_saved() {
         let mut l = resumed(DomainState::Paused(PausedReason::Save));
