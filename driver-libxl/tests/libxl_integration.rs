@@ -1467,6 +1467,62 @@ async fn t40_dominfo_of_each_condition_for_reattach() {
     finish(&driver, &[&d]).await;
 }
 
+/// What libxl and dom0 report for a running domU's statistics, booted and a few seconds
+/// later (its action loop ran meanwhile): the readings of `Domain::stats`, printed as
+/// `DOMKIT-LIBXL-STATS {json}`; `run-libxl-tests.sh --record` keeps them in
+/// `tests/fixtures/xen417_stats.json`, which the unit tests of `stats.rs` replay. The test
+/// domU has no disk and no NIC: no vbd, no vif, empty lists. Also checks that `stats()` and
+/// `all_stats()` give every figure of the running domain, and its state only once destroyed.
+#[tokio::test]
+#[ignore = "needs a Xen dom0: run xen-host/run-libxl-tests.sh"]
+async fn t42_stats_readings() {
+    init();
+    let driver = LibxlDriver::new().expect("libxl");
+    let d = driver.define(domu("dk-stats", "")).await.unwrap();
+    d.start(StartOptions::default()).await.unwrap();
+    boot_id(&d).await;
+    let print = |case: &str, r: &domkit_libxl::stats::XenReadings| {
+        let v =
+            serde_json::json!({"case": case, "memory_mib": d.config().memory_mib, "readings": r});
+        println!("DOMKIT-LIBXL-STATS {v}");
+    };
+    let booted = d
+        .stats_readings()
+        .await
+        .expect("readings of a running domain");
+    print("booted", &booted);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    boot_id(&d).await;
+    let worked = d
+        .stats_readings()
+        .await
+        .expect("readings of a running domain");
+    print("worked", &worked);
+    assert!(worked.usage.cpu_time_ns > booted.usage.cpu_time_ns);
+    assert!(booted.vbds.is_empty() && booted.vifs.is_empty());
+
+    let s = d.stats().await.unwrap();
+    assert!(s.state.is_running(), "{s:?}");
+    assert!(
+        s.cpu.total_ns.is_some() && s.cpu.vcpus.len() == d.config().vcpus as usize,
+        "{s:?}"
+    );
+    assert_eq!(s.memory.maximum_kib, Some(d.config().memory_mib * 1024));
+    let all = driver.all_stats().await.unwrap();
+    let mine = all
+        .iter()
+        .find(|x| x.domain == *d.id())
+        .expect("in all_stats");
+    assert!(mine.cpu.total_ns >= s.cpu.total_ns, "{mine:?}");
+    d.destroy().await.unwrap();
+    let gone = d.stats().await.unwrap();
+    assert!(
+        !gone.state.is_active() && gone.cpu.total_ns.is_none(),
+        "{gone:?}"
+    );
+    finish(&driver, &[&d]).await;
+}
+
 /// Ephemeral ownership beyond the conformance scenario (which SIGKILLs a manager and sees its
 /// reaper destroy the domain, §11.0): a dropped ephemeral driver destroys its domains; and what
 /// a dead ephemeral manager left when its reaper could not run either (a Xen domain its marker
