@@ -1650,10 +1650,17 @@ impl LibxlDomain {
             let me = Arc::downgrade(&self.inner);
             let domid: observe::DomidSource =
                 Arc::new(move || me.upgrade().and_then(|d| d.domid()));
+            let me = Arc::downgrade(&self.inner);
+            let settle: observe::Settle = Arc::new(move || {
+                if let Some(d) = me.upgrade() {
+                    d.cell.with(|_| ());
+                }
+            });
             *link = Some(ConsoleLink::start(
                 self.inner.ctx.clone(),
                 &self.inner.id.name,
                 domid,
+                settle,
                 events,
             ));
         }

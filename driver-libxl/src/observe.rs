@@ -15,8 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use domkit_core::{ConsoleHub, EventKind, EventStream};
-use futures::StreamExt;
+use domkit_core::{ConsoleHub, DomainEvent, EventKind, EventStream};
+use futures::{FutureExt, StreamExt};
 use tokio::io::unix::AsyncFd;
 use tokio::task::AbortHandle;
 
@@ -100,10 +100,15 @@ const TTY_RETRY: Duration = Duration::from_millis(200);
 /// The current domid of a domain, `None` between two Xen domains (a restart, a create).
 pub type DomidSource = Arc<dyn Fn() -> Option<u32> + Send + Sync>;
 
+/// Returns once the batch of events the domain is publishing (if any) is whole: takes and
+/// releases the lifecycle lock the batch is published under.
+pub type Settle = Arc<dyn Fn() + Send + Sync>;
+
 /// The manager's link to one run of a domain's PV console (from a start or a restore to
-/// the stop), fanned out by its hub. It follows the domain across restarts: a reboot or a
-/// policy restart makes a new Xen domain (new domid, new pty), and the pump reconnects to
-/// it, so a stream survives a restart as it does on QEMU (one process, one console).
+/// the stop), fanned out by its hub. It follows the domain across restarts: a reboot, a
+/// policy restart or a reset makes a new Xen domain (new domid, new pty), and the pump
+/// reconnects to it, so a stream survives a restart as it does on QEMU (one process, one
+/// console, reset in place).
 #[derive(Debug)]
 pub struct ConsoleLink {
     /// The streams' side.
@@ -116,13 +121,20 @@ impl ConsoleLink {
     /// taken before the caller checked that the domain is active: its `stopped` ends the
     /// link. The pump reads the pty all the time, streams or not (xenconsoled would
     /// otherwise buffer the guest's output for a reader that comes later).
-    pub fn start(ctx: Context, domain: &str, domid: DomidSource, events: EventStream) -> Self {
+    pub fn start(
+        ctx: Context,
+        domain: &str,
+        domid: DomidSource,
+        settle: Settle,
+        events: EventStream,
+    ) -> Self {
         let (hub, input) = ConsoleHub::new(domain);
         let hub = Arc::new(hub);
         let pump = tokio::spawn(pump(
             ctx,
             domain.to_owned(),
             domid,
+            settle,
             events,
             hub.clone(),
             input,
@@ -148,13 +160,29 @@ impl Drop for ConsoleLink {
     }
 }
 
-/// Whether `ev` ends the run the link serves (or the stream of events ended).
-fn ends_run(ev: Option<&domkit_core::DomainEvent>, events: &EventStream) -> bool {
+/// Whether `ev` ends the run the link serves (or the stream of events ended). A policy
+/// restart (`on_poweroff`/`on_crash = restart`) is `stopped` and `started` of one
+/// observation (one batch: the same timestamp, consecutive `seq`s), and the run goes on, as
+/// QEMU's console does through its `system_reset`; a `started` of a later observation is a
+/// new start after a real stop. `settle` waits until a batch being published is whole.
+fn ends_run(ev: Option<DomainEvent>, events: &mut EventStream, settle: &Settle) -> bool {
     // A lagging subscription may have skipped the stop: end the streams rather than
     // serve the next run on them.
-    match ev {
-        None => true,
-        Some(e) => matches!(e.kind, EventKind::Stopped(_)) || events.lost() > 0,
+    let Some(ev) = ev else { return true };
+    if events.lost() > 0 {
+        return true;
+    }
+    if !matches!(ev.kind, EventKind::Stopped(_)) {
+        return false;
+    }
+    settle();
+    match events.next().now_or_never() {
+        Some(Some(next)) => {
+            !(matches!(next.kind, EventKind::Started(_))
+                && next.seq == ev.seq + 1
+                && next.timestamp_us == ev.timestamp_us)
+        }
+        _ => true,
     }
 }
 
@@ -162,6 +190,7 @@ async fn pump(
     ctx: Context,
     name: String,
     domid: DomidSource,
+    settle: Settle,
     mut events: EventStream,
     hub: Arc<ConsoleHub>,
     mut input: tokio::sync::mpsc::Receiver<bytes::Bytes>,
@@ -185,7 +214,7 @@ async fn pump(
                 }
             }
             tokio::select! {
-                ev = events.next() => if ends_run(ev.as_ref(), &events) { break 'run },
+                ev = events.next() => if ends_run(ev, &mut events, &settle) { break 'run },
                 _ = tokio::time::sleep(TTY_RETRY) => {}
             }
         };
@@ -194,7 +223,7 @@ async fn pump(
         // run ends.
         loop {
             tokio::select! {
-                ev = events.next() => if ends_run(ev.as_ref(), &events) { break 'run },
+                ev = events.next() => if ends_run(ev, &mut events, &settle) { break 'run },
                 read = read_some(&pty, &mut buf) => match read {
                     Ok(0) => break,
                     Ok(n) => hub.publish(&buf[..n]),
@@ -218,7 +247,7 @@ async fn pump(
         // The next Xen domain of this run (a restart) gets its own pty; the same domid
         // again only after a pause (xenconsoled may be re-making it).
         tokio::select! {
-            ev = events.next() => if ends_run(ev.as_ref(), &events) { break 'run },
+            ev = events.next() => if ends_run(ev, &mut events, &settle) { break 'run },
             _ = tokio::time::sleep(TTY_RETRY) => {}
         }
     }
