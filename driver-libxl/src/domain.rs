@@ -1664,6 +1664,9 @@ impl LibxlDomain {
                 events,
             ));
         }
+        if let Some(l) = link.as_mut() {
+            l.primed().await;
+        }
         match link.as_ref() {
             Some(l) => l.hub.open(access).map_err(|e| match e {
                 // Closed between the check and the open: the domain stopped.

@@ -18,6 +18,7 @@ use std::time::Duration;
 use domkit_core::{ConsoleHub, DomainEvent, EventKind, EventStream};
 use futures::{FutureExt, StreamExt};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::context::Context;
@@ -97,6 +98,14 @@ fn read_vif(domid: u32, index: usize) -> Option<(String, VifCounters)> {
 /// moment after the domain is created; a restart makes a new domid).
 const TTY_RETRY: Duration = Duration::from_millis(200);
 
+/// How long the first stream of a run waits for the pump to connect and take in what
+/// xenconsoled kept from before (xenconsoled makes the pty a moment after the create).
+pub const PRIME_WAIT: Duration = Duration::from_secs(3);
+/// The backlog is taken in until the pty has been quiet this long...
+const PRIME_QUIET: Duration = Duration::from_millis(100);
+/// ...or for at most this long (a guest printing without pause).
+const PRIME_MAX: Duration = Duration::from_secs(1);
+
 /// The current domid of a domain, `None` between two Xen domains (a restart, a create).
 pub type DomidSource = Arc<dyn Fn() -> Option<u32> + Send + Sync>;
 
@@ -114,6 +123,8 @@ pub struct ConsoleLink {
     /// The streams' side.
     pub hub: Arc<ConsoleHub>,
     pump: AbortHandle,
+    /// Fired once the first pty's backlog is in the ring ([`ConsoleLink::primed`]).
+    primed: Option<oneshot::Receiver<()>>,
 }
 
 impl ConsoleLink {
@@ -130,6 +141,7 @@ impl ConsoleLink {
     ) -> Self {
         let (hub, input) = ConsoleHub::new(domain);
         let hub = Arc::new(hub);
+        let (primed_tx, primed) = oneshot::channel();
         let pump = tokio::spawn(pump(
             ctx,
             domain.to_owned(),
@@ -138,10 +150,21 @@ impl ConsoleLink {
             events,
             hub.clone(),
             input,
+            primed_tx,
         ));
         ConsoleLink {
             hub,
             pump: pump.abort_handle(),
+            primed: Some(primed),
+        }
+    }
+
+    /// Wait (at most [`PRIME_WAIT`]) until the pump has connected to the first pty and
+    /// put what xenconsoled kept from before into the ring, where no stream reads it.
+    pub async fn primed(&mut self) {
+        if let Some(primed) = self.primed.take() {
+            // Err: the pump ended (the domain stopped): nothing to wait for.
+            let _ = tokio::time::timeout(PRIME_WAIT, primed).await;
         }
     }
 
@@ -194,8 +217,10 @@ async fn pump(
     mut events: EventStream,
     hub: Arc<ConsoleHub>,
     mut input: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    primed: oneshot::Sender<()>,
 ) {
     let mut buf = vec![0u8; domkit_core::console::CONSOLE_CHUNK_MAX];
+    let mut primed = Some(primed);
     'run: loop {
         // Find the pty of the current Xen domain.
         let (id, pty) = loop {
@@ -219,6 +244,19 @@ async fn pump(
             }
         };
         tracing::debug!(domain = %name, domid = id, "console pty connected");
+        if let Some(primed) = primed.take() {
+            // What xenconsoled kept for the pty before anyone read it was printed before
+            // the first stream was opened: into the ring before that stream exists, so
+            // that no stream reads it (§12.4: from the moment it is opened).
+            let until = tokio::time::Instant::now() + PRIME_MAX;
+            while tokio::time::Instant::now() < until {
+                match tokio::time::timeout(PRIME_QUIET, read_some(&pty, &mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => hub.publish(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = primed.send(());
+        }
         // Pump until the pty hangs up (the Xen domain ended: xenconsoled closed it) or the
         // run ends.
         loop {
