@@ -168,9 +168,10 @@ impl ConsoleLink {
         }
     }
 
-    /// Whether the pump still runs (the domain has not stopped).
+    /// Whether the pump still runs (the domain has not stopped, and the runtime the pump
+    /// was spawned on still runs it).
     pub fn is_open(&self) -> bool {
-        !self.hub.is_closed()
+        !self.hub.is_closed() && !self.pump.is_finished()
     }
 }
 
@@ -249,12 +250,17 @@ async fn pump(
             // the first stream was opened: into the ring before that stream exists, so
             // that no stream reads it (§12.4: from the moment it is opened).
             let until = tokio::time::Instant::now() + PRIME_MAX;
+            let mut backlog = 0;
             while tokio::time::Instant::now() < until {
                 match tokio::time::timeout(PRIME_QUIET, read_some(&pty, &mut buf)).await {
-                    Ok(Ok(n)) if n > 0 => hub.publish(&buf[..n]),
+                    Ok(Ok(n)) if n > 0 => {
+                        backlog += n;
+                        hub.publish(&buf[..n]);
+                    }
                     _ => break,
                 }
             }
+            tracing::debug!(domain = %name, domid = id, backlog, "console backlog taken in");
             let _ = primed.send(());
         }
         // Pump until the pty hangs up (the Xen domain ended: xenconsoled closed it) or the
