@@ -129,8 +129,8 @@ pub struct ConsoleLink {
 
 impl ConsoleLink {
     /// Start pumping the console of the domain named `domain`. `events` is a subscription
-    /// taken before the caller checked that the domain is active: its `stopped` ends the
-    /// link. The pump reads the pty all the time, streams or not (xenconsoled would
+    /// taken before the caller checked that the domain is active: its `stopped` (unless a
+    /// policy restart's `started` follows in the same observation) ends the link. The pump reads the pty all the time, streams or not (xenconsoled would
     /// otherwise buffer the guest's output for a reader that comes later).
     pub fn start(
         ctx: Context,
@@ -142,16 +142,13 @@ impl ConsoleLink {
         let (hub, input) = ConsoleHub::new(domain);
         let hub = Arc::new(hub);
         let (primed_tx, primed) = oneshot::channel();
-        let pump = tokio::spawn(pump(
+        let src = Source {
             ctx,
-            domain.to_owned(),
+            name: domain.to_owned(),
             domid,
             settle,
-            events,
-            hub.clone(),
-            input,
-            primed_tx,
-        ));
+        };
+        let pump = tokio::spawn(pump(src, events, hub.clone(), input, primed_tx));
         ConsoleLink {
             hub,
             pump: pump.abort_handle(),
@@ -210,16 +207,28 @@ fn ends_run(ev: Option<DomainEvent>, events: &mut EventStream, settle: &Settle) 
     }
 }
 
-async fn pump(
+/// Where the pump finds the domain's console and learns about its run.
+struct Source {
     ctx: Context,
+    /// The domain's name, for logs.
     name: String,
     domid: DomidSource,
     settle: Settle,
+}
+
+async fn pump(
+    src: Source,
     mut events: EventStream,
     hub: Arc<ConsoleHub>,
     mut input: tokio::sync::mpsc::Receiver<bytes::Bytes>,
     primed: oneshot::Sender<()>,
 ) {
+    let Source {
+        ctx,
+        name,
+        domid,
+        settle,
+    } = src;
     let mut buf = vec![0u8; domkit_core::console::CONSOLE_CHUNK_MAX];
     let mut primed = Some(primed);
     'run: loop {
