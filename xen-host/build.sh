@@ -73,7 +73,7 @@ key=$( {
   echo "format 1"
   for p in "${pkgs[@]}"; do echo "$p ${ver[$p]}"; done
   echo "$hostlibs"
-  sha256sum "$here/build.sh" "$here"/domu/* | awk '{ print $1 }'
+  sha256sum "$here/build.sh" "$here"/domu/* "$here"/dom0-scripts/* | awk '{ print $1 }'
 } | sha256sum | awk '{ print $1 }')
 
 outputs=(xen.elf vmlinuz dom0-base.cpio domu/vmlinux domu/initrd.img dom0/init)
@@ -230,6 +230,9 @@ done
 addlibs "$du" "$du/usr/bin/xenstore"
 addgccs "$du"
 install -m 755 "$here/domu/init" "$du/init"
+# The PV disk frontend (a module in Debian's kernel), for guests with disks: domu/init loads it.
+mkdir -p "$du/usr/lib/modules"
+cp "$ex/lib/modules/$kabi/kernel/drivers/block/xen-blkfront.ko" "$du/usr/lib/modules/"
 for s in domkit-poweroff domkit-reboot domkit-ignore; do
   install -m 755 "$here/domu/$s" "$du/usr/sbin/$s"
 done
@@ -279,11 +282,15 @@ addmod() {
   modorder+=("$n")
 }
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs; do addmod "$m"; done
+# Disks of domUs: blkback over loop devices, set up by the vbd hotplug script below.
+for m in loop xen-blkback; do addmod "$m"; done
 printf '%s\n' "${modorder[@]}" >"$d0/usr/lib/modules/order"
 
 mkdir -p "$d0/etc/xen" "$d0/var/lib/xen" "$d0/var/lib/xenstored" "$d0/var/log/xen/console" \
   "$d0/var/lock" "$d0/payload" "$d0/domu" "$d0/etc/domkit"
 : >"$d0/etc/xen/xl.conf"
+mkdir -p "$d0/etc/xen/scripts"
+install -m 755 "$here/dom0-scripts/block" "$d0/etc/xen/scripts/block"
 cp "$new/domu/vmlinux" "$new/domu/initrd.img" "$d0/domu/"
 
 cat >"$d0/init" <<'EOF'

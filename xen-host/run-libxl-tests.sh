@@ -6,7 +6,9 @@
 #   TEST-ARGS go to the test binary after `--ignored --test-threads=1` (e.g. a name filter).
 #   --record  writes the traces the tests print (DOMKIT-LIBXL-TRACE) to
 #             driver-libxl/tests/fixtures/xen417_traces.json and the domain infos
-#             (DOMKIT-LIBXL-DOMINFO, t40) to .../xen417_dominfo.json (the unit tests replay them).
+#             (DOMKIT-LIBXL-DOMINFO, t40) to .../xen417_dominfo.json and the statistics
+#             readings (DOMKIT-LIBXL-STATS, t42) to .../xen417_stats.json (the unit tests
+#             replay them).
 # Env: DOMKIT_LOG (tracing filter inside dom0, default "info,libxl=warn").
 # Exit: the test binary's exit code (run.sh's codes for boot failures: 124, 125).
 # Last lines: run.sh's summary, including "xen-host: N passed, M failed".
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
     --timeout) [ $# -ge 2 ] || exit 2; timeout=$2; shift 2 ;;
     --record) record=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "$me: unknown argument: $1 (test arguments go after --)" >&2; exit 2 ;;
   esac
 done
@@ -108,6 +110,23 @@ if cases:
         json.dump(cases, f, indent=1)
         f.write("\n")
 print(f"recorded {len(cases)} domain info case(s) to {sys.argv[2]}", file=sys.stderr)
+EOF
+  # Statistics readings of a running domU (t42), replayed by stats.rs's tests.
+  python3 - "$log" "$root/driver-libxl/tests/fixtures/xen417_stats.json" <<'EOF'
+import json, sys
+cases = []
+for line in open(sys.argv[1], errors="replace"):
+    i = line.find("DOMKIT-LIBXL-STATS ")
+    if i >= 0:
+        try:
+            cases.append(json.loads(line[i + len("DOMKIT-LIBXL-STATS "):]))
+        except ValueError:
+            pass
+if cases:
+    with open(sys.argv[2], "w") as f:
+        json.dump(cases, f, indent=1)
+        f.write("\n")
+print(f"recorded {len(cases)} stats reading(s) to {sys.argv[2]}", file=sys.stderr)
 EOF
 fi
 grep -h "DOMKIT-LIBXL-TIMING" "$log" | sed 's/.*DOMKIT-LIBXL-TIMING/timing:/' >&2 || true

@@ -15,6 +15,7 @@
 //! the channel returned by [`Context::new`]. Every long libxl call here is synchronous
 //! (`ao_how = NULL`) and must run on a blocking thread (`spawn_blocking`, or a driver thread).
 
+use crate::stats::{DomUsage, VcpuUsage};
 use crate::translate::{LibxlEvent, LibxlEventKind};
 use libxenlight_sys as sys;
 use std::collections::VecDeque;
@@ -731,6 +732,108 @@ impl Context {
         Ok(out)
     }
 
+    /// What `libxl_domain_info` says about `domid`'s use of the host (cpu time, memory):
+    /// the statistics of [`crate::stats`].
+    pub fn domain_usage(&self, domid: u32) -> Result<DomUsage, LibxlError> {
+        let mark = self.error_mark();
+        let mut info = std::mem::MaybeUninit::<sys::libxl_dominfo>::uninit();
+        // SAFETY: init before use (libxl.h:684).
+        unsafe { sys::libxl_dominfo_init(info.as_mut_ptr()) };
+        // SAFETY: valid ctx and initialised out struct.
+        let rc = unsafe { sys::libxl_domain_info(self.ptr(), info.as_mut_ptr(), domid) };
+        // SAFETY: initialised above (and filled on success); only plain fields are read.
+        let out = usage_from_raw(unsafe { &*info.as_ptr() });
+        // SAFETY: disposed exactly once.
+        unsafe { sys::libxl_dominfo_dispose(info.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(self.error("libxl_domain_info", rc, mark));
+        }
+        Ok(out)
+    }
+
+    /// `libxl_list_domain` as usage records: every domain of the host in one call (the
+    /// bulk statistics poll), keyed by uuid.
+    pub fn list_usage(&self) -> Result<Vec<(uuid::Uuid, DomUsage)>, LibxlError> {
+        let mark = self.error_mark();
+        let mut n: c_int = 0;
+        // SAFETY: valid ctx and out pointer; the list is freed below.
+        let list = unsafe { sys::libxl_list_domain(self.ptr(), &mut n) };
+        if list.is_null() {
+            return Err(self.error("libxl_list_domain", sys::ERROR_FAIL, mark));
+        }
+        // SAFETY: libxl returned n initialised entries at list.
+        let slice = unsafe { std::slice::from_raw_parts(list, n.max(0) as usize) };
+        let out = slice
+            .iter()
+            .map(|i| (uuid::Uuid::from_bytes(i.uuid.uuid), usage_from_raw(i)))
+            .collect();
+        // SAFETY: list/n came from libxl_list_domain and are freed once, after the last read.
+        unsafe { sys::libxl_dominfo_list_free(list, n) };
+        Ok(out)
+    }
+
+    /// `libxl_list_vcpu`: each vCPU of `domid` with its cpu time.
+    pub fn list_vcpus(&self, domid: u32) -> Result<Vec<VcpuUsage>, LibxlError> {
+        let mark = self.error_mark();
+        let (mut n, mut nr_cpus): (c_int, c_int) = (0, 0);
+        // SAFETY: valid ctx and out pointers. The array (and each entry's cpumaps) is
+        // malloc'ed by libxl and owned by us until libxl_vcpuinfo_list_free below.
+        let list = unsafe { sys::libxl_list_vcpu(self.ptr(), domid, &mut n, &mut nr_cpus) };
+        if list.is_null() {
+            return Err(self.error("libxl_list_vcpu", sys::ERROR_FAIL, mark));
+        }
+        // SAFETY: libxl returned n initialised entries at list; only plain fields are read.
+        let slice = unsafe { std::slice::from_raw_parts(list, n.max(0) as usize) };
+        let out = slice
+            .iter()
+            .map(|v| VcpuUsage {
+                vcpuid: v.vcpuid,
+                online: v.online,
+                vcpu_time_ns: v.vcpu_time,
+            })
+            .collect();
+        // SAFETY: list/n came from libxl_list_vcpu; freed (entries disposed, array freed)
+        // exactly once, after the last read.
+        unsafe { sys::libxl_vcpuinfo_list_free(list, n) };
+        Ok(out)
+    }
+
+    /// `libxl_get_memory_target`: `domid`'s balloon target in KiB.
+    pub fn memory_target_kib(&self, domid: u32) -> Result<u64, LibxlError> {
+        let mark = self.error_mark();
+        let mut target: u64 = 0;
+        // SAFETY: valid ctx and out pointer (a u64 under LIBXL_API_VERSION >= 0x040800).
+        let rc = unsafe { sys::libxl_get_memory_target(self.ptr(), domid, &mut target) };
+        if rc != 0 {
+            return Err(self.error("libxl_get_memory_target", rc, mark));
+        }
+        Ok(target)
+    }
+
+    /// `libxl_console_get_tty` of `domid`'s PV console 0: the dom0 pty xenconsoled serves
+    /// it on. `DOMAIN_NOTFOUND`-like errors while xenconsoled has not made it yet.
+    pub fn console_tty(&self, domid: u32) -> Result<std::path::PathBuf, LibxlError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mark = self.error_mark();
+        let mut path: *mut c_char = ptr::null_mut();
+        // SAFETY: valid ctx and out pointer; libxl sets *path only on success, to a
+        // malloc'ed C string (libxl__strdup) that we own and free below.
+        let rc = unsafe {
+            sys::libxl_console_get_tty(self.ptr(), domid, 0, sys::LIBXL_CONSOLE_TYPE_PV, &mut path)
+        };
+        if rc != 0 || path.is_null() {
+            // SAFETY: NULL (free does nothing) or malloc'ed by libxl and not used again.
+            unsafe { libc::free(path.cast()) };
+            let code = if rc != 0 { rc } else { sys::ERROR_FAIL };
+            return Err(self.error("libxl_console_get_tty", code, mark));
+        }
+        // SAFETY: non-NULL, NUL-terminated string from libxl.
+        let out = std::ffi::OsStr::from_bytes(unsafe { CStr::from_ptr(path) }.to_bytes()).into();
+        // SAFETY: malloc'ed by libxl (strdup), not used again.
+        unsafe { libc::free(path.cast()) };
+        Ok(out)
+    }
+
     /// `libxl_list_domain`: every domain on the host (dom0 included), with its name.
     pub fn list_domains(&self) -> Result<Vec<DomInfo>, LibxlError> {
         let mark = self.error_mark();
@@ -988,6 +1091,17 @@ impl DomInfo {
             dying: i.dying,
             shutdown_reason: i.shutdown_reason,
         }
+    }
+}
+
+/// The usage figures of one `libxl_dominfo` (plain fields only).
+fn usage_from_raw(i: &sys::libxl_dominfo) -> DomUsage {
+    DomUsage {
+        domid: i.domid,
+        cpu_time_ns: i.cpu_time,
+        current_memkb: i.current_memkb,
+        max_memkb: i.max_memkb,
+        vcpu_online: i.vcpu_online,
     }
 }
 

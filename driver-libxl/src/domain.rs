@@ -27,8 +27,10 @@
 use crate::context::{Context, DeathWatch, DomInfo, LibxlError};
 use crate::driver::PersistedDomain;
 use crate::ephemeral::Reaper;
+use crate::observe::{self, ConsoleLink};
 use crate::reattach::{self, Plan, SaveEvidence};
 use crate::savefile::{self, SaveHeader, SaveTarget};
+use crate::stats::{self as xstats, XenReadings};
 use crate::translate::{
     translate_event, translate_input, Fact, FollowUp, LibxlEvent, LibxlEventKind, TraceEntry,
     TraceInput, REASON_SUSPEND,
@@ -36,11 +38,11 @@ use crate::translate::{
 use async_trait::async_trait;
 use domkit_core::store::{InFlight, StoredStatus};
 use domkit_core::{
-    ControlState, Creation, Domain, DomainConfig, DomainId, DomainInfo, DomainState, Error,
-    EventKind, EventStream, Intent, IntentToken, LifecycleCell, Observation, Operation,
-    PausedReason, PmSuspendTarget, PolicyAction, RestoreOptions, Result, ShutdownMode,
-    ShutdownOptions, ShutdownOutcome, ShutdownWait, ShutoffReason, ShuttingDownReason,
-    StartOptions, StoppedDetail,
+    ConsoleAccess, ConsoleStream, ControlState, Creation, Domain, DomainConfig, DomainId,
+    DomainInfo, DomainState, DomainStats, Error, EventKind, EventStream, Intent, IntentToken,
+    LifecycleCell, Observation, Operation, PausedReason, PmSuspendTarget, PolicyAction,
+    RestoreOptions, Result, ShutdownMode, ShutdownOptions, ShutdownOutcome, ShutdownWait,
+    ShutoffReason, ShuttingDownReason, StartOptions, StoppedDetail,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -154,6 +156,8 @@ pub(crate) struct DomainInner {
     /// The driver detached (persistent drivers): this handle no longer controls the Xen
     /// domain; the next manager does.
     detached: AtomicBool,
+    /// The console pump of the current run, made on its first `console()` (§12.4).
+    console: tokio::sync::Mutex<Option<ConsoleLink>>,
 }
 
 impl std::fmt::Debug for DomainInner {
@@ -270,6 +274,7 @@ impl DomainInner {
             persisted,
             reaper,
             detached: AtomicBool::new(false),
+            console: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -966,6 +971,11 @@ impl DomainInner {
     /// more status writes; the next manager on the roots takes over.
     pub(crate) fn detach(&self) {
         self.detached.store(true, Ordering::SeqCst);
+        // Leave the console to the next manager (a console() in progress keeps its link
+        // until its domain stops).
+        if let Ok(mut console) = self.console.try_lock() {
+            console.take();
+        }
         if let Some(p) = &self.persisted {
             p.detach();
         }
@@ -1587,6 +1597,86 @@ impl LibxlDomain {
         &self.inner.runtime_dir
     }
 
+    /// The raw figures behind [`Domain::stats`] (`None` when the domain has no Xen domain,
+    /// or it cannot be read): what `libxl_integration::t42` records as the fixture of
+    /// [`crate::stats`]'s tests.
+    pub async fn stats_readings(&self) -> Option<XenReadings> {
+        let domid = self.domid()?;
+        let (ctx, disks, nics) = (
+            self.inner.ctx.clone(),
+            self.inner.config.disks.len(),
+            self.inner.config.nics.len(),
+        );
+        tokio::task::spawn_blocking(move || observe::read(&ctx, domid, disks, nics).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The record of this domain from `readings` of its current Xen domain, or of its
+    /// state only when there are none (it is not active, or its Xen domain just ended).
+    pub(crate) fn stats_from(
+        &self,
+        readings: Option<&XenReadings>,
+        taken_at_us: u64,
+    ) -> DomainStats {
+        // After the figures: a stop racing with them shows as the newer state.
+        let state = self.inner.cell.state();
+        match readings {
+            Some(r) if state.is_active() => xstats::domain_stats(
+                self.inner.id.clone(),
+                state,
+                taken_at_us,
+                self.inner.config.memory_mib,
+                r,
+            ),
+            _ => DomainStats::inactive(self.inner.id.clone(), state, taken_at_us),
+        }
+    }
+
+    /// A stream on the PV console (§12.4): the pump to xenconsoled's pty is made on the
+    /// first call of a run (start or restore to stop) and shared by every stream; it
+    /// follows the run across restarts (new domids).
+    async fn open_console(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
+        self.check_attached(Operation::Console)?;
+        let mut link = self.inner.console.lock().await;
+        if !link.as_ref().is_some_and(ConsoleLink::is_open) {
+            // Subscribe before looking at the state: a stop after the look is in the
+            // stream, and ends the link.
+            let events = self.inner.cell.subscribe();
+            if !self.inner.cell.state().is_active() {
+                return Err(self.inner.invalid(Operation::Console));
+            }
+            let me = Arc::downgrade(&self.inner);
+            let domid: observe::DomidSource =
+                Arc::new(move || me.upgrade().and_then(|d| d.domid()));
+            let me = Arc::downgrade(&self.inner);
+            let settle: observe::Settle = Arc::new(move || {
+                if let Some(d) = me.upgrade() {
+                    d.cell.with(|_| ());
+                }
+            });
+            *link = Some(ConsoleLink::start(
+                self.inner.ctx.clone(),
+                &self.inner.id.name,
+                domid,
+                settle,
+                events,
+            ));
+        }
+        if let Some(l) = link.as_mut() {
+            l.primed().await;
+        }
+        match link.as_ref() {
+            Some(l) => l.hub.open(access).map_err(|e| match e {
+                // Closed between the check and the open: the domain stopped.
+                Error::NotFound { .. } => self.inner.invalid(Operation::Console),
+                other => other,
+            }),
+            None => Err(self.inner.invalid(Operation::Console)),
+        }
+    }
+
     /// Diagnostics: what the driver fed the state machine (libxl events of the current watch
     /// and facts from returned calls, with the intent in force), oldest first.
     pub fn trace(&self) -> Vec<TraceEntry> {
@@ -1957,5 +2047,21 @@ impl Domain for LibxlDomain {
     async fn pm_wakeup(&self) -> Result<()> {
         self.run_op(Operation::PmWakeup, |d| d.pm_wakeup_blocking())
             .await
+    }
+
+    /// `libxl_domain_info`, `libxl_list_vcpu`, `libxl_get_memory_target` and dom0's
+    /// blkback/netback counters (§12.5, [`crate::stats`]).
+    async fn stats(&self) -> Result<DomainStats> {
+        let taken_at_us = domkit_core::event::unix_micros(SystemTime::now());
+        let readings = self.stats_readings().await;
+        Ok(self.stats_from(readings.as_ref(), taken_at_us))
+    }
+
+    async fn console(&self, access: ConsoleAccess) -> Result<ConsoleStream> {
+        self.open_console(access).await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND
     }
 }

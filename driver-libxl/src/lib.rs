@@ -12,6 +12,10 @@
 //! - [`savefile`]: the save file (header + libxl stream);
 //! - [`reattach`]: pure: what a new manager makes of a stored domain and the Xen domain it
 //!   finds (`docs/semantics.md` §11.3, §11.4);
+//! - [`stats`]: pure: libxl's and dom0's figures -> [`domkit_core::DomainStats`] (§12.5);
+//! - [`observe`]: the I/O beside it: the libxl calls and sysfs reads behind a stats
+//!   record, and the console pump between xenconsoled's pty and a
+//!   [`domkit_core::ConsoleHub`] (§12.4);
 //! - [`ephemeral`]: the reaper and markers that make an ephemeral driver's domains die with
 //!   its process (§11.0);
 //! - [`LibxlDomain`] / [`LibxlDriver`]: the trait implementations.
@@ -107,8 +111,10 @@ pub mod context;
 mod domain;
 mod driver;
 pub mod ephemeral;
+pub mod observe;
 pub mod reattach;
 pub mod savefile;
+pub mod stats;
 pub mod translate;
 
 pub use context::{Context, DomInfo, LibxlError};

@@ -244,6 +244,7 @@ static const struct libxenlight_sys_layout shim_layouts[] = {
     SHIM_LAYOUT(libxl_osevent_hooks),
     SHIM_LAYOUT(libxl_physinfo),
     SHIM_LAYOUT(libxl_uuid),
+    SHIM_LAYOUT(libxl_vcpuinfo),
     SHIM_LAYOUT(libxl_version_info),
     SHIM_LAYOUT(libxl_vminfo),
     SHIM_LAYOUT(xentoollog_logger),

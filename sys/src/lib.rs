@@ -126,6 +126,7 @@
 //! * **Lists**: libxl.h:1987-1991: "These arrays and their contents come from
 //!   malloc, and must be freed with the corresponding libxl_THING_list_free
 //!   function." `libxl_list_domain` → `libxl_dominfo_list_free(list, n)`;
+//!   `libxl_list_vcpu(ctx, domid, &nb, &nrcpus)` → `libxl_vcpuinfo_list_free(list, nb)`;
 //!   `libxl_list_vm` → `libxl_vminfo_list_free`, etc.
 //! * **Events**: from `libxl_event_check`/`_wait`, "must then later be freed
 //!   by the caller using libxl_event_free" (libxl_event.h:44-45); given to the

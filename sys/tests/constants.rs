@@ -171,6 +171,19 @@ fn api_signatures() {
         *mut c_int,
         libc::timeval,
     ) -> c_int = sys::libxl_osevent_beforepoll;
+    // Statistics and the console (driver-libxl's stats and observe modules): the memory
+    // target is a u64 since LIBXL_API_VERSION 0x040800.
+    let _: unsafe extern "C" fn(*mut Ctx, u32, *mut c_int, *mut c_int) -> *mut sys::libxl_vcpuinfo =
+        sys::libxl_list_vcpu;
+    let _: unsafe extern "C" fn(*mut sys::libxl_vcpuinfo, c_int) = sys::libxl_vcpuinfo_list_free;
+    let _: unsafe extern "C" fn(*mut Ctx, u32, *mut u64) -> c_int = sys::libxl_get_memory_target;
+    let _: unsafe extern "C" fn(
+        *mut Ctx,
+        u32,
+        c_int,
+        sys::libxl_console_type,
+        *mut *mut std::os::raw::c_char,
+    ) -> c_int = sys::libxl_console_get_tty;
     // event_occurs takes a non-const event (LIBXL_HAVE_NONCONST_EVENT_OCCURS_EVENT_ARG).
     let hooks = sys::libxl_event_hooks {
         event_occurs_mask: sys::LIBXL_EVENTMASK_ALL,
@@ -227,6 +240,7 @@ fn layouts_match_c_compiler() {
         "libxl_osevent_hooks" => sys::libxl_osevent_hooks,
         "libxl_physinfo" => sys::libxl_physinfo,
         "libxl_uuid" => sys::libxl_uuid,
+        "libxl_vcpuinfo" => sys::libxl_vcpuinfo,
         "libxl_version_info" => sys::libxl_version_info,
         "libxl_vminfo" => sys::libxl_vminfo,
         "xentoollog_logger" => sys::xentoollog_logger,
