@@ -18,11 +18,11 @@ use super::{boot_id, shutdown_opts, with_policies};
 use crate::backend::{GuestAction, GuestOptions, TestBackend};
 use crate::scenario::*;
 use domkit_core::{
-    CrashedDetail, CrashedReason, Domain, DomainState, Driver, Error, EventKind, LifecycleAction,
-    Operation, PausedReason, PmSuspendTarget, PmSuspendedDetail, PmSuspendedReason, RestoreOptions,
-    ResumedDetail, RunningReason, ShutdownMode, ShutdownOptions, ShutdownOutcome,
-    ShutdownRequester, ShutdownWait, ShutoffReason, ShuttingDownReason, StartOptions,
-    StartedDetail, StoppedDetail, SuspendedDetail,
+    CrashedDetail, CrashedReason, Domain, DomainState, Driver, Error, EventKind, EventStream,
+    LifecycleAction, Operation, PausedReason, PmSuspendTarget, PmSuspendedDetail,
+    PmSuspendedReason, RestoreOptions, ResumedDetail, RunningReason, ShutdownMode, ShutdownOptions,
+    ShutdownOutcome, ShutdownRequester, ShutdownWait, ShutoffReason, ShuttingDownReason,
+    StartOptions, StartedDetail, StoppedDetail, SuspendedDetail,
 };
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -479,7 +479,15 @@ fn expect_alternating(got: &[EventKind]) -> Step {
 pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     const CALLERS: usize = 50;
     let (domain, mut watch) = ctx.launch("a", GuestOptions::default()).await?;
-    let observer = tokio::spawn(observe_snapshots(domain.clone()));
+    // Subscribed here, before the storm (a spawned task subscribing on its first poll could
+    // start after the first calls on a loaded host); told the last seq once the first
+    // subscriber has it, so a pause in the events is not taken for the end.
+    let (last_tx, last_rx) = tokio::sync::watch::channel(None);
+    let observer = tokio::spawn(observe_snapshots(
+        domain.clone(),
+        domain.subscribe(),
+        last_rx,
+    ));
     let (calls, tasks, _) = storm(&domain, CALLERS, 0x0015_5eed_0f57_0a11);
     let mut done = Vec::with_capacity(CALLERS);
     for task in tasks {
@@ -514,6 +522,7 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
         )
     })?;
     let got = watch.collect_quiet(QUIET).await?;
+    let _ = last_tx.send(Some(watch.seen.last().map_or(0, |e| e.seq)));
     expect_alternating(&got)?;
     check(got == expected, || {
         format!(
@@ -559,14 +568,37 @@ pub(super) async fn storm_pause_resume<B: TestBackend>(ctx: &ScenarioCtx<'_, B>)
 /// must not be older than that event (its `seq` at least the event's; at the event's own
 /// `seq`, the state that event made) (§2.4). Ends [`QUIET`] after the last event; returns
 /// how many events it saw and what was wrong.
-async fn observe_snapshots<D: Domain>(domain: D) -> (usize, Vec<String>) {
+/// A second subscriber (`events`, subscribed before the operations): counts the events and
+/// checks each against `snapshot()` taken when it is delivered, until it has seen the last
+/// `seq` the first subscriber reports through `last` (or nothing comes for EVENT_TIMEOUT).
+async fn observe_snapshots<D: Domain>(
+    domain: D,
+    mut events: EventStream,
+    mut last: tokio::sync::watch::Receiver<Option<u64>>,
+) -> (usize, Vec<String>) {
     use futures::StreamExt;
-    let mut events = domain.subscribe();
     let mut seen = 0;
     let mut problems = Vec::new();
-    let mut wait = EVENT_TIMEOUT;
-    while let Ok(Some(ev)) = tokio::time::timeout(wait, events.next()).await {
-        wait = QUIET;
+    let mut at = 0;
+    loop {
+        if let Some(end) = *last.borrow_and_update() {
+            if at >= end {
+                break;
+            }
+        }
+        let ev = tokio::select! {
+            ev = tokio::time::timeout(EVENT_TIMEOUT, events.next()) => match ev {
+                Ok(Some(ev)) => ev,
+                _ => break,
+            },
+            changed = last.changed() => {
+                if changed.is_err() {
+                    break; // the scenario ended early
+                }
+                continue;
+            }
+        };
+        at = ev.seq;
         seen += 1;
         let snap = domain.snapshot();
         let made = match ev.kind {
