@@ -1395,9 +1395,17 @@ impl DomainInner {
                     }
                 }
             }
-            Ok(_) => {
+            Ok(info) => {
                 if was_paused {
                     self.pause_again(domid);
+                } else if info.paused {
+                    // libxc stops the vCPUs for the save's last round; a save that fails
+                    // there ("Bad mfn for suspend record", seen under load) leaves them
+                    // stopped without a suspend, while the state is running again.
+                    tracing::warn!(domain = %self.id.name, domid, "a failed save left the vCPUs stopped: unpausing");
+                    if let Err(e) = self.ctx.unpause(domid) {
+                        tracing::error!(domain = %self.id.name, error = %e, "cannot unpause the domain after a failed save")
+                    }
                 }
             }
             Err(e) => {
