@@ -1,7 +1,8 @@
 //! `domkit`: the command-line tool.
 //!
 //! - `domkit demo`: the main job: a real VM lifecycle on the default backend, printing each
-//!   uniform event as it happens with timings.
+//!   uniform event as it happens with timings; on QEMU through a private domkitd it starts
+//!   and stops (examples/src/daemon_demo.rs).
 //! - `domkit run CONFIG`: run a domain from a TOML/JSON config in the foreground.
 //! - `domkit conformance`: run the conformance suite against a backend.
 
@@ -38,11 +39,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot the test guest and walk its lifecycle (pause, resume, save, restore, reboot,
-    /// graceful shutdown), printing each uniform event with timings.
+    /// graceful shutdown), printing each uniform event with timings. On QEMU it runs
+    /// through a private domkitd it starts (its own directories and socket) and stops
+    /// again, as users run domkit; `-c libxl:///` drives the Xen driver in-process.
     Demo {
         /// Print JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Drive an in-process driver instead of a private domkitd.
+        #[arg(long)]
+        in_process: bool,
     },
     /// Start a domain from a TOML/JSON config and print its events until it stops.
     /// SIGINT/SIGTERM request a graceful shutdown (destroy after --shutdown-timeout; a second
@@ -188,6 +194,13 @@ async fn dispatch(backend: Backend, command: Command) -> anyhow::Result<u8> {
                     }
                 };
             }
+            if let Command::Demo {
+                json,
+                in_process: false,
+            } = command
+            {
+                return domkit_examples::daemon_demo::run(json).await;
+            }
             let make_driver = || Ok(domkit_qemu::QemuDriver::new(Default::default())?);
             run_command(command, make_backend, make_driver).await
         }
@@ -203,7 +216,7 @@ async fn run_command<B: TestBackend>(
     make_driver: impl FnOnce() -> anyhow::Result<B::Driver>,
 ) -> anyhow::Result<u8> {
     match command {
-        Command::Demo { json } => demo(&make_backend()?, json).await,
+        Command::Demo { json, .. } => demo(&make_backend()?, json).await,
         Command::Run {
             config,
             paused,
