@@ -602,11 +602,12 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             paused,
             json,
         } => {
-            let r = client
-                .start(pb::StartRequest {
-                    domain: Some(domain_ref(&domain)),
-                    paused,
-                })
+            let progress = Progress::start(client, json, "starting", &domain, None);
+            let request = pb::StartRequest {
+                domain: Some(domain_ref(&domain)),
+                paused,
+            };
+            let r = with_progress(progress, client.clone().start(request))
                 .await?
                 .into_inner();
             if json {
@@ -630,14 +631,19 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
                 WaitArg::Acknowledged => pb::ShutdownWait::Acknowledged,
                 WaitArg::Completed => pb::ShutdownWait::Completed,
             };
-            let r = client
-                .shutdown(pb::ShutdownRequest {
-                    domain: Some(domain_ref(&domain)),
-                    mode: mode.to_pb() as i32,
-                    wait: wait as i32,
-                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
-                    destroy_on_timeout,
-                })
+            let progress = if wait == pb::ShutdownWait::Completed {
+                Progress::start(client, json, "shutting down", &domain, None)
+            } else {
+                None
+            };
+            let request = pb::ShutdownRequest {
+                domain: Some(domain_ref(&domain)),
+                mode: mode.to_pb() as i32,
+                wait: wait as i32,
+                timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+                destroy_on_timeout,
+            };
+            let r = with_progress(progress, client.clone().shutdown(request))
                 .await?
                 .into_inner();
             let outcome = pb::ShutdownOutcome::try_from(r.outcome)
@@ -672,13 +678,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             mode,
             timeout,
         } => {
-            client
-                .reboot(pb::RebootRequest {
-                    domain: Some(domain_ref(&domain)),
-                    mode: mode.to_pb() as i32,
-                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
-                })
-                .await?;
+            let progress = Progress::start(client, false, "rebooting", &domain, None);
+            let request = pb::RebootRequest {
+                domain: Some(domain_ref(&domain)),
+                mode: mode.to_pb() as i32,
+                timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+            };
+            with_progress(progress, client.clone().reboot(request)).await?;
             say(format_args!("Domain '{domain}' rebooted"))?;
         }
         Verb::Reset { domain } => {
@@ -699,12 +705,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
         }
         Verb::Save { domain, file } => {
             let path = absolute(&file)?;
-            client
-                .save(pb::SaveRequest {
-                    domain: Some(domain_ref(&domain)),
-                    path: path.clone(),
-                })
-                .await?;
+            let progress =
+                Progress::start(client, false, "saving", &domain, Some(path.clone().into()));
+            let request = pb::SaveRequest {
+                domain: Some(domain_ref(&domain)),
+                path: path.clone(),
+            };
+            with_progress(progress, client.clone().save(request)).await?;
             say(format_args!("Domain '{domain}' saved to {path}"))?;
         }
         Verb::Restore {
@@ -721,13 +728,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             } else {
                 None
             };
-            client
-                .restore(pb::RestoreRequest {
-                    domain: Some(domain_ref(&domain)),
-                    path: path.clone(),
-                    paused,
-                })
-                .await?;
+            let progress = Progress::start(client, false, "restoring", &domain, None);
+            let request = pb::RestoreRequest {
+                domain: Some(domain_ref(&domain)),
+                path: path.clone(),
+                paused,
+            };
+            with_progress(progress, client.clone().restore(request)).await?;
             say(format_args!("Domain '{domain}' restored from {path}"))?;
         }
         Verb::Dompmsuspend { domain, target } => {
@@ -855,6 +862,106 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
         }
     }
     Ok(exit::OK)
+}
+
+/// A progress line on stderr while a long operation runs (start, save, restore, reboot,
+/// shutdown --wait completed): a spinner with the elapsed time, the domain's state and job
+/// as the daemon reports them (polled every 250 ms on the same connection), and for a save
+/// to a file this host can see, the bytes written so far and the rate. Only on a terminal
+/// and never with --json: piped output stays plain lines.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// Whether a progress line is shown: stderr is a terminal and the output is not JSON.
+pub fn progress_wanted(json: bool) -> bool {
+    use std::io::IsTerminal;
+    !json && std::io::stderr().is_terminal()
+}
+
+/// The size of the temporary file a save to `target` is writing (`.<name>.domkit-tmp-*` on
+/// QEMU, `.<name>.*.tmp` on libxl, next to the target), if this host sees it.
+pub fn save_temp_size(target: &Path) -> Option<u64> {
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    let prefix = format!(".{name}.");
+    let dir = target.parent()?;
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && (n.contains("domkit-tmp") || n.ends_with(".tmp"))
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .max()
+}
+
+impl Progress {
+    /// Start showing `what DOMAIN` (if [`progress_wanted`]); `save_target`: the save file
+    /// whose temporary file's growth is shown.
+    pub fn start(
+        client: &client::Client,
+        json: bool,
+        what: &str,
+        domain: &str,
+        save_target: Option<PathBuf>,
+    ) -> Option<Progress> {
+        if !progress_wanted(json) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        let style = indicatif::ProgressStyle::with_template("{spinner} {prefix} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.set_prefix(format!("{what} {domain}"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let (mut c, b, d) = (client.clone(), bar.clone(), domain.to_string());
+        let ticker = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                let mut parts = Vec::new();
+                if let Ok(info) = c.info(client::domain_ref(&d)).await {
+                    let info = info.into_inner();
+                    parts.push(state_text(info.state.as_ref()));
+                    if info
+                        .control
+                        .as_ref()
+                        .is_some_and(|ctl| ctl.kind == pb::control_state::Kind::Job as i32)
+                    {
+                        parts.push(control_text(info.control.as_ref()));
+                    }
+                }
+                if let Some(bytes) = save_target.as_deref().and_then(save_temp_size) {
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    let mib = bytes as f64 / 1048576.0;
+                    parts.push(format!("{mib:.1} MiB written, {:.1} MiB/s", mib / secs));
+                }
+                b.set_message(parts.join(", "));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        Some(Progress { bar, ticker })
+    }
+
+    /// Stop and clear the line.
+    pub fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Run `fut` with a progress line (see [`Progress`]).
+async fn with_progress<T>(
+    progress: Option<Progress>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let out = fut.await;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    out
 }
 
 /// Where a followed event stream resumes after a reconnection: the last entry it printed

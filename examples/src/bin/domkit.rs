@@ -101,6 +101,14 @@ enum Command {
         #[arg(long)]
         ephemeral: bool,
     },
+    /// Print a shell completion script: `domkit completions bash > /etc/bash_completion.d/domkit`,
+    /// `domkit completions zsh > "${fpath[1]}/_domkit"`, `domkit completions fish >
+    /// ~/.config/fish/completions/domkit.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The domkitd verbs (virsh's names): define, list, start, shutdown, dominfo, event, ...
     #[command(flatten)]
     Daemon(domkitd::cli::Verb),
@@ -122,6 +130,23 @@ fn parse_connect(uri: &str) -> Result<Backend, String> {
     }
 }
 
+/// `domkit completions SHELL`: the script on stdout (a closed pipe ends quietly).
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "domkit", &mut script);
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&script).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("domkit: error: writing the completion script: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn usage_error(msg: &str) -> ExitCode {
     eprintln!("domkit: error: {msg}\nhint: see `domkit --help`");
     ExitCode::from(2)
@@ -135,6 +160,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Completions { shell } = cli.command {
+        return completions(shell);
+    }
     if let Command::Daemon(verb) = cli.command {
         return ExitCode::from(domkitd::cli::main(Some(&cli.connect), &cli.daemon, verb));
     }
@@ -238,7 +266,7 @@ async fn run_command<B: TestBackend>(
         Command::Manager { .. } => {
             anyhow::bail!("`domkit manager` is not available for this backend yet")
         }
-        Command::Daemon(_) => {
+        Command::Daemon(_) | Command::Completions { .. } => {
             anyhow::bail!("the domkitd verbs talk to a domkitd, not to an in-process driver")
         }
     }
