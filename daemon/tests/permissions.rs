@@ -122,13 +122,16 @@ fn cli_as(
     )
 }
 
-/// A copy of the `domkit` binary the test user may run (the build tree is usually under
-/// root's 0700 home), in `dir`.
+/// The `domkit` binary at a path the test user may reach (the build tree is usually under
+/// root's 0700 home), in `dir`: a hard link (the binary is 0755 already; no 180 MB copy of
+/// a debug build), or a copy on another file system.
 fn user_runnable_cli(dir: &Path) -> PathBuf {
-    let copy = dir.join("domkit");
-    std::fs::copy(common::domkit_bin(), &copy).expect("copy domkit");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    copy
+    let path = dir.join("domkit");
+    if std::fs::hard_link(common::domkit_bin(), &path).is_err() {
+        std::fs::copy(common::domkit_bin(), &path).expect("copy domkit");
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
 }
 
 /// The test's directories, which the user may traverse (but not list or write) down to the
