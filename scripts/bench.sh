@@ -99,7 +99,10 @@ else
 fi
 
 log "building domkit-bench (release)"
-cargo build --release -q -p domkit-examples --bin domkit-bench >&2
+# `--only daemon` also runs the domkitd and domkit binaries beside domkit-bench (and, with
+# libvirt up, `virsh domstate` of a paused libvirt domain side by side).
+cargo build --release -q -p domkit-examples --bin domkit-bench --bin domkit >&2
+cargo build --release -q -p domkitd --bin domkitd >&2
 bin=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
       | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/domkit-bench
 

@@ -335,7 +335,20 @@ pub fn main(connect: Option<&str>, args: &ConnectArgs, verb: Verb) -> u8 {
     let result = runtime.block_on(async {
         let target = target(connect, args)?;
         let mut client = client::connect(&target).await?;
-        run(&mut client, verb).await
+        match verb {
+            Verb::Event {
+                domain,
+                follow: true,
+                timeout,
+                since,
+                json,
+            } => {
+                let deadline =
+                    timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+                follow_events(&target, client, domain, since, deadline, json).await
+            }
+            verb => run(&mut client, verb).await,
+        }
     });
     match result {
         Ok(code) => code,
@@ -589,11 +602,12 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             paused,
             json,
         } => {
-            let r = client
-                .start(pb::StartRequest {
-                    domain: Some(domain_ref(&domain)),
-                    paused,
-                })
+            let progress = Progress::start(client, json, "starting", &domain, None);
+            let request = pb::StartRequest {
+                domain: Some(domain_ref(&domain)),
+                paused,
+            };
+            let r = with_progress(progress, client.clone().start(request))
                 .await?
                 .into_inner();
             if json {
@@ -617,14 +631,19 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
                 WaitArg::Acknowledged => pb::ShutdownWait::Acknowledged,
                 WaitArg::Completed => pb::ShutdownWait::Completed,
             };
-            let r = client
-                .shutdown(pb::ShutdownRequest {
-                    domain: Some(domain_ref(&domain)),
-                    mode: mode.to_pb() as i32,
-                    wait: wait as i32,
-                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
-                    destroy_on_timeout,
-                })
+            let progress = if wait == pb::ShutdownWait::Completed {
+                Progress::start(client, json, "shutting down", &domain, None)
+            } else {
+                None
+            };
+            let request = pb::ShutdownRequest {
+                domain: Some(domain_ref(&domain)),
+                mode: mode.to_pb() as i32,
+                wait: wait as i32,
+                timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+                destroy_on_timeout,
+            };
+            let r = with_progress(progress, client.clone().shutdown(request))
                 .await?
                 .into_inner();
             let outcome = pb::ShutdownOutcome::try_from(r.outcome)
@@ -659,13 +678,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             mode,
             timeout,
         } => {
-            client
-                .reboot(pb::RebootRequest {
-                    domain: Some(domain_ref(&domain)),
-                    mode: mode.to_pb() as i32,
-                    timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
-                })
-                .await?;
+            let progress = Progress::start(client, false, "rebooting", &domain, None);
+            let request = pb::RebootRequest {
+                domain: Some(domain_ref(&domain)),
+                mode: mode.to_pb() as i32,
+                timeout_ms: timeout.map_or(0, |s| s.saturating_mul(1000)),
+            };
+            with_progress(progress, client.clone().reboot(request)).await?;
             say(format_args!("Domain '{domain}' rebooted"))?;
         }
         Verb::Reset { domain } => {
@@ -686,12 +705,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
         }
         Verb::Save { domain, file } => {
             let path = absolute(&file)?;
-            client
-                .save(pb::SaveRequest {
-                    domain: Some(domain_ref(&domain)),
-                    path: path.clone(),
-                })
-                .await?;
+            let progress =
+                Progress::start(client, false, "saving", &domain, Some(path.clone().into()));
+            let request = pb::SaveRequest {
+                domain: Some(domain_ref(&domain)),
+                path: path.clone(),
+            };
+            with_progress(progress, client.clone().save(request)).await?;
             say(format_args!("Domain '{domain}' saved to {path}"))?;
         }
         Verb::Restore {
@@ -708,13 +728,13 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             } else {
                 None
             };
-            client
-                .restore(pb::RestoreRequest {
-                    domain: Some(domain_ref(&domain)),
-                    path: path.clone(),
-                    paused,
-                })
-                .await?;
+            let progress = Progress::start(client, false, "restoring", &domain, None);
+            let request = pb::RestoreRequest {
+                domain: Some(domain_ref(&domain)),
+                path: path.clone(),
+                paused,
+            };
+            with_progress(progress, client.clone().restore(request)).await?;
             say(format_args!("Domain '{domain}' restored from {path}"))?;
         }
         Verb::Dompmsuspend { domain, target } => {
@@ -844,6 +864,275 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
     Ok(exit::OK)
 }
 
+/// A progress line on stderr while a long operation runs (start, save, restore, reboot,
+/// shutdown --wait completed): a spinner with the elapsed time, the domain's state and job
+/// as the daemon reports them (polled every 250 ms on the same connection), and for a save
+/// to a file this host can see, the bytes written so far and the rate. Only on a terminal
+/// and never with --json: piped output stays plain lines.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// Whether a progress line is shown: stderr is a terminal and the output is not JSON.
+pub fn progress_wanted(json: bool) -> bool {
+    use std::io::IsTerminal;
+    !json && std::io::stderr().is_terminal()
+}
+
+/// The size of the temporary file a save to `target` is writing (`.<name>.domkit-tmp-*` on
+/// QEMU, `.<name>.*.tmp` on libxl, next to the target), if this host sees it.
+pub fn save_temp_size(target: &Path) -> Option<u64> {
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    let prefix = format!(".{name}.");
+    let dir = target.parent()?;
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && (n.contains("domkit-tmp") || n.ends_with(".tmp"))
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .max()
+}
+
+impl Progress {
+    /// Start showing `what DOMAIN` (if [`progress_wanted`]); `save_target`: the save file
+    /// whose temporary file's growth is shown.
+    pub fn start(
+        client: &client::Client,
+        json: bool,
+        what: &str,
+        domain: &str,
+        save_target: Option<PathBuf>,
+    ) -> Option<Progress> {
+        if !progress_wanted(json) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        let style = indicatif::ProgressStyle::with_template("{spinner} {prefix} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.set_prefix(format!("{what} {domain}"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let (mut c, b, d) = (client.clone(), bar.clone(), domain.to_string());
+        let ticker = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                let mut parts = Vec::new();
+                if let Ok(info) = c.info(client::domain_ref(&d)).await {
+                    let info = info.into_inner();
+                    parts.push(state_text(info.state.as_ref()));
+                    if info
+                        .control
+                        .as_ref()
+                        .is_some_and(|ctl| ctl.kind == pb::control_state::Kind::Job as i32)
+                    {
+                        parts.push(control_text(info.control.as_ref()));
+                    }
+                }
+                if let Some(bytes) = save_target.as_deref().and_then(save_temp_size) {
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    let mib = bytes as f64 / 1048576.0;
+                    parts.push(format!("{mib:.1} MiB written, {:.1} MiB/s", mib / secs));
+                }
+                b.set_message(parts.join(", "));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        Some(Progress { bar, ticker })
+    }
+
+    /// Stop and clear the line.
+    pub fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Run `fut` with a progress line (see [`Progress`]).
+async fn with_progress<T>(
+    progress: Option<Progress>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let out = fut.await;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    out
+}
+
+/// Where a followed event stream resumes after a reconnection: the last entry it printed
+/// (a domain's `seq` with a domain, a host-wide cursor without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// The stream is of one domain (its `seq`s) rather than host-wide (cursors).
+    pub per_domain: bool,
+    /// The last position accounted for (printed as an event or inside a printed gap).
+    pub last: Option<u64>,
+}
+
+impl Resume {
+    /// Account for `msg`, printed: the position after which a new stream resumes.
+    pub fn advance(&mut self, msg: &pb::EventMessage) {
+        let at = match &msg.entry {
+            Some(pb::event_message::Entry::Event(ev)) if self.per_domain => ev.seq,
+            Some(pb::event_message::Entry::Event(_)) => msg.cursor,
+            // A gap of the stream's own positions: resume after its range.
+            Some(pb::event_message::Entry::Gap(gap)) if self.per_domain || gap.domain.is_none() => {
+                gap.last_missing
+            }
+            // Host-wide, a domain's seq range journaled as an entry: its cursor.
+            Some(pb::event_message::Entry::Gap(_)) if msg.cursor > 0 => msg.cursor,
+            Some(pb::event_message::Entry::Gap(_)) | None => return,
+        };
+        self.last = Some(self.last.map_or(at, |l| l.max(at)));
+    }
+}
+
+/// Is `e` the daemon going away (killed, restarted, its socket gone) rather than a typed
+/// refusal? Such a failure of a followed stream is retried; a refusal is not.
+fn is_disconnect(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Unreachable { .. } | ClientError::Transport { .. }
+    )
+}
+
+/// `event --loop`: follow the events, and when domkitd goes away (killed, restarted,
+/// upgraded) reconnect and resume right after the last entry printed, so the output has
+/// every event once, in order, and an explicit gap for what the daemon could not keep
+/// (docs/daemon.md, "Events"). A typed refusal (an unknown domain) ends it; so do
+/// `deadline` and a closed stdout.
+async fn follow_events(
+    target: &Target,
+    mut client: client::Client,
+    domain: Option<String>,
+    since: Option<u64>,
+    deadline: Option<tokio::time::Instant>,
+    json: bool,
+) -> Result<u8, Failure> {
+    let mut resume = Resume {
+        per_domain: domain.is_some(),
+        last: since,
+    };
+    // Live only: take the current position first, so that a reconnection before the first
+    // event still resumes from now (not from "live again", which would lose what happened
+    // while the daemon was away).
+    if resume.last.is_none() {
+        resume.last = match &domain {
+            Some(d) => Some(client.info(client::domain_ref(d)).await?.into_inner().seq),
+            None => {
+                client
+                    .version(pb::VersionRequest {})
+                    .await?
+                    .into_inner()
+                    .cursor
+            }
+        };
+    }
+    let mut printed = 0u64;
+    let mut connected = true;
+    'streams: loop {
+        if !connected {
+            match reconnect(target, deadline).await? {
+                Some(c) => client = c,
+                None => break,
+            }
+            eprintln!(
+                "domkit: reconnected to domkitd; resuming after {} {}",
+                if resume.per_domain { "seq" } else { "cursor" },
+                resume.last.map_or("(live)".to_string(), |l| l.to_string())
+            );
+        }
+        let request = pb::EventsRequest {
+            domain: domain.as_deref().map(client::domain_ref),
+            since: resume.last,
+            follow: true,
+        };
+        let opened = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, client.events(request)).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            None => client.events(request).await,
+        };
+        let mut stream = match opened {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = ClientError::from(status);
+                if !is_disconnect(&e) {
+                    return Err(e.into());
+                }
+                eprintln!("domkit: domkitd went away ({e}); reconnecting to {target}");
+                connected = false;
+                continue;
+            }
+        };
+        loop {
+            let next = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break 'streams,
+                },
+                None => stream.next().await,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(status)) => {
+                    let e = ClientError::from(status);
+                    if !is_disconnect(&e) {
+                        return Err(e.into());
+                    }
+                    eprintln!("domkit: domkitd went away ({e}); reconnecting to {target}");
+                    connected = false;
+                    continue 'streams;
+                }
+                // A followed stream ends only when the daemon stops (SIGTERM).
+                None => {
+                    eprintln!("domkit: domkitd closed the event stream; reconnecting to {target}");
+                    connected = false;
+                    continue 'streams;
+                }
+            };
+            if json {
+                say(entry_json(&msg))?;
+            } else {
+                say(entry_text(&msg))?;
+            }
+            resume.advance(&msg);
+            printed += 1;
+        }
+    }
+    if !json {
+        eprintln!("events received: {printed}");
+    }
+    Ok(exit::OK)
+}
+
+/// Connect again to a daemon that went away, every 200 ms until it answers; `None` once
+/// `deadline` passed. A refusal that is not the daemon's absence (a bad TLS file) ends it.
+async fn reconnect(
+    target: &Target,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<client::Client>, Failure> {
+    loop {
+        // Not in a tight loop against a daemon that is going away.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match client::connect(target).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if is_disconnect(&e) => {
+                if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The escape character of `console`: Ctrl-] (as virsh and telnet).
 const ESCAPE: u8 = 0x1d;
 
@@ -958,4 +1247,68 @@ async fn console(
     drop(raw);
     eprintln!();
     result.map(|()| exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(cursor: u64, seq: u64) -> pb::EventMessage {
+        pb::EventMessage {
+            cursor,
+            entry: Some(pb::event_message::Entry::Event(pb::Event {
+                seq,
+                kind: "resumed".into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn gap(cursor: u64, first: u64, last: u64) -> pb::EventMessage {
+        pb::EventMessage {
+            cursor,
+            entry: Some(pb::event_message::Entry::Gap(pb::Gap {
+                first_missing: first,
+                last_missing: last,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn resume_position_per_domain_is_the_seq() {
+        let mut r = Resume {
+            per_domain: true,
+            last: Some(3),
+        };
+        r.advance(&event(40, 4));
+        assert_eq!(r.last, Some(4));
+        // A gap of the domain's seqs: resume after its end.
+        r.advance(&gap(0, 5, 9));
+        assert_eq!(r.last, Some(9));
+        r.advance(&event(50, 10));
+        assert_eq!(r.last, Some(10));
+    }
+
+    #[test]
+    fn resume_position_host_wide_is_the_cursor() {
+        let mut r = Resume {
+            per_domain: false,
+            last: None,
+        };
+        r.advance(&event(7, 1));
+        assert_eq!(r.last, Some(7));
+        r.advance(&gap(12, 8, 12));
+        assert_eq!(r.last, Some(12));
+        // Never backwards.
+        r.advance(&event(5, 2));
+        assert_eq!(r.last, Some(12));
+        // A domain's seq range journaled while the daemon was away: its own cursor.
+        let mut domain_gap = gap(13, 2, 3);
+        if let Some(pb::event_message::Entry::Gap(g)) = &mut domain_gap.entry {
+            g.domain = Some(pb::DomainIdentity::default());
+        }
+        r.advance(&domain_gap);
+        assert_eq!(r.last, Some(13));
+    }
 }

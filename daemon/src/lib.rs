@@ -22,6 +22,10 @@ pub mod pb {
     tonic::include_proto!("domkit.v1");
 }
 
+/// The gRPC reply and status types of the client's calls (tonic's), for callers that do
+/// not depend on tonic themselves.
+pub use tonic::{Response, Status};
+
 pub mod backend;
 pub mod cli;
 pub mod client;

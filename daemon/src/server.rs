@@ -375,6 +375,7 @@ impl pb::domkit_server::Domkit for DomkitService {
                 .map(|d| d.name().to_string())
                 .collect(),
             read_only: self.access == Access::ReadOnly,
+            cursor: Some(self.core.journal.next_cursor().saturating_sub(1)),
         }))
     }
 

@@ -93,12 +93,23 @@ async fn cli_lifecycle() {
 
     let save = daemon.dirs.root.path().join("cli1.save");
     let save = save.display().to_string();
-    cli_ok(&sock, &["save", "cli1", &save]);
+    // On a terminal the wait shows a progress line (the domain's job, the bytes written),
+    // cleared at the end; the result line goes to stdout as without a terminal.
+    let (code, out, tty) = common::cli_tty_stderr(&sock, &["save", "cli1", &save]);
+    assert_eq!(code, 0, "{out}{tty}");
+    assert!(out.contains("Domain 'cli1' saved to"), "{out}");
+    assert!(
+        tty.contains("saving cli1"),
+        "a progress line on the terminal: {tty:?}"
+    );
     assert_eq!(
         cli_ok(&sock, &["domstate", "cli1", "--reason"]).trim(),
         "shutoff (saved)"
     );
-    cli_ok(&sock, &["restore", "cli1", &save]);
+    // Not a terminal: no progress line, stderr stays empty.
+    let (code, out, err) = cli(&sock, &["restore", "cli1", &save]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.is_empty(), "no progress without a terminal: {err:?}");
     assert_eq!(
         cli_ok(&sock, &["domstate", "cli1", "--reason"]).trim(),
         "running (restored)"

@@ -3,6 +3,8 @@
 
 #![warn(missing_docs)]
 
+pub mod daemon_demo;
+
 use domkit_core::DomainEvent;
 use std::path::PathBuf;
 use std::time::Instant;

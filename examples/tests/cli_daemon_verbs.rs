@@ -65,3 +65,38 @@ fn a_closed_stdout_pipe_ends_the_listing_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{}: {err}", out.status);
 }
+
+#[test]
+fn completions_for_bash_zsh_fish_complete_the_verbs_and_options() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = domkit(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for word in ["shutdown", "dominfo", "destroy-on-timeout", "completions"] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let (code, _, err) = domkit(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "an unknown shell is a usage error: {err}");
+    // The bash script, sourced in a real bash, completes a verb and an option.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("domkit.bash");
+    std::fs::write(&script, domkit(&["completions", "bash"]).1).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(
+            r#"source "$1"
+COMP_WORDS=(domkit shut); COMP_CWORD=1; _domkit domkit shut domkit; echo "[${COMPREPLY[*]}]"
+COMP_WORDS=(domkit shutdown vm --wa); COMP_CWORD=3; _domkit domkit --wa vm; echo "[${COMPREPLY[*]}]""#,
+        )
+        .arg("bash")
+        .arg(&script)
+        .output()
+        .expect("run bash");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["[shutdown]", "[--wait]"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

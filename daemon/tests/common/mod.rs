@@ -293,3 +293,40 @@ pub fn cli_ok(socket: &Path, args: &[&str]) -> String {
     assert_eq!(code, 0, "domkit {args:?} failed ({code}): {err}{out}");
     out
 }
+
+/// Run the `domkit` CLI against `socket` with its stderr on a pseudo-terminal (as in an
+/// interactive shell) and stdout a pipe; (exit code, stdout, what the terminal showed).
+pub fn cli_tty_stderr(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    use std::io::Read;
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut master = std::fs::File::from(pty.master);
+    let child = Command::new(domkit_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(pty.slave))
+        .spawn()
+        .expect("run domkit");
+    // The terminal is read while the command runs (a full pty would block it); the read
+    // ends with EIO once the child, the slave's last holder, exits.
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let out = child.wait_with_output().expect("wait for domkit");
+    let tty = reader.join().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        tty,
+    )
+}

@@ -7,9 +7,13 @@
 //!   daemon hop: gRPC over a Unix socket);
 //! - `pause_resume`: a resume + pause pair (two QMP round trips and their events) vs the
 //!   same through `Resume` + `Pause`;
-//! - `cli`: `domkit domstate` as a process (spawn, connect, `Info`, print), wall time.
+//! - `cli`: `domkit domstate` as a process (spawn, connect, `Info`, print), wall time, and
+//!   in the same repetition `virsh domstate` of a paused libvirt domain (same QEMU binary,
+//!   TCG) against the running libvirtd, when `virsh` can reach one (`virsh_peer`; else the
+//!   reason is a note).
 //!
-//! Then the daemon's RSS and CPU over an idle window.
+//! Then the daemon's RSS and CPU over an idle window, and its RSS with N = 100 paused
+//! domains (per domain: the growth over the one-domain idle RSS / 99).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,8 +33,14 @@ use super::stats::percentile;
 const INFO_CALLS: usize = 300;
 /// Resume + pause pairs per side per repetition.
 const PAUSE_RESUME: usize = 20;
-/// `domkit domstate` runs per repetition.
+/// `domkit domstate` (and `virsh domstate`) runs per repetition.
 const CLI_RUNS: usize = 10;
+/// Domains in the daemon for its RSS per domain.
+const RSS_DOMAINS: usize = 100;
+/// The libvirt connection of the `virsh domstate` peer (`$DOMKIT_BENCH_VIRSH_URI`).
+const VIRSH_URI: &str = "qemu:///system";
+/// The peer domain's name (transient: gone with its `virsh destroy`).
+const VIRSH_DOMAIN: &str = "domkit-bench-virsh";
 
 struct DaemonProcess {
     child: Child,
@@ -118,10 +128,143 @@ fn rss_kib(pid: u32) -> Option<f64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A paused transient libvirt domain for the `virsh domstate` peer, destroyed on drop.
+struct VirshPeer {
+    uri: String,
+}
+
+impl VirshPeer {
+    /// Start it, or say why not (no virsh, no libvirtd answering, create refused).
+    fn start(tmp: &Path) -> Result<VirshPeer, String> {
+        let uri = std::env::var("DOMKIT_BENCH_VIRSH_URI").unwrap_or_else(|_| VIRSH_URI.into());
+        let version = Command::new("virsh")
+            .args(["-c", &uri, "version"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("virsh not runnable ({e}): install libvirt-clients"))?;
+        if !version.status.success() {
+            return Err(format!(
+                "`virsh -c {uri} version` failed: {}",
+                String::from_utf8_lossy(&version.stderr).trim()
+            ));
+        }
+        // A leftover of an interrupted run.
+        let _ = Command::new("virsh")
+            .args(["-c", &uri, "destroy", VIRSH_DOMAIN])
+            .stdin(Stdio::null())
+            .output();
+        let qemu =
+            which("qemu-system-x86_64").unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into());
+        let xml = format!(
+            "<domain type='qemu'><name>{VIRSH_DOMAIN}</name><memory unit='MiB'>{SCALE_MEMORY_MIB}</memory>\
+             <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>\
+             <devices><emulator>{}</emulator></devices></domain>",
+            qemu.display()
+        );
+        let file = tmp.join("virsh-peer.xml");
+        std::fs::write(&file, xml).map_err(|e| format!("writing {}: {e}", file.display()))?;
+        let created = Command::new("virsh")
+            .args(["-c", &uri, "create", "--paused"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("virsh create: {e}"))?;
+        if !created.status.success() {
+            return Err(format!(
+                "`virsh create --paused` failed: {}",
+                String::from_utf8_lossy(&created.stderr).trim()
+            ));
+        }
+        Ok(VirshPeer { uri })
+    }
+
+    /// One `virsh domstate` as a process: wall time in ms.
+    fn domstate_ms(&self) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = Command::new("virsh")
+            .args(["-c", &self.uri, "domstate", VIRSH_DOMAIN])
+            .stdin(Stdio::null())
+            .output()?;
+        let ms = us(t) / 1000.0;
+        if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("paused") {
+            bail!(
+                "virsh domstate failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(ms)
+    }
+}
+
+impl Drop for VirshPeer {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-c", &self.uri, "destroy", VIRSH_DOMAIN])
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Start `n` more paused domains (`bdN`) through the daemon, 10 at a time.
+async fn start_many(
+    remote: &client::Client,
+    config: &domkit_core::DomainConfig,
+    n: usize,
+) -> anyhow::Result<()> {
+    for batch in (1..=n).collect::<Vec<_>>().chunks(10) {
+        let starts = batch.iter().map(|i| {
+            let mut c = remote.clone();
+            let mut config = config.clone();
+            config.name = format!("bd{i}");
+            config.uuid = None;
+            async move {
+                c.define(pb::DefineRequest {
+                    config: serde_json::to_string(&config)?,
+                    format: pb::ConfigFormat::Json as i32,
+                })
+                .await?;
+                c.start(pb::StartRequest {
+                    domain: Some(client::domain_ref(&config.name)),
+                    paused: true,
+                })
+                .await?;
+                anyhow::Ok(())
+            }
+        });
+        for r in futures::future::join_all(starts).await {
+            r.context("starting a domain through domkitd")?;
+        }
+    }
+    Ok(())
+}
+
+/// Destroy and undefine `bd1..=bdN` through the daemon.
+async fn stop_many(remote: &client::Client, n: usize) {
+    for batch in (1..=n).collect::<Vec<_>>().chunks(10) {
+        let stops = batch.iter().map(|i| {
+            let mut c = remote.clone();
+            let name = format!("bd{i}");
+            async move {
+                let _ = c.destroy(client::domain_ref(&name)).await;
+                let _ = c.undefine(client::domain_ref(&name)).await;
+            }
+        });
+        futures::future::join_all(stops).await;
+    }
+}
+
 /// Runs the daemon figures into `res`: `daemon_info_p50_us.{inprocess,domkitd}`,
 /// `daemon_info_vs_inprocess`, `daemon_pause_resume_ms.{inprocess,domkitd}`,
-/// `daemon_pause_resume_vs_inprocess`, `cli_domstate_ms.p50/p99`, `domkitd_rss_kib.idle`,
-/// `domkitd_idle_cpu_ms_per_s`.
+/// `daemon_pause_resume_vs_inprocess`, `cli_domstate_ms.p50/p99`, `virsh_domstate_ms.p50/p99`
+/// and `cli_domstate_vs_virsh` (when virsh runs), `domkitd_rss_kib.idle`,
+/// `domkitd_idle_cpu_ms_per_s`, `domkitd_rss_kib.n100`, `domkitd_rss_kib_per_domain`.
 pub fn run(
     runtime: &tokio::runtime::Runtime,
     tmp: &Path,
@@ -159,6 +302,17 @@ pub fn run(
         anyhow::Ok((driver, local, remote))
     })?;
     let remote_ref = || client::domain_ref("bd");
+    let virsh = match VirshPeer::start(&base) {
+        Ok(peer) => Some(peer),
+        Err(why) => {
+            eprintln!("domkit-bench: daemon: no virsh peer: {why}");
+            res.notes.insert(
+                "virsh".into(),
+                format!("virsh domstate not measured: {why}"),
+            );
+            None
+        }
+    };
     let result = (|| -> anyhow::Result<()> {
         for rep in 0..reps {
             let sides = if rep % 2 == 0 {
@@ -220,8 +374,19 @@ pub fn run(
                 }
                 cli.push(us(t) / 1000.0);
             }
-            res.push("cli_domstate_ms.p50", p50(&mut cli));
+            let cli_p50 = p50(&mut cli);
+            res.push("cli_domstate_ms.p50", cli_p50);
             res.push("cli_domstate_ms.p99", p99(&mut cli));
+            if let Some(peer) = &virsh {
+                let mut v = Vec::with_capacity(CLI_RUNS);
+                for _ in 0..CLI_RUNS {
+                    v.push(peer.domstate_ms()?);
+                }
+                let v_p50 = p50(&mut v);
+                res.push("virsh_domstate_ms.p50", v_p50);
+                res.push("virsh_domstate_ms.p99", p99(&mut v));
+                res.push("cli_domstate_vs_virsh", cli_p50 / v_p50);
+            }
         }
         let pid = daemon.child.id();
         if let Some(rss) = rss_kib(pid) {
@@ -235,8 +400,25 @@ pub fn run(
             let ms = (b - a) as f64 * 1000.0 / hz;
             res.push("domkitd_idle_cpu_ms_per_s", ms / idle.as_secs_f64());
         }
+        // RSS per domain: N = 100 paused domains in the daemon (the one above + 99).
+        let idle_rss = rss_kib(pid);
+        let started = runtime.block_on(start_many(&remote, &config, RSS_DOMAINS - 1));
+        if started.is_ok() {
+            // Let the daemon settle (its per-domain tasks and journal writes).
+            std::thread::sleep(Duration::from_secs(2));
+            if let (Some(one), Some(n)) = (idle_rss, rss_kib(pid)) {
+                res.push("domkitd_rss_kib.n100", n);
+                res.push(
+                    "domkitd_rss_kib_per_domain",
+                    (n - one) / (RSS_DOMAINS - 1) as f64,
+                );
+            }
+        }
+        runtime.block_on(stop_many(&remote, RSS_DOMAINS - 1));
+        started?;
         Ok(())
     })();
+    drop(virsh);
     runtime.block_on(async {
         let _ = remote.destroy(remote_ref()).await;
         let _ = local.destroy().await;
@@ -276,11 +458,21 @@ pub fn markdown(res: &Results) -> String {
     ));
     md.push_str(&format!(
         "\n`domkit domstate` (a process: spawn, connect, `Info`, print): p50 {} ms, p99 {} ms. \
-         domkitd with one paused domain: RSS {} KiB, idle CPU {} ms/s.\n",
+         `virsh domstate` (same run, a paused libvirt domain): p50 {} ms, p99 {} ms; domkit / \
+         virsh p50 {}. domkitd with one paused domain: RSS {} KiB, idle CPU {} ms/s; with 100: \
+         RSS {} KiB, {} KiB per domain.\n",
         cell("cli_domstate_ms.p50"),
         cell("cli_domstate_ms.p99"),
+        cell("virsh_domstate_ms.p50"),
+        cell("virsh_domstate_ms.p99"),
+        cell("cli_domstate_vs_virsh"),
         cell("domkitd_rss_kib.idle"),
         cell("domkitd_idle_cpu_ms_per_s"),
+        cell("domkitd_rss_kib.n100"),
+        cell("domkitd_rss_kib_per_domain"),
     ));
+    if let Some(why) = res.notes.get("virsh") {
+        md.push_str(&format!("\n{why}\n"));
+    }
     md
 }

@@ -1,7 +1,8 @@
 //! `domkit`: the command-line tool.
 //!
 //! - `domkit demo`: the main job: a real VM lifecycle on the default backend, printing each
-//!   uniform event as it happens with timings.
+//!   uniform event as it happens with timings; on QEMU through a private domkitd it starts
+//!   and stops (examples/src/daemon_demo.rs).
 //! - `domkit run CONFIG`: run a domain from a TOML/JSON config in the foreground.
 //! - `domkit conformance`: run the conformance suite against a backend.
 
@@ -38,11 +39,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot the test guest and walk its lifecycle (pause, resume, save, restore, reboot,
-    /// graceful shutdown), printing each uniform event with timings.
+    /// graceful shutdown), printing each uniform event with timings. On QEMU it runs
+    /// through a private domkitd it starts (its own directories and socket) and stops
+    /// again, as users run domkit; `-c libxl:///` drives the Xen driver in-process.
     Demo {
         /// Print JSON lines instead of text.
         #[arg(long)]
         json: bool,
+        /// Drive an in-process driver instead of a private domkitd.
+        #[arg(long)]
+        in_process: bool,
     },
     /// Start a domain from a TOML/JSON config and print its events until it stops.
     /// SIGINT/SIGTERM request a graceful shutdown (destroy after --shutdown-timeout; a second
@@ -95,6 +101,14 @@ enum Command {
         #[arg(long)]
         ephemeral: bool,
     },
+    /// Print a shell completion script: `domkit completions bash > /etc/bash_completion.d/domkit`,
+    /// `domkit completions zsh > "${fpath[1]}/_domkit"`, `domkit completions fish >
+    /// ~/.config/fish/completions/domkit.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The domkitd verbs (virsh's names): define, list, start, shutdown, dominfo, event, ...
     #[command(flatten)]
     Daemon(domkitd::cli::Verb),
@@ -116,6 +130,23 @@ fn parse_connect(uri: &str) -> Result<Backend, String> {
     }
 }
 
+/// `domkit completions SHELL`: the script on stdout (a closed pipe ends quietly).
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "domkit", &mut script);
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&script).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("domkit: error: writing the completion script: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn usage_error(msg: &str) -> ExitCode {
     eprintln!("domkit: error: {msg}\nhint: see `domkit --help`");
     ExitCode::from(2)
@@ -129,6 +160,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Completions { shell } = cli.command {
+        return completions(shell);
+    }
     if let Command::Daemon(verb) = cli.command {
         return ExitCode::from(domkitd::cli::main(Some(&cli.connect), &cli.daemon, verb));
     }
@@ -188,6 +222,13 @@ async fn dispatch(backend: Backend, command: Command) -> anyhow::Result<u8> {
                     }
                 };
             }
+            if let Command::Demo {
+                json,
+                in_process: false,
+            } = command
+            {
+                return domkit_examples::daemon_demo::run(json).await;
+            }
             let make_driver = || Ok(domkit_qemu::QemuDriver::new(Default::default())?);
             run_command(command, make_backend, make_driver).await
         }
@@ -203,7 +244,7 @@ async fn run_command<B: TestBackend>(
     make_driver: impl FnOnce() -> anyhow::Result<B::Driver>,
 ) -> anyhow::Result<u8> {
     match command {
-        Command::Demo { json } => demo(&make_backend()?, json).await,
+        Command::Demo { json, .. } => demo(&make_backend()?, json).await,
         Command::Run {
             config,
             paused,
@@ -225,7 +266,7 @@ async fn run_command<B: TestBackend>(
         Command::Manager { .. } => {
             anyhow::bail!("`domkit manager` is not available for this backend yet")
         }
-        Command::Daemon(_) => {
+        Command::Daemon(_) | Command::Completions { .. } => {
             anyhow::bail!("the domkitd verbs talk to a domkitd, not to an in-process driver")
         }
     }

@@ -1,0 +1,404 @@
+//! `domkit event --loop` across domkitd restarts, on real QEMU (TCG) with the repo's test
+//! guest, a real domkitd process and its real socket, and the real `domkit` CLI binary.
+//!
+//! `event_loop_survives_daemon_kills_mid_save` (and `_mid_shutdown`, ignored: a known
+//! driver bug, see there): one CLI client follows a domain's events while domkitd is
+//! SIGKILLed and restarted twice:
+//! - between operations: the client reconnects by itself and resumes right after the last
+//!   event it printed: every event once, in order, no gap (nothing happened while the
+//!   daemon was away);
+//! - in the middle of an operation (`domkit save`; `domkit shutdown --wait completed`),
+//!   killed once it is on record in the domain's durable status (and for the save, once
+//!   its first event is out): the CLI caller fails
+//!   instead of hanging, the restarted daemon ends the operation consistently (§11.4: the
+//!   save cancelled or committed; the shutdown completed), the definition is intact, and
+//!   the followed stream accounts for every `seq` exactly once (an event, or a gap naming
+//!   what no daemon saw); the same history replayed with `--since` matches.
+
+mod common;
+
+use common::{cli, cli_ok, Daemon, Dirs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `domkit event DOMAIN --loop --json` process writing to files.
+struct Follower {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Follower {
+    fn spawn(socket: &Path, domain: &str, dir: &Path) -> Follower {
+        let out = dir.join("follower.out");
+        let err = dir.join("follower.err");
+        let child = Command::new(common::domkit_bin())
+            .arg("--socket")
+            .arg(socket)
+            .args(["event", domain, "--loop", "--json"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn domkit event --loop");
+        Follower { child, out, err }
+    }
+
+    fn entries(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Wait until the last printed entry accounts for `seq`.
+    fn wait_seq(&mut self, seq: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(last) = self.entries().iter().filter_map(last_position).max() {
+                if last >= seq {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "domkit event --loop exited ({status}) {what}:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the follower never got to seq {seq} {what}: {:?}\nstderr: {}",
+                self.entries(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `seq` an entry of a per-domain stream accounts for.
+fn last_position(v: &serde_json::Value) -> Option<u64> {
+    match v.get("gap") {
+        Some(gap) => gap["last_missing"].as_u64(),
+        None => v["seq"].as_u64(),
+    }
+}
+
+/// Check that `entries` account for seqs `first..=last` each exactly once, in order;
+/// return the event kinds and the gap ranges.
+fn account(entries: &[serde_json::Value], first: u64, last: u64) -> (Vec<String>, Vec<(u64, u64)>) {
+    let (mut kinds, mut gaps) = (Vec::new(), Vec::new());
+    let mut next = first;
+    for e in entries {
+        match e.get("gap") {
+            Some(gap) => {
+                let (a, b) = (
+                    gap["first_missing"].as_u64().unwrap(),
+                    gap["last_missing"].as_u64().unwrap(),
+                );
+                assert_eq!(a, next, "a gap starts where the events stop: {entries:?}");
+                gaps.push((a, b));
+                next = b + 1;
+            }
+            None => {
+                assert_eq!(
+                    e["seq"].as_u64().unwrap(),
+                    next,
+                    "every seq once, in order: {entries:?}"
+                );
+                kinds.push(format!(
+                    "{}({})",
+                    e["event"].as_str().unwrap_or("?"),
+                    e["detail"].as_str().unwrap_or("")
+                ));
+                next += 1;
+            }
+        }
+    }
+    assert_eq!(
+        next,
+        last + 1,
+        "everything up to seq {last} is there: {entries:?}"
+    );
+    (kinds, gaps)
+}
+
+/// Every domkitd log of the test (one file per daemon process) and the QEMU logs.
+fn all_logs(root: &Path) -> String {
+    let mut text = String::new();
+    let mut files: Vec<_> = walk(root);
+    files.sort();
+    for f in files {
+        let name = f.display().to_string();
+        if name.ends_with(".log") && !name.ends_with("serial.log") {
+            text += &format!(
+                "== {name}\n{}\n",
+                std::fs::read_to_string(&f).unwrap_or_default()
+            );
+        }
+    }
+    text
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+async fn seq_of(c: &mut domkitd::client::Client, name: &str) -> u64 {
+    c.info(common::by_name(name))
+        .await
+        .unwrap()
+        .into_inner()
+        .seq
+}
+
+/// The operation domkitd is SIGKILLed in the middle of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mid {
+    /// `domkit save`, killed once the save is on record (`in_flight: save`).
+    Save,
+    /// `domkit shutdown --wait completed`, killed once the request is on record (state
+    /// `shutting_down`).
+    Shutdown,
+}
+
+#[tokio::test]
+async fn event_loop_survives_daemon_kills_mid_save() {
+    follow_across_kills(Mid::Save).await;
+}
+
+/// KNOWN BUG (driver-qemu, §11.4), found by this test: the test guest powers off within
+/// milliseconds of the ACPI request, the daemon's QEMU driver then quits QEMU, and a kill
+/// between that quit and the exit being recorded leaves `status.json` at
+/// `shutting_down(user)` with QEMU gone: the next daemon's `reattach::plan_gone` calls it
+/// `shutoff(crashed)`, not `shutoff(shutdown)` (the pending end of the guest's poweroff is
+/// not persisted). Fails 3 runs in 3 here; run with `--ignored` once the driver persists it.
+#[tokio::test]
+#[ignore = "known driver-qemu bug: a kill after the guest's poweroff reattaches as shutoff(crashed) (see the doc comment)"]
+async fn event_loop_survives_daemon_kills_mid_shutdown() {
+    follow_across_kills(Mid::Shutdown).await;
+}
+
+/// Follow `rs1`'s events with the CLI while domkitd is killed between operations, then in
+/// the middle of `mid`; check the followed stream, the end state, the definition.
+async fn follow_across_kills(mid: Mid) {
+    let daemon = Daemon::start(Dirs::new(), &[]);
+    let sock = daemon.socket.clone();
+    let config = daemon.dirs.root.path().join("rs1.toml");
+    std::fs::write(&config, common::guest_toml("rs1")).unwrap();
+    cli_ok(&sock, &["define", &config.display().to_string()]);
+    cli_ok(&sock, &["start", "rs1"]);
+    common::wait_guest_ready(&daemon.dirs.serial_log("rs1"), 1).await;
+
+    let mut c = daemon.client().await;
+    let s0 = seq_of(&mut c, "rs1").await;
+    let mut follower = Follower::spawn(&sock, "rs1", daemon.dirs.root.path());
+    // Subscribed (live: it takes the current seq first, then opens the stream).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("event stream opened") {
+        assert!(Instant::now() < deadline, "the follower never subscribed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Phase 1: a kill between operations. Nothing happens while no daemon runs: the
+    // resumed stream has no gap.
+    c.pause(common::by_name("rs1")).await.unwrap();
+    c.resume(common::by_name("rs1")).await.unwrap();
+    follower.wait_seq(s0 + 2, "before the first kill");
+    let mut daemon = daemon;
+    daemon.kill();
+    // The follower is retrying now; give it a few attempts against no daemon.
+    std::thread::sleep(Duration::from_millis(1000));
+    let daemon = daemon.restart(&[]);
+    let mut c = daemon.client().await;
+    c.pause(common::by_name("rs1")).await.unwrap();
+    c.resume(common::by_name("rs1")).await.unwrap();
+    let s1 = seq_of(&mut c, "rs1").await;
+    follower.wait_seq(s1, "after the first restart");
+    let (kinds, gaps) = account(&follower.entries(), s0 + 1, s1);
+    assert!(
+        gaps.is_empty(),
+        "no gap: the daemon missed nothing: {gaps:?}"
+    );
+    assert_eq!(
+        kinds,
+        [
+            "suspended(paused)",
+            "resumed(unpaused)",
+            "suspended(paused)",
+            "resumed(unpaused)"
+        ]
+    );
+    assert!(
+        follower
+            .stderr()
+            .contains("reconnected to domkitd; resuming after seq"),
+        "the follower says it reconnected: {}",
+        follower.stderr()
+    );
+
+    // Phase 2: a kill in the middle of an operation, once it is on record in the domain's
+    // durable status (as conformance `manager_killed_mid_save`/`_mid_shutdown` do).
+    let save = daemon
+        .dirs
+        .root
+        .path()
+        .join("rs1.save")
+        .display()
+        .to_string();
+    let (args, on_record, ends): (Vec<&str>, &str, &[&str]) = match mid {
+        Mid::Save => (
+            vec!["save", "rs1", &save],
+            "\"operation\":\"save\"",
+            &["running (save_canceled)", "shutoff (saved)"],
+        ),
+        Mid::Shutdown => (
+            vec!["shutdown", "rs1", "--wait", "completed", "--timeout", "120"],
+            "shutting_down",
+            &["shutoff (shutdown)"],
+        ),
+    };
+    let uuid = c
+        .info(common::by_name("rs1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+        .unwrap()
+        .uuid;
+    let status = daemon
+        .dirs
+        .state()
+        .join("qemu")
+        .join("domains")
+        .join(format!("{uuid}.status.json"));
+    let caller = {
+        let sock = sock.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&sock, &args)
+        })
+    };
+    // A save is under way once its first event is out (the record precedes it; killed
+    // earlier, the save has not touched the domain yet and nothing changes).
+    let under_way = |f: &Follower| match mid {
+        Mid::Save => f
+            .entries()
+            .iter()
+            .any(|e| e["event"] == "suspended" && e["detail"] == "saving"),
+        Mid::Shutdown => false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(std::fs::read_to_string(&status)
+        .unwrap_or_default()
+        .contains(on_record)
+        && (mid != Mid::Save || under_way(&follower)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} never recorded the {mid:?}",
+            status.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut daemon = daemon;
+    daemon.kill();
+    let (code, out, err) = caller.join().unwrap();
+    assert_ne!(
+        code, 0,
+        "the caller of the cut {mid:?} fails, not hangs: {out}{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let daemon = daemon.restart(&[]);
+    let mut c = daemon.client().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let end = loop {
+        let state = common::state_of(&mut c, "rs1").await;
+        if ends.contains(&state.as_str()) {
+            break state;
+        }
+        if Instant::now() >= deadline || state.starts_with("shutoff") {
+            panic!(
+                "rs1 is {state}, not one of {ends:?}, after the kill mid-{mid:?}; \
+                 events {:?}; daemon logs:\n{}",
+                follower.entries(),
+                all_logs(daemon.dirs.root.path())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s2 = seq_of(&mut c, "rs1").await;
+    follower.wait_seq(s2, "after the second restart");
+    let entries = follower.entries();
+    let (kinds, gaps) = account(&entries, s0 + 1, s2);
+    let started = match mid {
+        Mid::Save => "suspended(saving)",
+        Mid::Shutdown => "shutdown_requested(host)",
+    };
+    assert!(kinds.iter().any(|k| k == started), "{kinds:?}");
+    // The end is an event (seen by the new daemon, reconciled or live) or inside a gap
+    // naming it; nothing else is missing.
+    let ended = match end.as_str() {
+        "running (save_canceled)" => "resumed(save_canceled)",
+        "shutoff (saved)" => "stopped(saved)",
+        _ => "stopped(shutdown)",
+    };
+    assert!(
+        kinds.iter().any(|k| k == ended) || gaps.iter().any(|&(_, b)| b == s2),
+        "the end ({end}) is accounted for: {kinds:?} {gaps:?}"
+    );
+    // The definition survived both kills.
+    assert!(cli_ok(&sock, &["list", "--all"]).contains("rs1"));
+
+    // The same history replayed from the start cursor: the same entries.
+    let replay = cli_ok(
+        &sock,
+        &["event", "rs1", "--since", &s0.to_string(), "--json"],
+    );
+    let replay: Vec<serde_json::Value> = replay
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let strip = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .map(|e| match e.get("gap") {
+                Some(g) => format!("gap {}..={}", g["first_missing"], g["last_missing"]),
+                None => format!("{} {} {}", e["seq"], e["event"], e["detail"]),
+            })
+            .collect()
+    };
+    eprintln!("followed across two kills: {:?}", strip(&entries));
+    eprintln!("follower stderr:\n{}", follower.stderr());
+    assert_eq!(strip(&replay), strip(&entries), "live and replayed agree");
+    drop(follower);
+
+    if end == "running (save_canceled)" {
+        c.destroy(common::by_name("rs1")).await.unwrap();
+    }
+    c.undefine(common::by_name("rs1")).await.unwrap();
+}
