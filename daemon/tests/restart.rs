@@ -1,9 +1,8 @@
 //! `domkit event --loop` across domkitd restarts, on real QEMU (TCG) with the repo's test
 //! guest, a real domkitd process and its real socket, and the real `domkit` CLI binary.
 //!
-//! `event_loop_survives_daemon_kills_mid_save` (and `_mid_shutdown`, ignored: a known
-//! driver bug, see there): one CLI client follows a domain's events while domkitd is
-//! SIGKILLed and restarted twice:
+//! `event_loop_survives_daemon_kills_mid_save` and `_mid_shutdown`: one CLI client follows
+//! a domain's events while domkitd is SIGKILLed and restarted twice:
 //! - between operations: the client reconnects by itself and resumes right after the last
 //!   event it printed: every event once, in order, no gap (nothing happened while the
 //!   daemon was away);
@@ -191,14 +190,11 @@ async fn event_loop_survives_daemon_kills_mid_save() {
     follow_across_kills(Mid::Save).await;
 }
 
-/// KNOWN BUG (driver-qemu, §11.4), found by this test: the test guest powers off within
-/// milliseconds of the ACPI request, the daemon's QEMU driver then quits QEMU, and a kill
-/// between that quit and the exit being recorded leaves `status.json` at
-/// `shutting_down(user)` with QEMU gone: the next daemon's `reattach::plan_gone` calls it
-/// `shutoff(crashed)`, not `shutoff(shutdown)` (the pending end of the guest's poweroff is
-/// not persisted). Fails 3 runs in 3 here; run with `--ignored` once the driver persists it.
+/// Found a driver bug (§11.4, fixed by persisting the lifecycle's `pending_end`): the test
+/// guest powers off within milliseconds of the ACPI request, the QEMU driver then quits QEMU,
+/// and a kill between that quit and the exit being recorded left `status.json` at
+/// `shutting_down(user)` with QEMU gone, which the next daemon called `shutoff(crashed)`.
 #[tokio::test]
-#[ignore = "known driver-qemu bug: a kill after the guest's poweroff reattaches as shutoff(crashed) (see the doc comment)"]
 async fn event_loop_survives_daemon_kills_mid_shutdown() {
     follow_across_kills(Mid::Shutdown).await;
 }
