@@ -276,14 +276,18 @@ mod tests {
         let mut c = base();
         c.disks = vec![
             Disk {
+                id: None,
                 path: "/img/root.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: false,
+                cdrom: false,
             },
             Disk {
+                id: None,
                 path: "/img/data.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: true,
+                cdrom: false,
             },
         ];
         let v = map(&c);
@@ -308,6 +312,7 @@ mod tests {
     fn bridge_nics_map_and_user_nics_are_unsupported() {
         let mut c = base();
         c.nics = vec![Nic {
+            id: None,
             mac: Some("00:16:3E:00:00:01".into()),
             backend: NicBackend::Bridge("xenbr0".into()),
         }];
@@ -317,6 +322,7 @@ mod tests {
             json!([{"devid": 0, "nictype": "vif", "bridge": "xenbr0", "mac": "00:16:3e:00:00:01"}])
         );
         c.nics = vec![Nic {
+            id: None,
             mac: None,
             backend: NicBackend::User,
         }];
@@ -380,9 +386,11 @@ mod tests {
     fn disk_boot_uses_pygrub_for_pv_and_is_unsupported_for_pvh() {
         let mut c = base();
         c.disks = vec![Disk {
+            id: None,
             path: "/img/root.raw".into(),
             format: DiskFormat::Raw,
             readonly: false,
+            cdrom: false,
         }];
         c.boot = Boot::Disk { index: 0 };
         let v = map(&c);

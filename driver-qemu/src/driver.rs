@@ -372,6 +372,8 @@ impl Driver for QemuDriver {
         config.validate()?;
         check_socket_paths(&self.shared.options.runtime_root, &config)?;
         let uuid = *config.uuid.get_or_insert_with(Uuid::new_v4);
+        // The devices fit the machine's buses (§14).
+        crate::devices::DeviceSet::from_config(&config, uuid)?;
         // One define at a time: the uniqueness check and the insert must not interleave
         // with another define of the same name (the store write is in between).
         let _defining = self.shared.defining.lock().await;
@@ -504,6 +506,11 @@ impl PersistedDomain {
             uuid,
             in_flight: Mutex::new(None),
         }
+    }
+
+    /// Rewrite the stored definition (a device change of scope `config`, §14).
+    pub(crate) fn save_definition(&self, config: &DomainConfig) -> std::io::Result<()> {
+        self.store.save_definition(config)
     }
 
     /// Record the operation in flight (taken into the next status write).
