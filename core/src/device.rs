@@ -196,3 +196,72 @@ impl Default for DetachOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DomainConfig;
+
+    #[test]
+    fn s14_device_ids_are_checked_and_serialise_as_strings() {
+        let id = DeviceId::new("data-1_x").expect("valid");
+        assert_eq!(id.as_str(), "data-1_x");
+        assert_eq!(serde_json::to_string(&id).expect("json"), "\"data-1_x\"");
+        let back: DeviceId = serde_json::from_str("\"data-1_x\"").expect("parse");
+        assert_eq!(back, id);
+        for bad in ["", "1abc", "a.b", "a/b", &"x".repeat(32)] {
+            assert!(
+                matches!(DeviceId::new(bad), Err(ConfigError::BadDeviceId { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(serde_json::from_str::<DeviceId>("\"../x\"").is_err());
+    }
+
+    #[test]
+    fn s14_ids_and_macs_are_unique_per_domain() {
+        let mut c = DomainConfig::with_kernel("a", 128, "/boot/k".into());
+        c.disks.push(Disk::new("/img/a"));
+        c.nics.push(Nic {
+            id: Some(DeviceId::new("disk0").expect("id")),
+            mac: None,
+            backend: Default::default(),
+        });
+        assert!(matches!(
+            c.check_devices_unique(),
+            Err(ConfigError::DuplicateDeviceId { .. })
+        ));
+        c.nics[0].id = None;
+        c.nics[0].mac = Some("52:54:00:00:00:01".into());
+        c.nics.push(Nic {
+            id: None,
+            mac: Some("52:54:00:00:00:01".to_uppercase()),
+            backend: Default::default(),
+        });
+        assert!(matches!(
+            c.check_devices_unique(),
+            Err(ConfigError::DuplicateMac { .. })
+        ));
+    }
+
+    #[test]
+    fn s14_an_image_must_be_a_file_or_block_device() {
+        use crate::config::check_image;
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").expect("write");
+        assert_eq!(check_image("p", &file), Ok(()));
+        assert!(matches!(
+            check_image("p", dir.path()),
+            Err(ConfigError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            check_image("p", &dir.path().join("none")),
+            Err(ConfigError::MissingFile { .. })
+        ));
+        assert!(matches!(
+            check_image("p", std::path::Path::new("rel")),
+            Err(ConfigError::RelativePath { .. })
+        ));
+    }
+}

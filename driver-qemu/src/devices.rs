@@ -491,6 +491,57 @@ mod tests {
         assert_eq!(d.addr, Address::Pci(FIRST_SLOT), "the freed slot");
     }
 
+    /// The events QEMU 7.2 sent during hotplug, unplug (completed, and ignored by a guest
+    /// with its hotplug GPE masked) and a CD-ROM medium change, recorded from the real
+    /// guest by `examples/record_devices.rs`.
+    fn recorded() -> Vec<(String, Value)> {
+        let text = include_str!("../tests/fixtures/devices/qemu-7.2.jsonl");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| {
+                let name = v.get("event")?.as_str()?.to_string();
+                Some((name, v.get("data").cloned().unwrap_or(Value::Null)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn s14_recorded_unplugs_are_one_deleted_fact_per_device_and_nothing_else() {
+        let facts: Vec<DeviceFact> = recorded()
+            .iter()
+            .filter_map(|(name, data)| device_fact(name, data))
+            .collect();
+        // The child `virtio-backend` deletions, the tray moves of the medium change and
+        // the ignored unplug of d2 give nothing.
+        assert_eq!(
+            facts,
+            ["h1", "d1", "hn", "n0"]
+                .iter()
+                .map(|d| DeviceFact::Deleted(id(d)))
+                .collect::<Vec<_>>()
+        );
+        let children = recorded()
+            .iter()
+            .filter(|(n, d)| n == "DEVICE_DELETED" && d.get("device").is_none())
+            .count();
+        assert_eq!(children, 4, "the recording has the child deletions");
+    }
+
+    #[test]
+    fn s14_unplug_guest_error_is_a_refusal() {
+        // Not a recording: QEMU 7.2 on `pc` sends DEVICE_UNPLUG_GUEST_ERROR only for
+        // memory and CPU unplug (ACPI PCI hotplug has no refusal path: the timeout is what
+        // a refusing guest gives). The shape is the QAPI schema's (qapi/qdev.json).
+        let data = json!({"device": "d1", "path": "/machine/peripheral/d1"});
+        assert_eq!(
+            device_fact("DEVICE_UNPLUG_GUEST_ERROR", &data),
+            Some(DeviceFact::UnplugRefused(id("d1")))
+        );
+        // QEMU's own objects have ids that are not domkit device ids.
+        let data = json!({"device": "0bad.id", "path": "/machine/peripheral/0bad.id"});
+        assert_eq!(device_fact("DEVICE_DELETED", &data), None);
+    }
+
     #[test]
     fn s14_qmp_arguments() {
         let set = DeviceSet::from_config(&config(), uuid()).expect("set");

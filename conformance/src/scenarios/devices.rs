@@ -291,6 +291,9 @@ async fn devices_of<D: Domain>(domain: &D) -> Step<BTreeMap<String, domkit_core:
 
 const MIB: u64 = 1024 * 1024;
 
+/// Whether a config error is the expected reason.
+type IsReason = fn(&ConfigError) -> bool;
+
 /// Disks (raw, qcow2, read-only raw), a CD-ROM and two user-network NICs (one MAC given,
 /// one generated) at boot: the guest sees each as configured (§14.1).
 pub(super) async fn boot_with_disks_and_nic<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
@@ -754,7 +757,7 @@ pub(super) async fn attach_bad_device<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) 
     let spare = img.raw("spare.raw", MIB, "DKDISK-spare")?;
     let mut cd = disk("cd9", &spare);
     cd.cdrom = true;
-    let cases: Vec<(&str, DeviceSpec, fn(&ConfigError) -> bool)> = vec![
+    let cases: Vec<(&str, DeviceSpec, IsReason)> = vec![
         (
             "missing image",
             DeviceSpec::Disk(disk("x1", &img.path("nope.raw"))),
