@@ -144,6 +144,9 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         device!(unplug_refused_by_guest, "a guest that ignores the unplug: typed timeout, device_removal_failed, the device remains (devices(), definition, guest); device_removed once the guest handles it (§14.2)"),
         device!(cdrom_change, "CD-ROM eject (device_removed, empty tray) and insert (device_added, the guest reads the new medium); a disk is not a CD-ROM (§14.2)"),
         device!(attach_bad_device, "missing image, directory, duplicate id, bad/multicast/used MAC, missing bridge, CD-ROM hot-add, no free slot: invalid_config with its reason, nothing changes (§14.4)"),
+        device!(hotplug_concurrent, "concurrent callers: 8 attaches at once, one id twice (one duplicate_device_id), one detach twice (one not_found), two medium changes in queue order (§6.0, §14.2)"),
+        device!(hotplug_cancelled, "attach dropped at 1 / 30 ms and a detach dropped while waiting: truthful devices() with exactly its events, background completion, next operation queues behind (§6.0, §14.2)"),
+        device!(hotplug_killed, "backend killed during a detach the guest ignores and during an attach: typed error at once, §10 reason, no device event after; config attach of the shut-off domain boots with it (§6.0, §10, §14.2)"),
         device!(devices_survive_save_restore, "hotplugged disk and NIC survive save/restore at the same addresses; the guest sees them; detach works after (§14.3)"),
         watch!(snapshot_then_stream_no_gap, "a burst between snapshot and first read: every event once, in order; subscribe_from replays exactly; events_lost past the 128 kept; a lagging stream says so (§2.4, §12.1, §12.2)"),
     ]

@@ -291,6 +291,12 @@ async fn devices_of<D: Domain>(domain: &D) -> Step<BTreeMap<String, domkit_core:
 
 const MIB: u64 = 1024 * 1024;
 
+/// A backend without device support is a gap, found before anything boots.
+async fn supported<D: Domain>(domain: &D) -> Step {
+    domain.defined_devices().await?;
+    Ok(())
+}
+
 /// Whether a config error is the expected reason.
 type IsReason = fn(&ConfigError) -> bool;
 
@@ -407,6 +413,7 @@ async fn boot_with<'a, B: TestBackend>(
             Ok(c)
         })
         .await?;
+    supported(&domain).await?;
     let guest = Guest::boot(&domain, &mut watch).await?;
     Ok((domain, watch, guest))
 }
@@ -672,6 +679,7 @@ pub(super) async fn cdrom_change<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> St
             Ok(c)
         })
         .await?;
+    supported(&domain).await?;
     let mut guest = Guest::boot(&domain, &mut watch).await?;
     guest
         .report_until("medium A", |r| {
@@ -743,6 +751,7 @@ pub(super) async fn attach_bad_device<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) 
             Ok(c)
         })
         .await?;
+    supported(&domain).await?;
     // Paused: the guest takes no part in a refusal, and costs no CPU.
     domain
         .start(domkit_core::StartOptions { paused: true })
@@ -916,5 +925,316 @@ pub(super) async fn devices_survive_save_restore<B: TestBackend>(ctx: &ScenarioC
     watch
         .expect(&[E::Stopped(StoppedDetail::Destroyed)])
         .await?;
+    Ok(())
+}
+
+/// Concurrent callers (§6.0): eight attaches at once (distinct ids) all succeed, each once
+/// in `devices()` and in the events, each in its own slot; two attaches of one id: one
+/// wins, the other is `duplicate_device_id`; two detaches of one device: one completes,
+/// the other is `not_found`; two medium changes: the last queued one is what stays.
+pub(super) async fn hotplug_concurrent<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let img = Images::new()?;
+    let a = img.raw("a.iso", MIB, "DKCD-A")?;
+    let b = img.raw("b.iso", MIB, "DKCD-B")?;
+    let spare = img.raw("spare.raw", MIB, "DKDISK-spare")?;
+    let (domain, mut watch) = ctx
+        .define_config("a", |name| {
+            let mut c = ctx.backend.guest_config(name, GuestOptions::default());
+            let mut cd = disk("cd", &a);
+            cd.cdrom = true;
+            c.disks.push(cd);
+            Ok(c)
+        })
+        .await?;
+    supported(&domain).await?;
+    let mut guest = Guest::boot(&domain, &mut watch).await?;
+    let ro = |n: &str| {
+        let mut d = disk(n, &spare);
+        d.readonly = true;
+        DeviceSpec::Disk(d)
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let d = domain.clone();
+        let spec = ro(&format!("c{i}"));
+        tasks.push(tokio::spawn(async move {
+            d.attach_device(spec, DeviceScope::Live).await
+        }));
+    }
+    for t in tasks {
+        match t.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return fail(format!("a concurrent attach failed: {e}")),
+            Err(e) => return fail(format!("a concurrent attach task failed: {e}")),
+        }
+    }
+    let got = watch.collect_quiet(QUIET).await?;
+    let mut added: Vec<String> = got
+        .iter()
+        .filter_map(|k| match k {
+            E::DeviceAdded(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    added.sort();
+    let want: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    check(added == want && got.len() == 8, || {
+        format!("events of 8 concurrent attaches: {}", kinds_list(&got))
+    })?;
+    let live = devices_of(&domain).await?;
+    let mut addresses: Vec<_> = live.values().filter_map(|d| d.address.clone()).collect();
+    addresses.sort();
+    addresses.dedup();
+    check(addresses.len() == live.len() && live.len() == 9, || {
+        format!("devices() after 8 concurrent attaches: {live:?}")
+    })?;
+    guest
+        .report_until("the 8 disks", |r| {
+            (0..8).all(|i| r.by_serial(&format!("c{i}")).is_some())
+        })
+        .await?;
+    // One id, two callers.
+    let (d1, d2) = (domain.clone(), domain.clone());
+    let (s1, s2) = (ro("same"), ro("same"));
+    let (r1, r2) = tokio::join!(
+        d1.attach_device(s1, DeviceScope::Live),
+        d2.attach_device(s2, DeviceScope::Live)
+    );
+    let dup = |r: &domkit_core::Result<DeviceId>| {
+        matches!(
+            r,
+            Err(Error::InvalidConfig(ConfigError::DuplicateDeviceId { .. }))
+        )
+    };
+    check((r1.is_ok() && dup(&r2)) || (r2.is_ok() && dup(&r1)), || {
+        format!(
+            "two attaches of one id: {r1:?} and {r2:?}, want one Ok and one duplicate_device_id"
+        )
+    })?;
+    watch.expect(&[E::DeviceAdded(id("same"))]).await?;
+    // One device, two detaches.
+    let opts = DetachOptions {
+        scope: DeviceScope::Live,
+        timeout: UNPLUG,
+    };
+    let (r1, r2) = tokio::join!(
+        d1.detach_device(id("c0"), opts),
+        d2.detach_device(id("c0"), opts)
+    );
+    let gone = |r: &domkit_core::Result<()>| matches!(r, Err(Error::NotFound { .. }));
+    check(
+        (r1.is_ok() && gone(&r2)) || (r2.is_ok() && gone(&r1)),
+        || format!("two detaches of one device: {r1:?} and {r2:?}, want one Ok and one not_found"),
+    )?;
+    watch.expect(&[E::DeviceRemoved(id("c0"))]).await?;
+    // Two medium changes: queue order (the first call polled first queues first).
+    let (r1, r2) = tokio::join!(
+        d1.change_media(id("cd"), Some(b.clone()), DeviceScope::Live),
+        d2.change_media(id("cd"), Some(a.clone()), DeviceScope::Live)
+    );
+    r1?;
+    r2?;
+    watch
+        .expect(&[E::DeviceAdded(id("cd")), E::DeviceAdded(id("cd"))])
+        .await?;
+    check(
+        devices_of(&domain)
+            .await?
+            .get("cd")
+            .and_then(|d| d.path.clone())
+            == Some(a.clone()),
+        || "after two medium changes devices() does not show the last queued one".into(),
+    )?;
+    guest
+        .report_until("the last medium", |r| {
+            r.cdrom().is_some_and(|c| c.head.starts_with("DKCD-A"))
+        })
+        .await?;
+    domain.destroy().await?;
+    watch
+        .expect(&[E::Stopped(StoppedDetail::Destroyed)])
+        .await?;
+    Ok(())
+}
+
+/// Cancelled callers (§6.0): an attach, a detach and a medium change whose futures are
+/// dropped (at 1 ms, and once running) leave a truthful state: the device is there with
+/// its one event, or absent with none, as `devices()` and the guest agree; a dropped detach
+/// completes in the background; the next operation queues behind it.
+pub(super) async fn hotplug_cancelled<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let img = Images::new()?;
+    let (domain, mut watch, mut guest) = boot_with(ctx, &img, &[("d1", 4 * MIB)], &[]).await?;
+    let h1 = img.raw("h1.raw", 4 * MIB, "DKDISK-h1")?;
+    for (n, after) in [("k1", 1u64), ("k2", 30)] {
+        let mut spec = disk(n, &h1);
+        spec.readonly = true;
+        let r = tokio::time::timeout(
+            Duration::from_millis(after),
+            domain.attach_device(DeviceSpec::Disk(spec), DeviceScope::Live),
+        )
+        .await;
+        // The next operation queues behind whatever part of it runs in the background.
+        let listed = devices_of(&domain).await?;
+        let _ = domain.pause().await;
+        domain.resume().await?;
+        let listed_after = devices_of(&domain).await?.contains_key(n);
+        let got = watch.collect_quiet(QUIET).await?;
+        let added = got.iter().filter(|k| **k == E::DeviceAdded(id(n))).count();
+        check(added == usize::from(listed_after), || {
+            format!(
+                "attach of {n} dropped after {after} ms ({r:?}; listed before {:?}): listed {listed_after}, events {}",
+                listed.contains_key(n),
+                kinds_list(&got)
+            )
+        })?;
+        if listed_after {
+            guest
+                .report_until(
+                    &format!("the attach of {n} completed in the background"),
+                    |r| r.by_serial(n).is_some(),
+                )
+                .await?;
+        }
+    }
+    // A detach dropped while it waits for the guest completes in the background.
+    let r = tokio::time::timeout(
+        Duration::from_millis(50),
+        domain.detach_device(
+            id("d1"),
+            DetachOptions {
+                scope: DeviceScope::Live,
+                timeout: UNPLUG,
+            },
+        ),
+    )
+    .await;
+    check(r.is_err(), || {
+        format!("a detach returned within 50 ms: {r:?}")
+    })?;
+    watch.expect(&[E::DeviceRemoved(id("d1"))]).await?;
+    check(!devices_of(&domain).await?.contains_key("d1"), || {
+        "a dropped detach that completed left d1 in devices()".into()
+    })?;
+    guest
+        .report_until("d1 gone", |r| r.by_serial("d1").is_none())
+        .await?;
+    domain.destroy().await?;
+    watch
+        .expect(&[E::Stopped(StoppedDetail::Destroyed)])
+        .await?;
+    Ok(())
+}
+
+/// The backend killed mid-operation (§6.0, §10): a detach waiting on a guest that ignores
+/// the unplug returns a typed error at once, the domain ends with the §10 reason and no
+/// device event; an attach racing the kill is `Ok` or typed, never a hang; a device change
+/// of the shut-off domain is `invalid_state` live, fine for the definition.
+pub(super) async fn hotplug_killed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let img = Images::new()?;
+    let (domain, mut watch, mut guest) = boot_with(ctx, &img, &[("d1", 4 * MIB)], &[]).await?;
+    guest
+        .run(
+            "domkit-devices ignore-unplug",
+            "DKDEV-IGNORING",
+            Duration::from_secs(30),
+        )
+        .await?;
+    let d = domain.clone();
+    let task = tokio::spawn(async move {
+        d.detach_device(
+            id("d1"),
+            DetachOptions {
+                scope: DeviceScope::Live,
+                timeout: Duration::from_secs(60),
+            },
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reason = hook(
+        "out-of-band kill",
+        ctx.backend.kill_out_of_band(&domain).await,
+    )?;
+    let t0 = std::time::Instant::now();
+    let r = match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return fail(format!("the detach task failed: {e}")),
+        Err(_) => return fail("the detach whose backend was killed did not return in 10 s"),
+    };
+    expect_err(r, "a backend or control_broken error", |e| {
+        matches!(e, Error::Backend { .. } | Error::ControlBroken { .. })
+    })?;
+    check(t0.elapsed() < Duration::from_secs(5), || {
+        format!(
+            "the detach took {:?} to return after the kill",
+            t0.elapsed()
+        )
+    })?;
+    let detail = domkit_core::lifecycle::stopped_detail(reason);
+    let got = watch.collect_quiet(QUIET).await?;
+    check(got == [E::Stopped(detail)], || {
+        format!(
+            "events after the kill: {}, want [{}]",
+            kinds_list(&got),
+            E::Stopped(detail)
+        )
+    })?;
+    let h1 = img.raw("h1.raw", MIB, "DKDISK-h1")?;
+    expect_err(
+        domain
+            .attach_device(DeviceSpec::Disk(disk("h1", &h1)), DeviceScope::Live)
+            .await,
+        "invalid_state for a live attach to a shut-off domain",
+        is_invalid_state(Operation::AttachDevice),
+    )?;
+    // The definition still has d1 and takes h1; the next start has both.
+    domain
+        .attach_device(DeviceSpec::Disk(disk("h1", &h1)), DeviceScope::Config)
+        .await?;
+    let defined: Vec<_> = domain
+        .defined_devices()
+        .await?
+        .into_iter()
+        .map(|d| d.id.to_string())
+        .collect();
+    check(
+        defined.contains(&"d1".into()) && defined.contains(&"h1".into()),
+        || format!("definition after the kill and a config attach: {defined:?}"),
+    )?;
+    // An attach racing a kill: Ok or typed, never a hang.
+    let mut guest = Guest::boot(&domain, &mut watch).await?;
+    guest
+        .report_until("d1 and h1 at the next start", |r| {
+            r.by_serial("d1").is_some() && r.by_serial("h1").is_some()
+        })
+        .await?;
+    let h2 = img.raw("h2.raw", MIB, "DKDISK-h2")?;
+    let d = domain.clone();
+    let task = tokio::spawn(async move {
+        d.attach_device(DeviceSpec::Disk(disk("h2", &h2)), DeviceScope::Live)
+            .await
+    });
+    let reason = hook(
+        "out-of-band kill",
+        ctx.backend.kill_out_of_band(&domain).await,
+    )?;
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(
+            Error::Backend { .. } | Error::ControlBroken { .. } | Error::InvalidState { .. },
+        ))) => {}
+        Ok(Ok(Err(e))) => return fail(format!("an attach racing a kill: {e}")),
+        Ok(Err(e)) => return fail(format!("the attach task failed: {e}")),
+        Err(_) => return fail("an attach racing a kill did not return in 10 s"),
+    }
+    let got = watch.collect_quiet(QUIET).await?;
+    let detail = domkit_core::lifecycle::stopped_detail(reason);
+    check(
+        got.last() == Some(&E::Stopped(detail))
+            && got[..got.len() - 1]
+                .iter()
+                .all(|k| *k == E::DeviceAdded(id("h2"))),
+        || format!("events of an attach racing a kill: {}", kinds_list(&got)),
+    )?;
     Ok(())
 }
