@@ -140,6 +140,12 @@ pub fn domain_config_json(
         ));
     }
 
+    if let Some(i) = config.disks.iter().position(|d| d.cdrom) {
+        return Err(MappingError(format!(
+            "disks[{i}]: CD-ROM drives are not supported by the libxl backend yet (a PV guest \
+             has no emulated CD-ROM; attach the image as a read-only disk)"
+        )));
+    }
     let disks: Vec<Value> = config
         .disks
         .iter()
