@@ -377,6 +377,16 @@ mod tests {
     }
 
     #[test]
+    fn s14_7_cdroms_are_refused_with_the_reason() {
+        let mut c = base();
+        let mut cd = Disk::new("/domu/cd.iso");
+        cd.cdrom = true;
+        c.disks = vec![cd];
+        let e = domain_config_json(&c, uuid(), Path::new("/r"), false).unwrap_err();
+        assert!(e.0.contains("CD-ROM"), "{e}");
+    }
+
+    #[test]
     fn pvh_needs_hvm_capability() {
         let mut c = base();
         c.xen.guest_type = XenGuestType::Pvh;
