@@ -119,6 +119,10 @@ pub struct DomainInfo {
     pub memory_mib: u64,
     /// The backend's handle while active, for humans (`pid 1234`, `domid 7`).
     pub backend_handle: Option<String>,
+    /// The current devices (§14.1), as [`Domain::devices`] lists them; empty on a backend
+    /// that does not list devices yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// What a backend can do; every other operation is supported.

@@ -12,7 +12,9 @@
 //! CD-ROM, and a detach of a disk while the guest has its hotplug GPE masked (times out),
 //! then unmasked (completes). Every QMP event QEMU sent meanwhile is written to `FILE`
 //! (default `tests/fixtures/devices/qemu-<major>.<minor>.jsonl`), one JSON object per line:
-//! `{"step": WHAT}` before each operation, `{"event": NAME, "data": DATA}` as received.
+//! `{"step": WHAT}` before each operation, `{"event": NAME, "data": DATA}` as received, and
+//! `{"reply": "qom-list /machine/peripheral", "return": ...}` after the attaches and after
+//! the detaches.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -185,10 +187,24 @@ async fn main() -> Result<(), Error> {
         )
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let qom = |qmp: domkit_qemu::qmp::QmpClient| async move {
+        qmp.execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await
+    };
+    let reply = qom(qmp.clone()).await?;
+    lines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(json!({ "reply": "qom-list /machine/peripheral", "return": reply }));
     for d in ["h1", "d1", "hn", "n0"] {
         step(&format!("detach {d}"));
         domain.detach_device(id(d)?, wait).await?;
     }
+    let reply = qom(qmp.clone()).await?;
+    lines
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(json!({ "reply": "qom-list /machine/peripheral", "return": reply }));
     step("eject cd");
     domain
         .change_media(id("cd")?, None, DeviceScope::Live)

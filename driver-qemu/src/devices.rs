@@ -383,6 +383,20 @@ pub fn device_fact(name: &str, data: &Value) -> Option<DeviceFact> {
     }
 }
 
+/// Whether a `qom-list /machine/peripheral` reply names the device `id` (QEMU lists every
+/// user-created device there by its qdev id).
+pub fn peripheral_has(reply: &Value, id: DeviceId) -> bool {
+    // Only `child<...>` entries are devices (`type` is a property of the container).
+    reply.as_array().is_some_and(|a| {
+        a.iter().any(|p| {
+            p.get("name").and_then(Value::as_str) == Some(id.as_str())
+                && p.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.starts_with("child<"))
+        })
+    })
+}
+
 /// Whether a `device_del` error says an unplug of this device is already pending (QEMU
 /// 7.2: "... unplug already in progress"; the first request still stands).
 pub fn unplug_already_pending(desc: &str) -> bool {
@@ -525,6 +539,29 @@ mod tests {
             .filter(|(n, d)| n == "DEVICE_DELETED" && d.get("device").is_none())
             .count();
         assert_eq!(children, 4, "the recording has the child deletions");
+    }
+
+    #[test]
+    fn s14_recorded_peripheral_lists_show_attached_and_detached_devices() {
+        let text = include_str!("../tests/fixtures/devices/qemu-7.2.jsonl");
+        let replies: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("reply").is_some())
+            .filter_map(|v| v.get("return").cloned())
+            .collect();
+        assert_eq!(replies.len(), 2, "after the attaches, after the detaches");
+        for d in ["h1", "hn", "d1", "n0", "cd", "d2"] {
+            assert!(peripheral_has(&replies[0], id(d)), "{d} attached");
+        }
+        for d in ["h1", "hn", "d1", "n0"] {
+            assert!(!peripheral_has(&replies[1], id(d)), "{d} detached");
+        }
+        assert!(peripheral_has(&replies[1], id("d2")));
+        assert!(
+            !peripheral_has(&replies[1], id("type")),
+            "a property, not a device"
+        );
     }
 
     #[test]

@@ -244,6 +244,7 @@ impl QemuDomain {
             vcpus: self.inner.config.vcpus,
             memory_mib: self.inner.config.memory_mib,
             backend_handle: self.pid().map(|p| format!("pid {p}")),
+            devices: self.devices_now().unwrap_or_default(),
         }
     }
 
@@ -1946,6 +1947,17 @@ impl QemuDomain {
         }
     }
 
+    /// Whether QEMU still has the device (`qom-list /machine/peripheral`); `None` if QEMU
+    /// did not answer.
+    async fn device_present(&self, instance: &Instance, id: DeviceId) -> Option<bool> {
+        let reply = instance
+            .qmp
+            .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await
+            .ok()?;
+        Some(devices::peripheral_has(&reply, id))
+    }
+
     async fn detach_inner(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
         let operation = Operation::DetachDevice;
         let name = &self.inner.id.name;
@@ -2000,8 +2012,16 @@ impl QemuDomain {
             let deadline = Instant::now() + options.timeout;
             let outcome = loop {
                 match tokio::time::timeout_at(deadline, events.recv()).await {
-                    Err(_) => break None,
-                    Ok(Err(EventRecvError::Lagged(_))) => continue,
+                    // The truth at the deadline: the event may have been among lost ones.
+                    Err(_) => match self.device_present(&instance, id).await {
+                        Some(false) => break Some(devices::DeviceFact::Deleted(id)),
+                        _ => break None,
+                    },
+                    Ok(Err(EventRecvError::Lagged(_))) => {
+                        if self.device_present(&instance, id).await == Some(false) {
+                            break Some(devices::DeviceFact::Deleted(id));
+                        }
+                    }
                     Ok(Err(EventRecvError::Closed)) => {
                         return Err(Error::ControlBroken {
                             domain: name.clone(),
