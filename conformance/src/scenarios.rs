@@ -147,6 +147,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         device!(hotplug_concurrent, "concurrent callers: 8 attaches at once, one id twice (one duplicate_device_id), one detach twice (one not_found), two medium changes in queue order (§6.0, §14.2)"),
         device!(hotplug_cancelled, "attach dropped at 1 / 30 ms and a detach dropped while waiting: truthful devices() with exactly its events, background completion, next operation queues behind (§6.0, §14.2)"),
         device!(hotplug_killed, "backend killed during a detach the guest ignores and during an attach: typed error at once, §10 reason, no device event after; config attach of the shut-off domain boots with it (§6.0, §10, §14.2)"),
+        device!(devices_survive_reattach, "a disk hotplugged live survives an orderly manager detach: the next persistent manager lists it at the same address and detaches it (§11.3, §14.3)"),
         device!(devices_survive_save_restore, "hotplugged disk and NIC survive save/restore at the same addresses; the guest sees them; detach works after (§14.3)"),
         watch!(snapshot_then_stream_no_gap, "a burst between snapshot and first read: every event once, in order; subscribe_from replays exactly; events_lost past the 128 kept; a lagging stream says so (§2.4, §12.1, §12.2)"),
     ]

@@ -118,6 +118,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
             was_paused: false,
             committing: false,
         }),
+        devices: None,
     };
     store.save_status(a.uuid.unwrap(), &status).unwrap();
 
@@ -137,6 +138,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
                 seq: 2,
                 state: DomainState::Running(RunningReason::Booted),
                 in_flight: None,
+                devices: None,
             },
         )
         .unwrap();

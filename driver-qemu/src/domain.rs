@@ -561,6 +561,7 @@ impl QemuDomain {
             devices: Mutex::new(devices),
         });
         *slot = Some(instance.clone());
+        self.record_devices(&instance);
         instance
     }
 
@@ -590,6 +591,7 @@ impl QemuDomain {
         let Some(status) = status else {
             return Ok(()); // defined, never started
         };
+        let recorded_devices = status.devices.clone();
         let paths = &self.inner.paths;
         let save = status.in_flight.map(|in_flight| match in_flight {
             InFlight::Save {
@@ -644,9 +646,12 @@ impl QemuDomain {
                 return Err(e);
             }
         };
-        // The devices a previous manager hotplugged are not recorded: the definition's.
-        let devices =
-            DeviceSet::from_config(&self.definition(), self.inner.id.uuid).unwrap_or_default();
+        // The devices the previous manager recorded (hotplugged ones included, §14.3),
+        // else the definition's.
+        let devices = recorded_devices
+            .and_then(|v| serde_json::from_value::<DeviceSet>(v).ok())
+            .or_else(|| DeviceSet::from_config(&self.definition(), self.inner.id.uuid).ok())
+            .unwrap_or_default();
         let instance = self.supervise(proc, devices);
         if let Some(save) = save {
             self.finish_save_on_reattach(&instance, &save).await;
@@ -1771,7 +1776,18 @@ impl QemuDomain {
         Ok(())
     }
 
+    /// Put the instance's device set into the durable status (written with the next
+    /// event, under the lifecycle lock, §11.2).
+    fn record_devices(&self, instance: &Instance) {
+        if let Some(p) = &self.inner.persisted {
+            p.set_devices(serde_json::to_value(&*instance.devices()).ok());
+        }
+    }
+
     fn emit_device(&self, kind: EventKind) {
+        if let Some(instance) = self.instance() {
+            self.record_devices(&instance);
+        }
         self.inner.cell.emit(|lc, at| lc.device_event(kind, at));
     }
 

@@ -497,6 +497,8 @@ pub(crate) struct PersistedDomain {
     store: DefinitionStore,
     uuid: Uuid,
     in_flight: Mutex<Option<InFlight>>,
+    /// The running instance's device set (§14.3), taken into every status write.
+    devices: Mutex<Option<serde_json::Value>>,
 }
 
 impl PersistedDomain {
@@ -505,12 +507,18 @@ impl PersistedDomain {
             store,
             uuid,
             in_flight: Mutex::new(None),
+            devices: Mutex::new(None),
         }
     }
 
     /// Rewrite the stored definition (a device change of scope `config`, §14).
     pub(crate) fn save_definition(&self, config: &DomainConfig) -> std::io::Result<()> {
         self.store.save_definition(config)
+    }
+
+    /// Record the running instance's devices (taken into the next status write).
+    pub(crate) fn set_devices(&self, devices: Option<serde_json::Value>) {
+        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
     }
 
     /// Record the operation in flight (taken into the next status write).
@@ -525,6 +533,11 @@ impl PersistedDomain {
             state: lc.state(),
             in_flight: self
                 .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            devices: self
+                .devices
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),

@@ -1238,3 +1238,60 @@ pub(super) async fn hotplug_killed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> 
     )?;
     Ok(())
 }
+
+/// A disk hotplugged live survives the manager (§14.3 with §11.3): after an orderly
+/// detach the next persistent manager lists it (same devices, same addresses) and can
+/// detach it (the guest releases it: `device_removed`).
+pub(super) async fn devices_survive_reattach<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let away = super::durable::Away::new(ctx)?;
+    let result = async {
+        let img = Images::new()?;
+        let driver = away.open().await?;
+        let name = away.name("a");
+        let domain = domkit_core::Driver::define(
+            &driver,
+            ctx.backend.guest_config(&name, GuestOptions::default()),
+        )
+        .await?;
+        supported(&domain).await?;
+        domain.start(Default::default()).await?;
+        hook(
+            "waiting for the guest to be ready",
+            ctx.backend.wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        let uuid = domain.id().uuid.to_string();
+        let h1 = img.raw("h1.raw", 4 * MIB, "DKDISK-h1")?;
+        domain
+            .attach_device(DeviceSpec::Disk(disk("h1", &h1)), DeviceScope::Live)
+            .await?;
+        let before = devices_of(&domain).await?;
+        check(before.contains_key("h1"), || "h1 not attached".into())?;
+        drop(domain);
+        away.backend().detach(driver);
+        let driver = away.open().await?;
+        let domain = away.reattached(&driver, &name, &uuid).await?;
+        let after = devices_of(&domain).await?;
+        check(after == before, || {
+            format!("devices() after reattach {after:?}, before {before:?}")
+        })?;
+        let mut watch = EventWatch::new(domain.subscribe());
+        domain
+            .detach_device(
+                id("h1"),
+                DetachOptions {
+                    scope: DeviceScope::Live,
+                    timeout: UNPLUG,
+                },
+            )
+            .await?;
+        watch.expect(&[E::DeviceRemoved(id("h1"))]).await?;
+        check(!devices_of(&domain).await?.contains_key("h1"), || {
+            "h1 still listed after its detach".into()
+        })?;
+        drop(domain);
+        drop(driver);
+        Ok(())
+    }
+    .await;
+    away.finish(result).await
+}
