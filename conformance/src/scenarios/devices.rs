@@ -634,7 +634,7 @@ pub(super) async fn unplug_refused_by_guest<B: TestBackend>(ctx: &ScenarioCtx<'_
         .await?;
     // The pending request is handled now (or again, by a second detach).
     match watch
-        .expect_within(&[E::DeviceRemoved(id("d1"))], Duration::from_secs(10))
+        .expect_within(&[E::DeviceRemoved(id("d1"))], Duration::from_secs(3))
         .await
     {
         Ok(()) => {}
