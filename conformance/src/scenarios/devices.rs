@@ -387,7 +387,8 @@ pub(super) async fn boot_with_disks_and_nic<B: TestBackend>(ctx: &ScenarioCtx<'_
     Ok(())
 }
 
-/// Boot the plain test guest with `disks` (id, size) attached as raw images.
+/// Boot the plain test guest with `disks` (id, size) attached as raw images, NICs (id,
+/// MAC) and a CD-ROM `cd` (medium `DKCD-A`).
 async fn boot_with<'a, B: TestBackend>(
     ctx: &'a ScenarioCtx<'a, B>,
     img: &Images,
@@ -398,7 +399,10 @@ async fn boot_with<'a, B: TestBackend>(
     EventWatch,
     Guest,
 )> {
-    let mut made = Vec::new();
+    // Every such guest has a CD-ROM `cd` with medium A (`DKCD-A`), for the medium changes.
+    let mut cd = disk("cd", &img.raw("cd-a.iso", MIB, "DKCD-A")?);
+    cd.cdrom = true;
+    let mut made = vec![cd];
     for (d, size) in disks {
         made.push(disk(
             d,
@@ -1118,6 +1122,37 @@ pub(super) async fn hotplug_cancelled<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) 
     guest
         .report_until("d1 gone", |r| r.by_serial("d1").is_none())
         .await?;
+    // A medium change dropped at 1 ms: medium B with its one event, or A and none.
+    let b = img.raw("cd-b.iso", MIB, "DKCD-B")?;
+    let r = tokio::time::timeout(
+        Duration::from_millis(1),
+        domain.change_media(id("cd"), Some(b.clone()), DeviceScope::Live),
+    )
+    .await;
+    let _ = domain.pause().await;
+    domain.resume().await?;
+    let got = watch.collect_quiet(QUIET).await?;
+    let changed = devices_of(&domain)
+        .await?
+        .get("cd")
+        .and_then(|d| d.path.clone())
+        == Some(b);
+    let added = got
+        .iter()
+        .filter(|k| **k == E::DeviceAdded(id("cd")))
+        .count();
+    check(added == usize::from(changed), || {
+        format!(
+            "medium change dropped at 1 ms ({r:?}): changed {changed}, events {}",
+            kinds_list(&got)
+        )
+    })?;
+    let want = if changed { "DKCD-B" } else { "DKCD-A" };
+    guest
+        .report_until(&format!("medium {want}"), |r| {
+            r.cdrom().is_some_and(|c| c.head.starts_with(want))
+        })
+        .await?;
     domain.destroy().await?;
     watch
         .expect(&[E::Stopped(StoppedDetail::Destroyed)])
@@ -1209,6 +1244,10 @@ pub(super) async fn hotplug_killed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> 
         })
         .await?;
     let h2 = img.raw("h2.raw", MIB, "DKDISK-h2")?;
+    let b = img.raw("cd-b.iso", MIB, "DKCD-B")?;
+    let d = domain.clone();
+    let media =
+        tokio::spawn(async move { d.change_media(id("cd"), Some(b), DeviceScope::Live).await });
     let d = domain.clone();
     let task = tokio::spawn(async move {
         d.attach_device(DeviceSpec::Disk(disk("h2", &h2)), DeviceScope::Live)
@@ -1227,13 +1266,22 @@ pub(super) async fn hotplug_killed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> 
         Ok(Err(e)) => return fail(format!("the attach task failed: {e}")),
         Err(_) => return fail("an attach racing a kill did not return in 10 s"),
     }
+    match tokio::time::timeout(Duration::from_secs(10), media).await {
+        Ok(Ok(Ok(())))
+        | Ok(Ok(Err(
+            Error::Backend { .. } | Error::ControlBroken { .. } | Error::InvalidState { .. },
+        ))) => {}
+        Ok(Ok(Err(e))) => return fail(format!("a medium change racing a kill: {e}")),
+        Ok(Err(e)) => return fail(format!("the medium change task failed: {e}")),
+        Err(_) => return fail("a medium change racing a kill did not return in 10 s"),
+    }
     let got = watch.collect_quiet(QUIET).await?;
     let detail = domkit_core::lifecycle::stopped_detail(reason);
     check(
         got.last() == Some(&E::Stopped(detail))
             && got[..got.len() - 1]
                 .iter()
-                .all(|k| *k == E::DeviceAdded(id("h2"))),
+                .all(|k| *k == E::DeviceAdded(id("h2")) || *k == E::DeviceAdded(id("cd"))),
         || format!("events of an attach racing a kill: {}", kinds_list(&got)),
     )?;
     Ok(())
