@@ -2149,7 +2149,10 @@ impl QemuDomain {
                     domkit_core::DiskFormat::Qcow2 => "qcow2",
                 },
             };
+            let empty = instance.devices().disk(id).is_some_and(|d| d.ejected);
             match &medium {
+                // An empty tray stays empty: no-op, no event (like §6.2).
+                None if empty => {}
                 None => {
                     instance
                         .qmp
@@ -2188,10 +2191,11 @@ impl QemuDomain {
                     }
                 }
             }
-            self.emit_device(match medium {
-                None => EventKind::DeviceRemoved(id),
-                Some(_) => EventKind::DeviceAdded(id),
-            });
+            match medium {
+                None if empty => {}
+                None => self.emit_device(EventKind::DeviceRemoved(id)),
+                Some(_) => self.emit_device(EventKind::DeviceAdded(id)),
+            }
         }
         if let Some(def) = new_definition {
             self.set_definition(def)?;
