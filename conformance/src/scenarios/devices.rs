@@ -303,6 +303,9 @@ type IsReason = fn(&ConfigError) -> bool;
 /// Disks (raw, qcow2, read-only raw), a CD-ROM and two user-network NICs (one MAC given,
 /// one generated) at boot: the guest sees each as configured (§14.1).
 pub(super) async fn boot_with_disks_and_nic<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    // The gap first, before the images need host tools (qemu-img) the backend's host may lack.
+    let (probe, _) = ctx.define("probe", GuestOptions::default()).await?;
+    supported(&probe).await?;
     let img = Images::new()?;
     let sys = img.raw("sys.raw", 16 * MIB, "DKDISK-sys")?;
     let qc = img.qcow2("qc.qcow2", 24 * MIB, "DKDISK-qc")?;
