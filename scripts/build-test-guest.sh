@@ -26,7 +26,8 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 guest_src="$here/guest"
 meta_pkg=linux-image-cloud-amd64
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         virtio_console virtio_blk button evdev pvpanic pvpanic-mmio pvpanic-pci)
+         virtio_console virtio_blk button evdev pvpanic pvpanic-mmio pvpanic-pci
+         failover net_failover virtio_net scsi_common scsi_mod cdrom sr_mod libata ata_piix)
 
 out="${DOMKIT_GUEST_DIR:-$HOME/.cache/domkit/guest}"
 refresh="${DOMKIT_GUEST_REFRESH:-0}"

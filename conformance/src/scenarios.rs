@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use EventKind as E;
 
+mod devices;
 mod durable;
 mod faults;
 mod watch;
@@ -44,6 +45,16 @@ macro_rules! watch {
             name: stringify!($name),
             about: $about,
             run: |ctx| Box::pin(watch::$name(ctx)),
+        }
+    };
+}
+
+macro_rules! device {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin(devices::$name(ctx)),
         }
     };
 }
@@ -125,6 +136,20 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         watch!(console_second_writer_busy, "one writer at a time: busy for the next until dropped or released; readers unaffected; every stream ends at destroy (§12.4)"),
         watch!(stats_move, "cpu time (total, per vCPU) and disk read counters grow while the guest works; memory = config; shut off: state only; all_stats has it (§12.5)"),
         watch!(wait_for_event_timeout, "wait_for_event: typed timeout, nothing changes; by name, kind, predicate; a snapshot taken before the operation misses nothing (§12.3)"),
+        // Devices (issue 10): proven in the guest, hotplug, unplug, bad input.
+        device!(boot_with_disks_and_nic, "raw, qcow2, read-only disks, a CD-ROM and two NICs at boot: the guest sees each (serial, size, ro, contents, a write; MACs, a DHCP lease) as devices() lists them (§14.1)"),
+        device!(hotplug_disk, "a disk attached live: device_added, in devices() and in the guest (size, write); a config-only attach changes the definition only (§14.2)"),
+        device!(hotunplug_disk, "boot-time and hotplugged disks detached live: device_removed after the guest released them, gone in the guest and devices(); the id attaches again (§14.2)"),
+        device!(hotplug_nic, "a NIC attached live: device_added, the guest has its MAC and a DHCP lease (§14.2)"),
+        device!(hotunplug_nic, "a NIC detached live: device_removed, gone in the guest; attached again with its id and MAC (§14.2)"),
+        device!(unplug_refused_by_guest, "a guest that ignores the unplug: typed timeout, device_removal_failed, the device remains (devices(), definition, guest); device_removed once the guest handles it (§14.2)"),
+        device!(cdrom_change, "CD-ROM eject (device_removed, empty tray) and insert (device_added, the guest reads the new medium); a disk is not a CD-ROM (§14.2)"),
+        device!(attach_bad_device, "missing image, directory, duplicate id, bad/multicast/used MAC, missing bridge, CD-ROM hot-add, no free slot: invalid_config with its reason, nothing changes (§14.4)"),
+        device!(hotplug_concurrent, "concurrent callers: 8 attaches at once, one id twice (one duplicate_device_id), one detach twice (one not_found), two medium changes in queue order (§6.0, §14.2)"),
+        device!(hotplug_cancelled, "attach dropped at 1 / 30 ms and a detach dropped while waiting: truthful devices() with exactly its events, background completion, next operation queues behind (§6.0, §14.2)"),
+        device!(hotplug_killed, "backend killed during a detach the guest ignores and during an attach: typed error at once, §10 reason, no device event after; config attach of the shut-off domain boots with it (§6.0, §10, §14.2)"),
+        device!(devices_survive_reattach, "a disk hotplugged live survives an orderly manager detach: the next persistent manager lists it at the same address and detaches it (§11.3, §14.3)"),
+        device!(devices_survive_save_restore, "hotplugged disk and NIC survive save/restore at the same addresses; the guest sees them; detach works after (§14.3)"),
         watch!(snapshot_then_stream_no_gap, "a burst between snapshot and first read: every event once, in order; subscribe_from replays exactly; events_lost past the 128 kept; a lagging stream says so (§2.4, §12.1, §12.2)"),
     ]
 }

@@ -44,6 +44,12 @@ pub enum Operation {
     Stats,
     /// Open the serial console ([`crate::Domain::console`]).
     Console,
+    /// Attach a device ([`crate::Domain::attach_device`], §14).
+    AttachDevice,
+    /// Detach a device ([`crate::Domain::detach_device`], §14).
+    DetachDevice,
+    /// Change a CD-ROM's medium ([`crate::Domain::change_media`], §14).
+    ChangeMedia,
 }
 
 impl fmt::Display for Operation {

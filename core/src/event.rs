@@ -107,6 +107,14 @@ pub enum EventKind {
     PmSuspended(PmSuspendedDetail),
     /// The guest crashed.
     Crashed(CrashedDetail),
+    /// A device was attached to the running domain, or a CD-ROM got a medium (§14).
+    DeviceAdded(crate::device::DeviceId),
+    /// A device was detached from the running domain (the guest released it), or a
+    /// CD-ROM's medium was ejected (§14).
+    DeviceRemoved(crate::device::DeviceId),
+    /// A detach failed: the guest refused or did not release the device in time; it is
+    /// still attached (§14).
+    DeviceRemovalFailed(crate::device::DeviceId),
 }
 
 /// How a domain started.

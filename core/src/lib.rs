@@ -21,6 +21,7 @@
 pub mod cell;
 pub mod config;
 pub mod console;
+pub mod device;
 pub mod error;
 pub mod event;
 pub mod lifecycle;
@@ -38,6 +39,7 @@ pub use config::{
     XenSettings,
 };
 pub use console::{ConsoleAccess, ConsoleHub, ConsoleStream};
+pub use device::{DetachOptions, DeviceId, DeviceInfo, DeviceKind, DeviceScope, DeviceSpec};
 pub use error::{Error, Operation, Result};
 pub use event::{
     CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,

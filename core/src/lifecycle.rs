@@ -326,6 +326,12 @@ impl Lifecycle {
         self.event(EventKind::Undefined, at)
     }
 
+    /// Produce a device event (`DeviceAdded`, `DeviceRemoved`, `DeviceRemovalFailed`,
+    /// §14): devices do not change the state, only the event `seq`.
+    pub fn device_event(&mut self, kind: EventKind, at: SystemTime) -> DomainEvent {
+        self.event(kind, at)
+    }
+
     fn event(&mut self, kind: EventKind, at: SystemTime) -> DomainEvent {
         self.seq += 1;
         DomainEvent {

@@ -216,6 +216,10 @@ pub struct StoredStatus {
     /// unexplained one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_end: Option<ShutoffReason>,
+    /// The backend's record of the running instance's devices, hotplugged ones included
+    /// (§14.3): the next manager reattaches with it. Opaque to the core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<serde_json::Value>,
 }
 
 /// A domain found in a state root.

@@ -4,6 +4,7 @@
 use crate::cell::EventStream;
 use crate::config::DomainConfig;
 use crate::console::{ConsoleAccess, ConsoleStream};
+use crate::device::{DetachOptions, DeviceId, DeviceInfo, DeviceScope, DeviceSpec};
 use crate::event::{DomainEvent, DomainId};
 use crate::state::{ControlState, DomainState};
 use crate::stats::DomainStats;
@@ -118,6 +119,10 @@ pub struct DomainInfo {
     pub memory_mib: u64,
     /// The backend's handle while active, for humans (`pid 1234`, `domid 7`).
     pub backend_handle: Option<String>,
+    /// The current devices (§14.1), as [`Domain::devices`] lists them; empty on a backend
+    /// that does not list devices yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// What a backend can do; every other operation is supported.
@@ -333,4 +338,55 @@ pub trait Domain: Send + Sync {
 
     /// Wake a sleeping guest.
     async fn pm_wakeup(&self) -> Result<()>;
+
+    // ---- Devices (§14) -------------------------------------------------------------------
+
+    /// The domain's current devices: the running domain's (with hotplugged ones) while it
+    /// is active, else the definition's.
+    async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        Err(self.devices_unsupported(Operation::AttachDevice))
+    }
+
+    /// The devices the definition has (what the next start gets).
+    async fn defined_devices(&self) -> Result<Vec<DeviceInfo>> {
+        Err(self.devices_unsupported(Operation::AttachDevice))
+    }
+
+    /// Attach a disk or NIC (virsh `attach-disk` / `attach-interface`). Live: the domain
+    /// must be running or paused; returns once the backend has the device (`DeviceAdded`).
+    /// Bad input is `invalid_config` with the reason, and nothing changes.
+    async fn attach_device(&self, device: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
+        let _ = (device, scope);
+        Err(self.devices_unsupported(Operation::AttachDevice))
+    }
+
+    /// Detach a device by id (virsh `detach-device`). Live: waits until the guest released
+    /// it (`DeviceRemoved`); a guest that refuses or does not answer within the timeout is
+    /// `DeviceRemovalFailed` and an error (`timeout`, or `backend` with the guest's
+    /// refusal) saying the device is still attached.
+    async fn detach_device(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        let _ = (id, options);
+        Err(self.devices_unsupported(Operation::DetachDevice))
+    }
+
+    /// Change a CD-ROM's medium (virsh `change-media`): `None` ejects (`DeviceRemoved`),
+    /// `Some(path)` inserts that image (`DeviceAdded`).
+    async fn change_media(
+        &self,
+        id: DeviceId,
+        medium: Option<std::path::PathBuf>,
+        scope: DeviceScope,
+    ) -> Result<()> {
+        let _ = (id, medium, scope);
+        Err(self.devices_unsupported(Operation::ChangeMedia))
+    }
+
+    /// The `unsupported` error of the device methods' defaults.
+    fn devices_unsupported(&self, operation: Operation) -> Error {
+        Error::Unsupported {
+            operation,
+            backend: self.backend_name().into(),
+            reason: "this backend cannot change devices yet".into(),
+        }
+    }
 }

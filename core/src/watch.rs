@@ -40,6 +40,12 @@ pub enum EventName {
     PmSuspended,
     /// [`EventKind::Crashed`].
     Crashed,
+    /// [`EventKind::DeviceAdded`].
+    DeviceAdded,
+    /// [`EventKind::DeviceRemoved`].
+    DeviceRemoved,
+    /// [`EventKind::DeviceRemovalFailed`].
+    DeviceRemovalFailed,
 }
 
 impl EventName {
@@ -56,6 +62,9 @@ impl EventName {
             EventKind::Rebooted => EventName::Rebooted,
             EventKind::PmSuspended(_) => EventName::PmSuspended,
             EventKind::Crashed(_) => EventName::Crashed,
+            EventKind::DeviceAdded(_) => EventName::DeviceAdded,
+            EventKind::DeviceRemoved(_) => EventName::DeviceRemoved,
+            EventKind::DeviceRemovalFailed(_) => EventName::DeviceRemovalFailed,
         }
     }
 }

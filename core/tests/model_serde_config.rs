@@ -301,6 +301,7 @@ fn config_validation_errors_are_precise() {
     );
     let mut c = base.clone();
     c.nics.push(Nic {
+        id: None,
         mac: Some("01:00:00:00:00:01".into()),
         backend: NicBackend::User,
     });

@@ -119,6 +119,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
             committing: false,
         }),
         pending_end: Some(ShutoffReason::Shutdown),
+        devices: None,
     };
     store.save_status(a.uuid.unwrap(), &status).unwrap();
 
@@ -139,6 +140,7 @@ fn s11_2_definitions_and_statuses_round_trip_and_undefine_removes_them() {
                 state: DomainState::Running(RunningReason::Booted),
                 in_flight: None,
                 pending_end: None,
+                devices: None,
             },
         )
         .unwrap();

@@ -189,6 +189,13 @@ fn config_error_fields(e: &ConfigError) -> (&'static str, String) {
         ConfigError::BadChannel { index, .. } => ("bad_channel", format!("channels[{index}]")),
         ConfigError::SocketPathTooLong { what, .. } => ("socket_path_too_long", what.clone()),
         ConfigError::BadCmdline(_) => ("bad_cmdline", "boot.cmdline".into()),
+        ConfigError::BadDeviceId { .. } => ("bad_device_id", String::new()),
+        ConfigError::DuplicateDeviceId { .. } => ("duplicate_device_id", String::new()),
+        ConfigError::DuplicateMac { .. } => ("duplicate_mac", String::new()),
+        ConfigError::NotAFile { field, .. } => ("not_a_file", field.clone()),
+        ConfigError::MissingBridge { .. } => ("missing_bridge", String::new()),
+        ConfigError::NoFreeSlot { .. } => ("no_free_slot", String::new()),
+        ConfigError::BadDeviceChange { .. } => ("bad_device_change", String::new()),
         // ConfigError is non-exhaustive: a newer check is reported by its message alone.
         _ => ("other", String::new()),
     }

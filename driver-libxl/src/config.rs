@@ -140,6 +140,12 @@ pub fn domain_config_json(
         ));
     }
 
+    if let Some(i) = config.disks.iter().position(|d| d.cdrom) {
+        return Err(MappingError(format!(
+            "disks[{i}]: CD-ROM drives are not supported by the libxl backend yet (a PV guest \
+             has no emulated CD-ROM; attach the image as a read-only disk)"
+        )));
+    }
     let disks: Vec<Value> = config
         .disks
         .iter()
@@ -276,14 +282,18 @@ mod tests {
         let mut c = base();
         c.disks = vec![
             Disk {
+                id: None,
                 path: "/img/root.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: false,
+                cdrom: false,
             },
             Disk {
+                id: None,
                 path: "/img/data.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: true,
+                cdrom: false,
             },
         ];
         let v = map(&c);
@@ -308,6 +318,7 @@ mod tests {
     fn bridge_nics_map_and_user_nics_are_unsupported() {
         let mut c = base();
         c.nics = vec![Nic {
+            id: None,
             mac: Some("00:16:3E:00:00:01".into()),
             backend: NicBackend::Bridge("xenbr0".into()),
         }];
@@ -317,6 +328,7 @@ mod tests {
             json!([{"devid": 0, "nictype": "vif", "bridge": "xenbr0", "mac": "00:16:3e:00:00:01"}])
         );
         c.nics = vec![Nic {
+            id: None,
             mac: None,
             backend: NicBackend::User,
         }];
@@ -365,6 +377,16 @@ mod tests {
     }
 
     #[test]
+    fn s14_7_cdroms_are_refused_with_the_reason() {
+        let mut c = base();
+        let mut cd = Disk::new("/domu/cd.iso");
+        cd.cdrom = true;
+        c.disks = vec![cd];
+        let e = domain_config_json(&c, uuid(), Path::new("/r"), false).unwrap_err();
+        assert!(e.0.contains("CD-ROM"), "{e}");
+    }
+
+    #[test]
     fn pvh_needs_hvm_capability() {
         let mut c = base();
         c.xen.guest_type = XenGuestType::Pvh;
@@ -380,9 +402,11 @@ mod tests {
     fn disk_boot_uses_pygrub_for_pv_and_is_unsupported_for_pvh() {
         let mut c = base();
         c.disks = vec![Disk {
+            id: None,
             path: "/img/root.raw".into(),
             format: DiskFormat::Raw,
             readonly: false,
+            cdrom: false,
         }];
         c.boot = Boot::Disk { index: 0 };
         let v = map(&c);

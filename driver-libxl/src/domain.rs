@@ -1851,6 +1851,8 @@ impl Domain for LibxlDomain {
             vcpus: self.inner.config.vcpus,
             memory_mib: self.inner.config.memory_mib,
             backend_handle: self.domid().map(|d| format!("domid {d}")),
+            // Device listing is not implemented on libxl yet (§14.7).
+            devices: Vec::new(),
         })
     }
 

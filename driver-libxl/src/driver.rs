@@ -711,6 +711,8 @@ impl PersistedDomain {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             pending_end: lc.pending_end(),
+            // Device changes are not implemented on libxl yet (§14.7).
+            devices: None,
         };
         if let Err(e) = self.store.save_status(self.uuid, &status) {
             tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");

@@ -209,6 +209,7 @@ async fn t00_config_json_roundtrip_on_real_libxl() {
     // Channels and NICs parse too (not created: the test dom0 has no qemu and no bridge).
     let mut c = domu("dk-json2", "");
     c.nics = vec![domkit_core::Nic {
+        id: None,
         mac: Some("00:16:3e:01:02:03".into()),
         backend: domkit_core::NicBackend::Bridge("xenbr0".into()),
     }];
@@ -913,6 +914,7 @@ async fn t15_unsupported_and_invalid() {
     }
     let mut c = domu("dk-user-nic", "");
     c.nics = vec![domkit_core::Nic {
+        id: None,
         mac: None,
         backend: domkit_core::NicBackend::User,
     }];
@@ -1542,9 +1544,11 @@ async fn t42_stats_readings() {
     let driver = LibxlDriver::new().expect("libxl");
     let mut c = domu("dk-stats", "");
     c.disks.push(Disk {
+        id: None,
         path: image.clone(),
         format: DiskFormat::Raw,
         readonly: true,
+        cdrom: false,
     });
     let d = driver.define(c).await.unwrap();
     d.start(StartOptions { paused: true }).await.unwrap();

@@ -89,9 +89,11 @@ async fn main() -> Result<(), Error> {
         name: None,
     });
     config.disks.push(Disk {
+        id: None,
         path: disk,
         format: DiskFormat::Raw,
         readonly: false,
+        cdrom: false,
     });
     config.qemu.accel = domkit_core::Accel::Tcg;
 

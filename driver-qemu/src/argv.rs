@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use domkit_core::{Boot, ChannelKind, ConsoleKind, DiskFormat, DomainConfig, NicBackend};
 
+use crate::devices::{Address, DeviceSet, VIRTIO_SERIAL_SLOT};
+
 /// The fd number QEMU inherits its listening monitor socket as.
 pub const MONITOR_FD: i32 = 3;
 
@@ -106,13 +108,31 @@ pub enum ArgvError {
         /// The path.
         path: PathBuf,
     },
+    /// The devices do not fit or clash (§14).
+    #[error("{0}")]
+    Devices(domkit_core::ConfigError),
 }
 
-/// Build the argument vector (binary first) that launches `config`.
+/// Build the argument vector (binary first) that launches `config`, with the devices of
+/// its config (addresses assigned by [`DeviceSet::from_config`]).
 ///
 /// `incoming`: start waiting for a migration stream (`-incoming defer`, for restore).
 pub fn build_argv(
     config: &DomainConfig,
+    accel: AccelChoice,
+    paths: &DomainPaths,
+    incoming: bool,
+) -> Result<Vec<String>, ArgvError> {
+    let devices = DeviceSet::from_config(config, config.uuid.unwrap_or_default())
+        .map_err(ArgvError::Devices)?;
+    build_argv_with(config, &devices, accel, paths, incoming)
+}
+
+/// As [`build_argv`], with these devices instead of the config's (a restore rebuilds the
+/// saved instance's devices, hotplugged ones included, at their addresses).
+pub fn build_argv_with(
+    config: &DomainConfig,
+    devices: &DeviceSet,
     accel: AccelChoice,
     paths: &DomainPaths,
     incoming: bool,
@@ -156,7 +176,10 @@ pub fn build_argv(
     let needs_virtio_serial =
         !config.channels.is_empty() || consoles.iter().any(|c| c.kind == ConsoleKind::Pv);
     if needs_virtio_serial {
-        push(&["-device", "virtio-serial-pci,id=vser0"]);
+        push(&[
+            "-device",
+            &format!("virtio-serial-pci,id=vser0,bus=pci.0,addr={VIRTIO_SERIAL_SLOT:#x}"),
+        ]);
     }
     for (i, console) in consoles.iter().enumerate() {
         let log = match &console.log {
@@ -222,17 +245,40 @@ pub fn build_argv(
         Boot::Disk { index } => Some(index),
         Boot::Kernel { .. } => None,
     };
-    for (i, disk) in config.disks.iter().enumerate() {
+    for (i, live) in devices.disks.iter().enumerate() {
+        let disk = &live.disk;
+        let id = disk.device_id(i);
         let path = utf8(&format!("disks[{i}].path"), &disk.path)?;
         let format = match disk.format {
             DiskFormat::Raw => "raw",
             DiskFormat::Qcow2 => "qcow2",
         };
+        let node = &live.node;
+        if disk.cdrom {
+            let file = if live.ejected {
+                String::new()
+            } else {
+                format!("file={},format={format},", opt(&path))
+            };
+            push(&[
+                "-drive",
+                &format!("{file}if=none,id={node},media=cdrom,readonly=on"),
+            ]);
+            let (bus, unit) = match live.addr {
+                Address::Ide(bus, unit) => (bus, unit),
+                Address::Pci(_) => (0, 0),
+            };
+            push(&[
+                "-device",
+                &format!("ide-cd,drive={node},id={id},bus=ide.{bus},unit={unit}"),
+            ]);
+            continue;
+        }
         let readonly = if disk.readonly { "on" } else { "off" };
         push(&[
             "-drive",
             &format!(
-                "file={},format={format},if=none,id=disk{i},readonly={readonly}",
+                "file={},format={format},if=none,id={node},readonly={readonly}",
                 opt(&path)
             ),
         ]);
@@ -243,24 +289,32 @@ pub fn build_argv(
         };
         push(&[
             "-device",
-            &format!("virtio-blk-pci,drive=disk{i},id=vblk{i}{bootindex}"),
+            &format!(
+                "virtio-blk-pci,drive={node},id={id},serial={id},bus=pci.0,addr={}{bootindex}",
+                pci_addr(live.addr)
+            ),
         ]);
     }
 
-    for (i, nic) in config.nics.iter().enumerate() {
+    for (i, live) in devices.nics.iter().enumerate() {
+        let nic = &live.nic;
+        let id = nic.device_id(i);
         let netdev = match &nic.backend {
-            NicBackend::User => format!("user,id=net{i}"),
-            NicBackend::Bridge(bridge) => format!("bridge,id=net{i},br={}", opt(bridge)),
+            NicBackend::User => format!("user,id=net-{id}"),
+            NicBackend::Bridge(bridge) => format!("bridge,id=net-{id},br={}", opt(bridge)),
         };
         let mac = match &nic.mac {
-            Some(mac) => format!(",mac={mac}"),
+            Some(mac) => format!(",mac={}", opt(mac)),
             None => String::new(),
         };
         push(&[
             "-netdev",
             &netdev,
             "-device",
-            &format!("virtio-net-pci,netdev=net{i},id=nic{i}{mac}"),
+            &format!(
+                "virtio-net-pci,netdev=net-{id},id={id}{mac},bus=pci.0,addr={}",
+                pci_addr(live.addr)
+            ),
         ]);
     }
 
@@ -271,6 +325,13 @@ pub fn build_argv(
         push(&["-incoming", "defer"]);
     }
     Ok(argv)
+}
+
+fn pci_addr(addr: Address) -> String {
+    match addr {
+        Address::Pci(slot) => format!("{slot:#x}"),
+        Address::Ide(..) => "0".into(),
+    }
 }
 
 /// Escape a value inside a QEMU option list (`key=value,...`): a comma is doubled.
@@ -386,7 +447,7 @@ mod tests {
         assert!(chardevs
             .contains(&"socket,id=chan0,path=/run/domkit/qemu/web1/agent.sock,server=on,wait=off"));
         let devices = values(&argv, "-device");
-        assert!(devices.contains(&"virtio-serial-pci,id=vser0"));
+        assert!(devices.contains(&"virtio-serial-pci,id=vser0,bus=pci.0,addr=0x3"));
         assert!(devices.contains(
             &"virtserialport,bus=vser0.0,chardev=chan0,name=org.qemu.guest_agent.0,id=port0"
         ));
@@ -408,17 +469,22 @@ mod tests {
         c.boot = Boot::Disk { index: 1 };
         c.disks = vec![
             Disk {
+                id: None,
                 path: "/img/a.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: true,
+                cdrom: false,
             },
             Disk {
+                id: None,
                 path: "/img/b.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                cdrom: false,
             },
         ];
         c.nics = vec![Nic {
+            id: None,
             mac: Some("52:54:00:12:34:56".into()),
             backend: NicBackend::User,
         }];
@@ -434,10 +500,15 @@ mod tests {
             ]
         );
         let devices = values(&argv, "-device");
-        assert!(devices.contains(&"virtio-blk-pci,drive=disk0,id=vblk0"));
-        assert!(devices.contains(&"virtio-blk-pci,drive=disk1,id=vblk1,bootindex=0"));
-        assert_eq!(values(&argv, "-netdev"), ["user,id=net0"]);
-        assert!(devices.contains(&"virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"));
+        assert!(devices
+            .contains(&"virtio-blk-pci,drive=disk0,id=disk0,serial=disk0,bus=pci.0,addr=0x4"));
+        assert!(devices.contains(
+            &"virtio-blk-pci,drive=disk1,id=disk1,serial=disk1,bus=pci.0,addr=0x5,bootindex=0"
+        ));
+        assert_eq!(values(&argv, "-netdev"), ["user,id=net-nic0"]);
+        assert!(devices.contains(
+            &"virtio-net-pci,netdev=net-nic0,id=nic0,mac=52:54:00:12:34:56,bus=pci.0,addr=0x6"
+        ));
     }
 
     #[test]

@@ -31,7 +31,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::agent::{AgentError, GuestAgent, GuestAgentOptions, ShutdownMode as AgentShutdownMode};
-use crate::argv::{build_argv, DomainPaths, DEFAULT_BINARY};
+use crate::argv::{build_argv_with, DomainPaths, DEFAULT_BINARY};
+use crate::devices::{self, DeviceSet};
 use crate::driver::{PersistedDomain, QemuDriverOptions};
 use crate::error::{backend, qmp_to_core, timeout, BACKEND};
 use crate::observe::{self, ConsoleLink};
@@ -43,6 +44,7 @@ use crate::savefile::{self, SaveHeader, TempSaveFile, FORMAT_VERSION};
 use crate::stats::{self as qstats, VcpuThread};
 use crate::supervisor::{self, SupervisedDomain, SupervisorHandle, SupervisorRequest};
 use domkit_core::store::{InFlight, StoredStatus};
+use domkit_core::{ConfigError, DetachOptions, DeviceId, DeviceInfo, DeviceScope, DeviceSpec};
 
 /// The fd name a save passes to QEMU with `getfd`.
 const SAVE_FD: &str = "domkit-save";
@@ -70,6 +72,9 @@ struct DomainInner {
     forgotten: AtomicBool,
     /// The durable store, for a persistent driver's domain.
     persisted: Option<Arc<PersistedDomain>>,
+    /// The current definition: `config` with the device changes made with scope `config`
+    /// (§14); what the next start launches.
+    definition: Mutex<DomainConfig>,
 }
 
 /// One running QEMU process of a domain.
@@ -91,6 +96,15 @@ struct Instance {
     taps: std::sync::OnceLock<Vec<String>>,
     /// The console socket connection, made on the first `console()` (§12.4).
     console: tokio::sync::Mutex<Option<ConsoleLink>>,
+    /// The devices of this process, hotplugged ones included (§14).
+    devices: Mutex<DeviceSet>,
+}
+
+impl Instance {
+    fn devices(&self) -> MutexGuard<'_, DeviceSet> {
+        // Only ever changed whole per operation: a poisoned lock holds a consistent value.
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Instance {
@@ -149,6 +163,7 @@ impl QemuDomain {
             inner: Arc::new(DomainInner {
                 persisted,
                 id,
+                definition: Mutex::new(config.clone()),
                 config,
                 cell,
                 paths: DomainPaths::new(dir),
@@ -229,6 +244,7 @@ impl QemuDomain {
             vcpus: self.inner.config.vcpus,
             memory_mib: self.inner.config.memory_mib,
             backend_handle: self.pid().map(|p| format!("pid {p}")),
+            devices: self.devices_now().unwrap_or_default(),
         }
     }
 
@@ -472,9 +488,20 @@ impl QemuDomain {
 
     /// Launch QEMU for this domain (`incoming`: wait for a migration stream) and start its
     /// supervisor. The lifecycle is not told anything yet.
-    async fn launch(&self, operation: Operation, incoming: bool) -> Result<Arc<Instance>> {
+    async fn launch(
+        &self,
+        operation: Operation,
+        incoming: bool,
+        devices: Option<DeviceSet>,
+    ) -> Result<Arc<Instance>> {
         let options = &self.inner.options;
-        let config = &self.inner.config;
+        let definition = self.definition();
+        let devices = match devices {
+            Some(d) => d,
+            None => DeviceSet::from_config(&definition, self.inner.id.uuid)?,
+        };
+        check_bridges(devices.nics.iter().map(|n| &n.nic))?;
+        let config = &devices.apply_to(&definition);
         let paths = process::create_runtime_dir(&options.runtime_root, &config.name)
             .map_err(|e| Error::io("creating the domain's runtime directory", e))?;
         let binary = config
@@ -485,18 +512,18 @@ impl QemuDomain {
         let auto_kvm = config.qemu.accel == domkit_core::Accel::Auto
             && crate::accel::auto_uses_kvm(&options.auto_accel, &binary).await;
         let accel = crate::accel::resolve(config.qemu.accel, auto_kvm);
-        let argv =
-            build_argv(config, accel, &paths, incoming).map_err(|e| backend(e.to_string()))?;
+        let argv = build_argv_with(config, &devices, accel, &paths, incoming)
+            .map_err(|e| backend(e.to_string()))?;
         let launch_options = self.launch_options();
         let proc = process::launch(argv, &paths, &launch_options)
             .await
             .map_err(|e| e.into_core(operation, &config.name))?;
-        Ok(self.supervise(proc))
+        Ok(self.supervise(proc, devices))
     }
 
     /// Start supervising a QEMU process (launched now, or adopted on reattach) and publish
     /// it as the domain's instance.
-    fn supervise(&self, proc: process::QemuProcess) -> Arc<Instance> {
+    fn supervise(&self, proc: process::QemuProcess, devices: DeviceSet) -> Arc<Instance> {
         let options = &self.inner.options;
         let qemu = proc.qmp.greeting().version.qemu;
         let agent_socket = self
@@ -531,8 +558,10 @@ impl QemuDomain {
             vcpu_threads: tokio::sync::OnceCell::new(),
             taps: std::sync::OnceLock::new(),
             console: tokio::sync::Mutex::new(None),
+            devices: Mutex::new(devices),
         });
         *slot = Some(instance.clone());
+        self.record_devices(&instance);
         instance
     }
 
@@ -562,6 +591,7 @@ impl QemuDomain {
         let Some(status) = status else {
             return Ok(()); // defined, never started
         };
+        let recorded_devices = status.devices.clone();
         let paths = &self.inner.paths;
         let save = status.in_flight.map(|in_flight| match in_flight {
             InFlight::Save {
@@ -616,7 +646,13 @@ impl QemuDomain {
                 return Err(e);
             }
         };
-        let instance = self.supervise(proc);
+        // The devices the previous manager recorded (hotplugged ones included, §14.3),
+        // else the definition's.
+        let devices = recorded_devices
+            .and_then(|v| serde_json::from_value::<DeviceSet>(v).ok())
+            .or_else(|| DeviceSet::from_config(&self.definition(), self.inner.id.uuid).ok())
+            .unwrap_or_default();
+        let instance = self.supervise(proc, devices);
         if let Some(save) = save {
             self.finish_save_on_reattach(&instance, &save).await;
         }
@@ -880,6 +916,7 @@ impl QemuDomain {
             was_paused,
             qemu_version: instance.qemu_version.clone(),
             memory_mib: self.inner.config.memory_mib,
+            devices: Some(instance.devices().clone()),
         };
         let create_error = |e| {
             Error::io(
@@ -1045,7 +1082,7 @@ impl QemuDomain {
                 return Err(e);
             }
         };
-        let instance = match self.launch(operation, true).await {
+        let instance = match self.launch(operation, true, header.devices.clone()).await {
             Ok(i) => i,
             Err(e) => {
                 self.inner.cell.observe(Observation::CreateFailed);
@@ -1319,7 +1356,7 @@ impl QemuDomain {
     async fn start_inner(&self, options: domkit_core::StartOptions) -> Result<()> {
         let operation = Operation::Start;
         self.ensure_inactive(operation)?;
-        let instance = match self.launch(operation, false).await {
+        let instance = match self.launch(operation, false, None).await {
             Ok(i) => i,
             Err(e) => {
                 self.inner.cell.observe(Observation::CreateFailed);
@@ -1637,11 +1674,532 @@ impl Domain for QemuDomain {
         .await
     }
 
+    async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.devices_now()
+    }
+
+    async fn defined_devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.defined_devices_now()
+    }
+
+    async fn attach_device(&self, device: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
+        self.run_op(Operation::AttachDevice, move |d| async move {
+            d.attach_inner(device, scope).await
+        })
+        .await
+    }
+
+    async fn detach_device(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        self.run_op(Operation::DetachDevice, move |d| async move {
+            d.detach_inner(id, options).await
+        })
+        .await
+    }
+
+    async fn change_media(
+        &self,
+        id: DeviceId,
+        medium: Option<PathBuf>,
+        scope: DeviceScope,
+    ) -> Result<()> {
+        self.run_op(Operation::ChangeMedia, move |d| async move {
+            d.change_media_inner(id, medium, scope).await
+        })
+        .await
+    }
+
     async fn pm_wakeup(&self) -> Result<()> {
         self.run_op(
             Operation::PmWakeup,
             |d| async move { d.pm_wakeup_inner().await },
         )
         .await
+    }
+}
+
+// ---- Devices (§14) ---------------------------------------------------------------------
+
+/// A bridge name that is safe to look up and exists as a bridge on this host
+/// (`/sys/class/net/<name>/bridge`).
+fn check_bridges<'a>(nics: impl IntoIterator<Item = &'a domkit_core::Nic>) -> Result<()> {
+    for nic in nics {
+        if let domkit_core::NicBackend::Bridge(br) = &nic.backend {
+            let safe = !br.is_empty()
+                && br.len() <= 15
+                && br
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                && br != "."
+                && br != "..";
+            if !safe || !Path::new("/sys/class/net").join(br).join("bridge").is_dir() {
+                return Err(Error::InvalidConfig(ConfigError::MissingBridge {
+                    bridge: br.clone(),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn device_not_found(domain: &str, id: DeviceId) -> Error {
+    Error::NotFound {
+        what: format!("device {:?} of domain {domain:?}", id.as_str()),
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+impl QemuDomain {
+    /// The current definition (the config with the device changes of scope `config`).
+    pub fn definition(&self) -> DomainConfig {
+        self.inner
+            .definition
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replace the definition, durably for a persistent driver (§11.2) before it is used.
+    fn set_definition(&self, config: DomainConfig) -> Result<()> {
+        if let Some(p) = &self.inner.persisted {
+            p.save_definition(&config)
+                .map_err(|e| Error::io("persisting the changed definition", e))?;
+        }
+        *self
+            .inner
+            .definition
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = config;
+        Ok(())
+    }
+
+    /// Put the instance's device set into the durable status (written with the next
+    /// event, under the lifecycle lock, §11.2).
+    fn record_devices(&self, instance: &Instance) {
+        if let Some(p) = &self.inner.persisted {
+            p.set_devices(serde_json::to_value(&*instance.devices()).ok());
+        }
+    }
+
+    fn emit_device(&self, kind: EventKind) {
+        if let Some(instance) = self.instance() {
+            self.record_devices(&instance);
+        }
+        self.inner.cell.emit(|lc, at| lc.device_event(kind, at));
+    }
+
+    /// The instance a live device change works on: running or paused (not shutting down,
+    /// not preserved, not suspended to memory).
+    fn live_instance(&self, operation: Operation) -> Result<Arc<Instance>> {
+        match self.state() {
+            DomainState::Running(_) => {}
+            DomainState::Paused(p) if p != PausedReason::ShuttingDown => {}
+            _ => return Err(self.invalid(operation)),
+        }
+        self.running_instance(operation)
+    }
+
+    /// The devices now: the instance's while active, else the definition's.
+    pub fn devices_now(&self) -> Result<Vec<DeviceInfo>> {
+        if let Some(instance) = self.instance() {
+            return Ok(instance.devices().infos());
+        }
+        self.defined_devices_now()
+    }
+
+    fn defined_devices_now(&self) -> Result<Vec<DeviceInfo>> {
+        Ok(DeviceSet::from_config(&self.definition(), self.inner.id.uuid)?.infos())
+    }
+
+    async fn attach_inner(&self, spec: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
+        let operation = Operation::AttachDevice;
+        // Checks that touch nothing first: a bad device changes nothing (§14).
+        match &spec {
+            DeviceSpec::Disk(d) => domkit_core::config::check_image("disk.path", &d.path)?,
+            DeviceSpec::Nic(n) => {
+                if let Some(mac) = &n.mac {
+                    if !domkit_core::config::is_valid_mac(mac) {
+                        return Err(Error::InvalidConfig(ConfigError::BadMac {
+                            index: 0,
+                            mac: mac.clone(),
+                        }));
+                    }
+                }
+                check_bridges([n])?;
+            }
+        }
+        let uuid = self.inner.id.uuid;
+        // The definition after the change, checked whole (ids, MACs, slots) before any.
+        let new_definition = if scope.config() {
+            let mut def = self.definition();
+            let current = DeviceSet::from_config(&def, uuid)?;
+            match &spec {
+                DeviceSpec::Disk(d) => {
+                    let mut d = d.clone();
+                    let plan = current.plan_disk(&d)?;
+                    d.id = plan.disk.id;
+                    def.disks.push(d);
+                }
+                DeviceSpec::Nic(n) => {
+                    let mut n = n.clone();
+                    let plan = current.plan_nic(&n, uuid)?;
+                    n.id = plan.nic.id;
+                    n.mac = plan.nic.mac;
+                    def.nics.push(n);
+                }
+            }
+            DeviceSet::from_config(&def, uuid)?;
+            Some(def)
+        } else {
+            None
+        };
+        let id = if scope.live() {
+            let instance = self.live_instance(operation)?;
+            let qmp = &instance.qmp;
+            let cmd = |c: &'static str| move |e| self.qmp_error(operation, c, e);
+            match &spec {
+                DeviceSpec::Disk(d) => {
+                    let plan = instance.devices().plan_disk(d)?;
+                    let path = d.path.to_str().ok_or_else(|| {
+                        Error::InvalidConfig(ConfigError::NotAFile {
+                            field: "disk.path (not UTF-8)".into(),
+                            path: d.path.clone(),
+                        })
+                    })?;
+                    let args = devices::blockdev_add_args(&plan, path, is_block_device(&d.path));
+                    qmp.execute("blockdev-add", Some(args))
+                        .await
+                        .map_err(cmd("blockdev-add"))?;
+                    if let Err(e) = qmp
+                        .execute("device_add", Some(devices::disk_device_add_args(&plan)))
+                        .await
+                    {
+                        // Nothing half-added stays behind.
+                        let _ = qmp
+                            .execute("blockdev-del", Some(json!({ "node-name": plan.node })))
+                            .await;
+                        return Err(self.qmp_error(operation, "device_add", e));
+                    }
+                    let id = plan.disk.id.unwrap_or_else(|| DeviceId::default_disk(0));
+                    instance.devices().disks.push(plan);
+                    id
+                }
+                DeviceSpec::Nic(n) => {
+                    let plan = instance.devices().plan_nic(n, uuid)?;
+                    qmp.execute("netdev_add", Some(devices::netdev_add_args(&plan)))
+                        .await
+                        .map_err(cmd("netdev_add"))?;
+                    if let Err(e) = qmp
+                        .execute("device_add", Some(devices::nic_device_add_args(&plan)))
+                        .await
+                    {
+                        let id = plan.nic.id.map(|i| i.to_string()).unwrap_or_default();
+                        let _ = qmp
+                            .execute("netdev_del", Some(json!({ "id": format!("net-{id}") })))
+                            .await;
+                        return Err(self.qmp_error(operation, "device_add", e));
+                    }
+                    let id = plan.nic.id.unwrap_or_else(|| DeviceId::default_nic(0));
+                    instance.devices().nics.push(plan);
+                    id
+                }
+            }
+        } else {
+            match (&spec, &new_definition) {
+                (DeviceSpec::Disk(_), Some(def)) => def.disks.last().and_then(|d| d.id),
+                (DeviceSpec::Nic(_), Some(def)) => def.nics.last().and_then(|n| n.id),
+                _ => None,
+            }
+            .unwrap_or_else(|| DeviceId::default_disk(0))
+        };
+        if scope.live() {
+            self.emit_device(EventKind::DeviceAdded(id));
+        }
+        if let Some(mut def) = new_definition {
+            // Both: the definition gets the id the live device got.
+            if scope.live() {
+                if let DeviceSpec::Disk(_) = spec {
+                    if let Some(d) = def.disks.last_mut() {
+                        d.id = Some(id);
+                    }
+                } else if let Some(n) = def.nics.last_mut() {
+                    n.id = Some(id);
+                }
+            }
+            self.set_definition(def)?;
+        }
+        Ok(id)
+    }
+
+    /// After QEMU deleted a device: free its backend (a hotplugged block node, a netdev;
+    /// a `-drive` backend goes with its device), drop it from the set, emit `DeviceRemoved`
+    /// once (whoever sees the deletion first).
+    async fn device_deleted(&self, instance: &Instance, id: DeviceId) {
+        let (node, nic) = {
+            let devices = instance.devices();
+            let node = devices
+                .disk(id)
+                .map(|d| d.node.clone())
+                .filter(|n| n.starts_with("drive-"));
+            (node, devices.nic(id).is_some())
+        };
+        if let Some(node) = node {
+            let _ = instance
+                .qmp
+                .execute("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
+        }
+        if nic {
+            let _ = instance
+                .qmp
+                .execute("netdev_del", Some(json!({ "id": format!("net-{id}") })))
+                .await;
+        }
+        if instance.devices().remove(id) {
+            self.emit_device(EventKind::DeviceRemoved(id));
+        }
+    }
+
+    /// Whether QEMU still has the device (`qom-list /machine/peripheral`); `None` if QEMU
+    /// did not answer.
+    async fn device_present(&self, instance: &Instance, id: DeviceId) -> Option<bool> {
+        let reply = instance
+            .qmp
+            .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await
+            .ok()?;
+        Some(devices::peripheral_has(&reply, id))
+    }
+
+    async fn detach_inner(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        let operation = Operation::DetachDevice;
+        let name = &self.inner.id.name;
+        let new_definition = if options.scope.config() {
+            let mut def = self.definition();
+            let set = DeviceSet::from_config(&def, self.inner.id.uuid)?;
+            let di = set.disks.iter().position(|d| d.disk.id == Some(id));
+            let ni = set.nics.iter().position(|n| n.nic.id == Some(id));
+            match (di, ni) {
+                (Some(i), _) => {
+                    def.disks.remove(i);
+                }
+                (_, Some(i)) => {
+                    def.nics.remove(i);
+                }
+                _ => return Err(device_not_found(name, id)),
+            }
+            Some(def)
+        } else {
+            None
+        };
+        if options.scope.live() {
+            let instance = self.live_instance(operation)?;
+            {
+                let devices = instance.devices();
+                match devices.disk(id) {
+                    Some(d) if d.disk.cdrom => {
+                        return Err(Error::InvalidConfig(ConfigError::BadDeviceChange {
+                            id: id.to_string(),
+                            problem:
+                                "a CD-ROM drive (IDE) cannot be unplugged: eject its medium instead"
+                                    .into(),
+                        }))
+                    }
+                    Some(_) => {}
+                    None if devices.nic(id).is_some() => {}
+                    None => return Err(device_not_found(name, id)),
+                }
+            }
+            let mut events = instance.qmp.subscribe();
+            match instance
+                .qmp
+                .execute("device_del", Some(json!({ "id": id.as_str() })))
+                .await
+            {
+                Ok(_) => {}
+                // A request of an earlier (timed out) detach is still with the guest.
+                Err(QmpError::CommandFailed { desc, .. })
+                    if devices::unplug_already_pending(&desc) => {}
+                Err(e) => return Err(self.qmp_error(operation, "device_del", e)),
+            }
+            let deadline = Instant::now() + options.timeout;
+            let outcome = loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    // The truth at the deadline: the event may have been among lost ones.
+                    Err(_) => match self.device_present(&instance, id).await {
+                        Some(false) => break Some(devices::DeviceFact::Deleted(id)),
+                        _ => break None,
+                    },
+                    Ok(Err(EventRecvError::Lagged(_))) => {
+                        if self.device_present(&instance, id).await == Some(false) {
+                            break Some(devices::DeviceFact::Deleted(id));
+                        }
+                    }
+                    Ok(Err(EventRecvError::Closed)) => {
+                        return Err(Error::ControlBroken {
+                            domain: name.clone(),
+                            reason: format!(
+                                "the QMP connection closed while waiting for the guest to release device {id}"
+                            ),
+                        })
+                    }
+                    Ok(Ok(ev)) => match devices::device_fact(&ev.name, &ev.data) {
+                        Some(f @ devices::DeviceFact::Deleted(d)) if d == id => break Some(f),
+                        Some(f @ devices::DeviceFact::UnplugRefused(d)) if d == id => {
+                            break Some(f)
+                        }
+                        _ => {}
+                    },
+                }
+            };
+            match outcome {
+                Some(devices::DeviceFact::Deleted(_)) => self.device_deleted(&instance, id).await,
+                Some(devices::DeviceFact::UnplugRefused(_)) => {
+                    self.emit_device(EventKind::DeviceRemovalFailed(id));
+                    return Err(backend(format!(
+                        "detach_device: the guest refused to release device {id} \
+                         (DEVICE_UNPLUG_GUEST_ERROR): it is still attached"
+                    )));
+                }
+                None => {
+                    self.emit_device(EventKind::DeviceRemovalFailed(id));
+                    // The request stays with the guest: a later release is still seen.
+                    let me = self.clone();
+                    let late = instance.clone();
+                    tokio::spawn(async move {
+                        while let Ok(ev) = events.recv().await {
+                            if devices::device_fact(&ev.name, &ev.data)
+                                == Some(devices::DeviceFact::Deleted(id))
+                            {
+                                me.device_deleted(&late, id).await;
+                                break;
+                            }
+                        }
+                    });
+                    return Err(timeout(
+                        operation,
+                        options.timeout,
+                        format!(
+                            "device {id} is still attached: the guest did not release it \
+                             (its unplug request stays pending; a device_removed event \
+                             follows if the guest releases it later)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(def) = new_definition {
+            self.set_definition(def)?;
+        }
+        Ok(())
+    }
+
+    async fn change_media_inner(
+        &self,
+        id: DeviceId,
+        medium: Option<PathBuf>,
+        scope: DeviceScope,
+    ) -> Result<()> {
+        let operation = Operation::ChangeMedia;
+        let name = &self.inner.id.name;
+        if let Some(p) = &medium {
+            domkit_core::config::check_image("medium", p)?;
+        }
+        let not_cdrom = || {
+            Error::InvalidConfig(ConfigError::BadDeviceChange {
+                id: id.to_string(),
+                problem: "it is not a CD-ROM drive: only a CD-ROM's medium can be changed".into(),
+            })
+        };
+        let new_definition =
+            if scope.config() {
+                let mut def = self.definition();
+                let set = DeviceSet::from_config(&def, self.inner.id.uuid)?;
+                let i = set
+                    .disks
+                    .iter()
+                    .position(|d| d.disk.id == Some(id))
+                    .ok_or_else(|| device_not_found(name, id))?;
+                if !def.disks[i].cdrom {
+                    return Err(not_cdrom());
+                }
+                match &medium {
+                    Some(p) => def.disks[i].path = p.clone(),
+                    None => return Err(Error::InvalidConfig(ConfigError::BadDeviceChange {
+                        id: id.to_string(),
+                        problem:
+                            "a defined CD-ROM always has a medium: eject it live, or insert another"
+                                .into(),
+                    })),
+                }
+                Some(def)
+            } else {
+                None
+            };
+        if scope.live() {
+            let instance = self.live_instance(operation)?;
+            let format = match instance.devices().disk(id) {
+                None => return Err(device_not_found(name, id)),
+                Some(d) if !d.disk.cdrom => return Err(not_cdrom()),
+                Some(d) => match d.disk.format {
+                    domkit_core::DiskFormat::Raw => "raw",
+                    domkit_core::DiskFormat::Qcow2 => "qcow2",
+                },
+            };
+            let empty = instance.devices().disk(id).is_some_and(|d| d.ejected);
+            match &medium {
+                // An empty tray stays empty: no-op, no event (like §6.2).
+                None if empty => {}
+                None => {
+                    instance
+                        .qmp
+                        .execute("eject", Some(json!({ "id": id.as_str(), "force": true })))
+                        .await
+                        .map_err(|e| self.qmp_error(operation, "eject", e))?;
+                    let mut devices = instance.devices();
+                    if let Some(d) = devices.disks.iter_mut().find(|d| d.disk.id == Some(id)) {
+                        d.ejected = true;
+                    }
+                }
+                Some(p) => {
+                    let path = p.to_str().ok_or_else(|| {
+                        Error::InvalidConfig(ConfigError::NotAFile {
+                            field: "medium (not UTF-8)".into(),
+                            path: p.clone(),
+                        })
+                    })?;
+                    instance
+                        .qmp
+                        .execute(
+                            "blockdev-change-medium",
+                            Some(json!({
+                                "id": id.as_str(),
+                                "filename": path,
+                                "format": format,
+                                "read-only-mode": "read-only",
+                            })),
+                        )
+                        .await
+                        .map_err(|e| self.qmp_error(operation, "blockdev-change-medium", e))?;
+                    let mut devices = instance.devices();
+                    if let Some(d) = devices.disks.iter_mut().find(|d| d.disk.id == Some(id)) {
+                        d.ejected = false;
+                        d.disk.path = p.clone();
+                    }
+                }
+            }
+            match medium {
+                None if empty => {}
+                None => self.emit_device(EventKind::DeviceRemoved(id)),
+                Some(_) => self.emit_device(EventKind::DeviceAdded(id)),
+            }
+        }
+        if let Some(def) = new_definition {
+            self.set_definition(def)?;
+        }
+        Ok(())
     }
 }

@@ -373,6 +373,8 @@ impl Driver for QemuDriver {
         config.validate()?;
         check_socket_paths(&self.shared.options.runtime_root, &config)?;
         let uuid = *config.uuid.get_or_insert_with(Uuid::new_v4);
+        // The devices fit the machine's buses (§14).
+        crate::devices::DeviceSet::from_config(&config, uuid)?;
         // One define at a time: the uniqueness check and the insert must not interleave
         // with another define of the same name (the store write is in between).
         let _defining = self.shared.defining.lock().await;
@@ -496,6 +498,8 @@ pub(crate) struct PersistedDomain {
     store: DefinitionStore,
     uuid: Uuid,
     in_flight: Mutex<Option<InFlight>>,
+    /// The running instance's device set (§14.3), taken into every status write.
+    devices: Mutex<Option<serde_json::Value>>,
 }
 
 impl PersistedDomain {
@@ -504,7 +508,18 @@ impl PersistedDomain {
             store,
             uuid,
             in_flight: Mutex::new(None),
+            devices: Mutex::new(None),
         }
+    }
+
+    /// Rewrite the stored definition (a device change of scope `config`, §14).
+    pub(crate) fn save_definition(&self, config: &DomainConfig) -> std::io::Result<()> {
+        self.store.save_definition(config)
+    }
+
+    /// Record the running instance's devices (taken into the next status write).
+    pub(crate) fn set_devices(&self, devices: Option<serde_json::Value>) {
+        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
     }
 
     /// Record the operation in flight (taken into the next status write).
@@ -523,6 +538,11 @@ impl PersistedDomain {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             pending_end: lc.pending_end(),
+            devices: self
+                .devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
         if let Err(e) = self.store.save_status(self.uuid, &status) {
             tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");

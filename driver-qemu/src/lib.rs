@@ -24,6 +24,7 @@ pub mod qmp;
 
 pub mod accel;
 pub mod argv;
+pub mod devices;
 pub mod domain;
 pub mod driver;
 pub mod error;

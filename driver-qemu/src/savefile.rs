@@ -47,6 +47,10 @@ pub struct SaveHeader {
     pub qemu_version: String,
     /// The domain's memory, MiB (the restoring config must match).
     pub memory_mib: u64,
+    /// The saved instance's devices with their addresses, hotplugged ones included (§14):
+    /// the restore rebuilds exactly these. Absent: the definition's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<crate::devices::DeviceSet>,
 }
 
 /// Why a file is not a usable domkit save file.
@@ -356,6 +360,7 @@ mod tests {
     fn header() -> SaveHeader {
         SaveHeader {
             format: FORMAT_VERSION,
+            devices: None,
             backend: "qemu".into(),
             domain: DomainId {
                 name: "web1".into(),

@@ -454,6 +454,7 @@ fn random_text(rng: &mut Rng) -> String {
 fn random_header(rng: &mut Rng) -> SaveHeader {
     SaveHeader {
         format: FORMAT_VERSION,
+        devices: None,
         backend: if rng.one_in(8) {
             random_text(rng)
         } else {

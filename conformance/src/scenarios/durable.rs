@@ -36,14 +36,14 @@ const EPHEMERAL_GONE: Duration = Duration::from_secs(15);
 const IDLE_MANAGER: Duration = Duration::from_secs(12);
 
 /// The roots of one durable scenario and the names of the domains it made.
-struct Away<'c, 'a, B: TestBackend> {
+pub(super) struct Away<'c, 'a, B: TestBackend> {
     ctx: &'c ScenarioCtx<'a, B>,
     roots: DurableRoots,
     names: std::sync::Mutex<Vec<String>>,
 }
 
 impl<'c, 'a, B: TestBackend> Away<'c, 'a, B> {
-    fn new(ctx: &'c ScenarioCtx<'a, B>) -> Step<Self> {
+    pub(super) fn new(ctx: &'c ScenarioCtx<'a, B>) -> Step<Self> {
         Ok(Away {
             ctx,
             roots: hook("durable roots", DurableRoots::new())?,
@@ -51,12 +51,12 @@ impl<'c, 'a, B: TestBackend> Away<'c, 'a, B> {
         })
     }
 
-    fn backend(&self) -> &'a B {
+    pub(super) fn backend(&self) -> &'a B {
         self.ctx.backend
     }
 
     /// A domain name of this scenario (remembered for the cleanup).
-    fn name(&self, suffix: &str) -> String {
+    pub(super) fn name(&self, suffix: &str) -> String {
         let name = self.ctx.domain_name(suffix);
         self.names
             .lock()
@@ -82,7 +82,7 @@ impl<'c, 'a, B: TestBackend> Away<'c, 'a, B> {
     }
 
     /// A persistent driver on the roots, in this process.
-    async fn open(&self) -> Step<B::Driver> {
+    pub(super) async fn open(&self) -> Step<B::Driver> {
         self.backend()
             .open_persistent(&self.roots)
             .await
@@ -90,7 +90,12 @@ impl<'c, 'a, B: TestBackend> Away<'c, 'a, B> {
     }
 
     /// The next manager's view of `name`: reattached, same uuid.
-    async fn reattached(&self, driver: &B::Driver, name: &str, uuid: &str) -> Step<Dom<B>> {
+    pub(super) async fn reattached(
+        &self,
+        driver: &B::Driver,
+        name: &str,
+        uuid: &str,
+    ) -> Step<Dom<B>> {
         let domain = driver
             .lookup_by_name(name)
             .await
@@ -143,7 +148,7 @@ impl<'c, 'a, B: TestBackend> Away<'c, 'a, B> {
 
     /// End of a scenario, also after a failure: destroy and undefine everything on the
     /// roots, then the leak check; the body's `result` first.
-    async fn finish(&self, result: Step) -> Step {
+    pub(super) async fn finish(&self, result: Step) -> Step {
         let mut problems = Vec::new();
         // A killed manager's lock is released by the kernel when it dies; a driver of this
         // process that a failed step dropped releases it at once.

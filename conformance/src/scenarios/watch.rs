@@ -21,17 +21,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use EventKind as E;
 
 /// The line the test guest prints on its console once booted (`scripts/guest/init`).
-const READY: &[u8] = b"DOMKIT-GUEST-READY";
+pub(super) const READY: &[u8] = b"DOMKIT-GUEST-READY";
 /// The first words a Linux kernel prints when it boots.
 const BANNER: &[u8] = b"Linux version";
 /// How long a console stream may take to end after its domain stopped.
-const CONSOLE_END: Duration = Duration::from_secs(10);
+pub(super) const CONSOLE_END: Duration = Duration::from_secs(10);
 /// How much console output a scenario keeps to search in (the guest controls it).
 const KEEP: usize = 256 * 1024;
 
 /// Output read from a console so far (the last [`KEEP`] bytes).
 #[derive(Default)]
-struct Seen(Vec<u8>);
+pub(super) struct Seen(pub(super) Vec<u8>);
 
 impl Seen {
     fn push(&mut self, bytes: &[u8]) {
@@ -42,18 +42,18 @@ impl Seen {
         }
     }
 
-    fn contains(&self, needle: &[u8]) -> bool {
+    pub(super) fn contains(&self, needle: &[u8]) -> bool {
         self.0.windows(needle.len()).any(|w| w == needle)
     }
 
-    fn tail(&self) -> String {
+    pub(super) fn tail(&self) -> String {
         let from = self.0.len().saturating_sub(400);
         String::from_utf8_lossy(&self.0[from..]).into_owned()
     }
 }
 
 /// Read `console` until `needle` was seen, at most `within`.
-async fn read_until(
+pub(super) async fn read_until(
     console: &mut ConsoleStream,
     seen: &mut Seen,
     needle: &[u8],
@@ -86,7 +86,7 @@ async fn read_until(
 }
 
 /// Read `console` until its end (the domain stopped), at most `within`.
-async fn read_to_end(console: &mut ConsoleStream, within: Duration, what: &str) -> Step {
+pub(super) async fn read_to_end(console: &mut ConsoleStream, within: Duration, what: &str) -> Step {
     let deadline = Instant::now() + within;
     let mut buf = [0u8; 4096];
     loop {
@@ -102,7 +102,7 @@ async fn read_to_end(console: &mut ConsoleStream, within: Duration, what: &str) 
 
 /// Start `domain` paused, open a console stream, resume, and read up to the guest's ready
 /// line: the whole boot output goes through the stream.
-async fn boot_on_console<D: Domain>(
+pub(super) async fn boot_on_console<D: Domain>(
     domain: &D,
     watch: &mut EventWatch,
     access: ConsoleAccess,
@@ -127,7 +127,7 @@ async fn boot_on_console<D: Domain>(
 
 /// Type `command` into the guest's shell until `answer` comes back: the shell starts
 /// after the ready line, and a console line typed before it runs is lost.
-async fn run_in_shell(
+pub(super) async fn run_in_shell(
     console: &mut ConsoleStream,
     seen: &mut Seen,
     command: &str,
@@ -304,9 +304,11 @@ pub(super) async fn stats_move<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step
         .define_config("a", |name| {
             let mut config = ctx.backend.guest_config(name, GuestOptions::default());
             config.disks.push(Disk {
+                id: None,
                 path: image.clone(),
                 format: DiskFormat::Raw,
                 readonly: true,
+                cdrom: false,
             });
             Ok(config)
         })

@@ -38,9 +38,11 @@ pub fn bench_config(name: &str, memory_mib: u64, disk: &Path) -> DomainConfig {
     let mut config = DomainConfig::with_kernel(name, memory_mib, disk.to_path_buf());
     config.boot = Boot::Disk { index: 0 };
     config.disks = vec![Disk {
+        id: None,
         path: disk.to_path_buf(),
         format: DiskFormat::Raw,
         readonly: true,
+        cdrom: false,
     }];
     config.qemu.accel = Accel::Tcg;
     config
