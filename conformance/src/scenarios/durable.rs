@@ -633,9 +633,9 @@ async fn while_away<B: TestBackend>(
 /// Xen domid) while a manager watched, then left by that manager: the next manager adopts the
 /// restarted instance (same uuid, same seq, running(booted), the guest answers). Then the
 /// same with the restart done by a reattach (the guest powered off while away): a third
-/// manager adopts that instance, and its destroy ends it on the host. The previous manager's restart must have reached the store
-/// (the new domid / process and monitor), or the next one would see a vanished domain and
-/// leave the restarted one running unmanaged.
+/// manager adopts that instance, and its destroy ends it on the host. The previous
+/// manager's restart must have reached the store (the new domid / process and monitor), or
+/// the next one would see a vanished domain and leave the restarted one running unmanaged.
 pub(super) async fn reattach_after_restart<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let away = &Away::new(ctx)?;
     let result: Step = async {
@@ -652,84 +652,30 @@ pub(super) async fn reattach_after_restart<B: TestBackend>(ctx: &ScenarioCtx<'_,
                 .guest_do(&domain, GuestAction::Poweroff)
                 .await,
         )?;
-        expect_since(
-            &domain,
-            seq,
-            &[
-                (E::ShutdownRequested(ShutdownRequester::Guest), false),
-                (E::Stopped(StoppedDetail::Shutdown), false),
-                (E::Started(StartedDetail::Booted), false),
-            ],
-        )
-        .await?;
-        hook(
-            "the restarted guest is ready",
-            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-        )?;
-        let seq = domain.snapshot().seq;
+        let seq = away.restarted(&domain, seq, false).await?;
         drop(domain);
         away.backend().detach(first);
-
-        let driver = away.open().await?;
-        let domain = away.reattached(&driver, &name, &uuid).await?;
-        expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
-        let snap = domain.snapshot();
-        check(snap.seq == seq, || {
-            format!(
-                "nothing happened while away, yet seq is {} (was {seq})",
-                snap.seq
-            )
-        })?;
-        hook(
-            "the restarted guest answers the new manager",
-            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-        )?;
+        let second = away.open().await?;
+        let domain = away.adopted_running(&second, &name, &uuid, seq).await?;
 
         // Now the restart is the next manager's: the guest powers off while none runs, the
         // reattach restarts it (reconciled), that manager leaves too, and a third one must
         // find the instance the second one started.
         drop(domain);
-        away.backend().detach(driver);
+        away.backend().detach(second);
         hook(
             "the guest powers off while no manager runs",
             away.backend()
                 .act_while_away(&away.roots, &name, AwayAction::Guest(GuestAction::Poweroff))
                 .await,
         )?;
-        let second = away.open().await?;
-        let domain = away.reattached(&second, &name, &uuid).await?;
-        expect_since(
-            &domain,
-            seq,
-            &[
-                (E::ShutdownRequested(ShutdownRequester::Guest), true),
-                (E::Stopped(StoppedDetail::Shutdown), true),
-                (E::Started(StartedDetail::Booted), true),
-            ],
-        )
-        .await?;
-        hook(
-            "the guest restarted on reattach is ready",
-            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-        )?;
-        let seq = domain.snapshot().seq;
-        drop(domain);
-        away.backend().detach(second);
-
         let third = away.open().await?;
         let domain = away.reattached(&third, &name, &uuid).await?;
-        expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
-        let snap = domain.snapshot();
-        check(snap.seq == seq, || {
-            format!(
-                "nothing happened while away, yet seq is {} (was {seq})",
-                snap.seq
-            )
-        })?;
-        hook(
-            "the guest restarted on reattach answers the third manager",
-            away.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
-        )?;
+        let seq = away.restarted(&domain, seq, true).await?;
+        drop(domain);
+        away.backend().detach(third);
+        let fourth = away.open().await?;
+        let domain = away.adopted_running(&fourth, &name, &uuid, seq).await?;
         domain.destroy().await?;
         expect_since(
             &domain,
@@ -741,6 +687,50 @@ pub(super) async fn reattach_after_restart<B: TestBackend>(ctx: &ScenarioCtx<'_,
     }
     .await;
     away.finish(result).await
+}
+
+impl<B: TestBackend> Away<'_, '_, B> {
+    /// `domain` was restarted by its `on_poweroff = restart` policy after `seq` (events
+    /// `reconciled` or live) and its guest is up again; the `seq` it is at now.
+    async fn restarted(&self, domain: &Dom<B>, seq: u64, reconciled: bool) -> Step<u64> {
+        expect_since(
+            domain,
+            seq,
+            &[
+                (E::ShutdownRequested(ShutdownRequester::Guest), reconciled),
+                (E::Stopped(StoppedDetail::Shutdown), reconciled),
+                (E::Started(StartedDetail::Booted), reconciled),
+            ],
+        )
+        .await?;
+        hook(
+            "the restarted guest is ready",
+            self.backend().wait_guest_ready(domain, BOOT_TIMEOUT).await,
+        )?;
+        Ok(domain.snapshot().seq)
+    }
+
+    /// The next manager's `name`, left running at `seq`: same uuid, `running(booted)`, the
+    /// same `seq`, and its guest answers.
+    async fn adopted_running(
+        &self,
+        driver: &B::Driver,
+        name: &str,
+        uuid: &str,
+        seq: u64,
+    ) -> Step<Dom<B>> {
+        let domain = self.reattached(driver, name, uuid).await?;
+        expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+        let now = domain.snapshot().seq;
+        check(now == seq, || {
+            format!("nothing happened while away, yet seq is {now} (was {seq})")
+        })?;
+        hook(
+            "the restarted guest answers the new manager",
+            self.backend().wait_guest_ready(&domain, BOOT_TIMEOUT).await,
+        )?;
+        Ok(domain)
+    }
 }
 
 fn prefix_stop(what: &str, stop: Stop) -> Stop {
