@@ -107,6 +107,12 @@ pub enum EventKind {
     PmSuspended(PmSuspendedDetail),
     /// The guest crashed.
     Crashed(CrashedDetail),
+    /// The guest agent in the guest connected to its channel (`docs/semantics.md` §13.4):
+    /// qemu-ga opened its port. Not a state change.
+    AgentConnected,
+    /// The guest agent left its channel (§13.4): qemu-ga stopped or closed the port, or the
+    /// domain stopped while it was connected. Not a state change.
+    AgentDisconnected,
 }
 
 /// How a domain started.

@@ -40,6 +40,10 @@ pub enum EventName {
     PmSuspended,
     /// [`EventKind::Crashed`].
     Crashed,
+    /// [`EventKind::AgentConnected`].
+    AgentConnected,
+    /// [`EventKind::AgentDisconnected`].
+    AgentDisconnected,
 }
 
 impl EventName {
@@ -56,6 +60,8 @@ impl EventName {
             EventKind::Rebooted => EventName::Rebooted,
             EventKind::PmSuspended(_) => EventName::PmSuspended,
             EventKind::Crashed(_) => EventName::Crashed,
+            EventKind::AgentConnected => EventName::AgentConnected,
+            EventKind::AgentDisconnected => EventName::AgentDisconnected,
         }
     }
 }

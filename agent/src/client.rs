@@ -1,4 +1,5 @@
-//! The guest agent client: tokio I/O around the pure [`codec`](super::codec).
+//! The guest agent client: tokio I/O around the pure [`codec`](crate::codec), over any byte
+//! stream.
 //!
 //! The agent channel carries one conversation at a time (qemu-ga answers commands strictly in
 //! order and has no request ids of its own), so [`GuestAgent`] serialises commands behind an
@@ -6,36 +7,65 @@
 //! known clean (*synced*) or not; every command starts by resyncing a channel that is not, and
 //! anything that can leave bytes in flight (a timeout, a protocol error, a cancelled call, a
 //! no-reply command) marks it not clean.
+//!
+//! The transport is anything that is `AsyncRead + AsyncWrite`: QEMU serves the virtio-serial
+//! port as a unix socket, a Xen PV channel's device model does the same in dom0, and the unit
+//! tests use a socket pair. A [`Connector`] makes a new stream when the old one is lost.
+//!
+//! **The guest is not trusted.** Every byte on the channel is the guest's. The reply line
+//! length is capped ([`GuestAgentOptions::max_reply_bytes`]; what is read while skipping to a
+//! delimiter is dropped as it arrives), every call has a deadline that covers waiting for the
+//! channel, the sync is retried while the agent is not up yet (early boot), and a malformed
+//! reply is a typed [`AgentError::Protocol`] after which the channel is resynced with 0xFF.
+//! One client serves one domain, so a hung agent only ever delays callers of that agent.
 
+use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
-use super::codec::{
-    encode_command, encode_sync_delimited, is_sync_reply, AgentDecoder, AgentInfo, FsFreezeStatus,
-    GuestExecRequest, GuestExecStatus, GuestNetworkInterface, ShutdownMode,
+use crate::codec::{
+    base64_encode, encode_command, encode_sync_delimited, is_sync_reply, AgentDecoder,
+    AgentMessage, MAX_REPLY_LINE,
 };
-use crate::qmp::client::is_peer_gone;
-use crate::qmp::codec::QmpMessage;
+use crate::types::{
+    AgentInfo, FileHandle, FileOpenMode, FsFreezeStatus, GuestExecRequest, GuestExecStatus,
+    GuestFileRead, GuestFileSeek, GuestFileWrite, GuestFilesystemInfo, GuestFilesystemTrimResponse,
+    GuestLogicalProcessor, GuestMemoryBlock, GuestMemoryBlockInfo, GuestMemoryBlockResponse,
+    GuestNetworkInterface, SeekWhence, SetUserPassword, ShutdownMode, MAX_FILE_READ_CHUNK,
+};
 
 /// Errors of the guest agent client.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// qemu-ga answered with an error (including `CommandNotFound` for a blocked command).
+    /// qemu-ga answered with an error.
     #[error("guest agent command failed: {class}: {desc}")]
     CommandFailed {
         /// The error class.
         class: String,
         /// qemu-ga's description.
         desc: String,
+    },
+    /// The guest cannot run this command: qemu-ga reports it disabled (`-b`/`--block-rpcs`,
+    /// or not available on the guest OS), does not know it, or says the feature is not
+    /// supported. `reason` is the guest's own words.
+    #[error("guest agent command `{command}` is not supported by this guest: {reason}")]
+    Unsupported {
+        /// The command.
+        command: String,
+        /// What the guest said.
+        reason: String,
     },
     /// No reply in time (the agent may not be running in the guest). The channel will be
     /// resynced before the next command.
@@ -46,10 +76,11 @@ pub enum AgentError {
         /// The timeout that expired.
         after: Duration,
     },
-    /// The socket closed (EOF or reset) while waiting: QEMU or qemu-ga went away.
+    /// The connection closed (EOF or reset) while waiting: QEMU or qemu-ga went away.
     #[error("guest agent connection closed")]
     Disconnected,
-    /// The agent sent bytes that are not a reply. The channel will be resynced.
+    /// The agent sent bytes that are not a reply (or a reply line over the size limit). The
+    /// channel will be resynced (0xFF + `guest-sync-delimited`) before the next command.
     #[error("guest agent protocol error: {message} (bytes: {excerpt})")]
     Protocol {
         /// What was wrong.
@@ -57,6 +88,9 @@ pub enum AgentError {
         /// The start of the offending bytes, escaped.
         excerpt: String,
     },
+    /// An argument this client refuses to send (e.g. a negative count).
+    #[error("invalid guest agent argument: {0}")]
+    InvalidArgument(String),
     /// An I/O error other than the peer closing.
     #[error("guest agent I/O error: {0}")]
     Io(#[from] io::Error),
@@ -69,16 +103,43 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// Classifies an error reply of `command`: disabled, unknown and unsupported commands are
+    /// [`AgentError::Unsupported`], the rest [`AgentError::CommandFailed`].
+    pub fn from_reply(command: &str, class: String, desc: String) -> Self {
+        let lower = desc.to_ascii_lowercase();
+        let unsupported = (class == "CommandNotFound"
+            && (lower.contains("disabled") || lower.contains("not been found")))
+            || lower.contains("not currently supported")
+            || lower.contains("not supported");
+        if unsupported {
+            AgentError::Unsupported {
+                command: command.to_owned(),
+                reason: desc,
+            }
+        } else {
+            AgentError::CommandFailed { class, desc }
+        }
+    }
+}
+
 /// Tunables of a [`GuestAgent`].
 #[derive(Debug, Clone)]
 pub struct GuestAgentOptions {
-    /// Timeout of a command that is not given its own.
+    /// Timeout of a command that is not given its own. It also bounds the wait for the
+    /// channel while another command holds it.
     pub command_timeout: Duration,
     /// Timeout of a resync. A guest without a running agent is detected by this expiring.
     pub sync_timeout: Duration,
+    /// While resyncing, how long to wait for the reply to one `guest-sync-delimited` before
+    /// sending another (an agent starting in early boot misses the first).
+    pub sync_retry_interval: Duration,
     /// How long [`GuestAgent::execute_no_reply`] waits for an error before calling a
     /// command that sends no reply on success a success.
     pub no_reply_grace: Duration,
+    /// The longest reply line accepted: the bound on what the guest can make this client
+    /// buffer.
+    pub max_reply_bytes: usize,
 }
 
 impl Default for GuestAgentOptions {
@@ -87,17 +148,76 @@ impl Default for GuestAgentOptions {
             // Generous: a TCG guest on a shared 2-core host can be slow to schedule qemu-ga.
             command_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(10),
+            sync_retry_interval: Duration::from_secs(1),
             // qemu-ga rejects a blocked or unsupported command at once, and a failing
             // shutdown/suspend helper within well under a second; 2 s covers a slow guest.
             no_reply_grace: Duration::from_secs(2),
+            max_reply_bytes: MAX_REPLY_LINE,
         }
+    }
+}
+
+/// A byte stream to the agent: any `AsyncRead + AsyncWrite`.
+pub trait AgentStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AgentStream for T {}
+
+/// A boxed [`AgentStream`].
+pub type BoxedStream = Box<dyn AgentStream>;
+
+/// The future a [`Connector`] returns.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<BoxedStream>> + Send>>;
+
+/// Makes a new connection to the agent (used on first use and after the old one was lost).
+#[derive(Clone)]
+pub struct Connector {
+    what: String,
+    connect: Arc<dyn Fn() -> ConnectFuture + Send + Sync>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("what", &self.what)
+            .finish()
+    }
+}
+
+impl Connector {
+    /// A connector from a function; `what` names the endpoint in errors.
+    pub fn new(
+        what: impl Into<String>,
+        connect: impl Fn() -> ConnectFuture + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            connect: Arc::new(connect),
+        }
+    }
+
+    /// Connects to a unix socket (QEMU's chardev, or a Xen channel's device model socket).
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        let path: PathBuf = path.into();
+        let what = path.display().to_string();
+        Self::new(what, move || {
+            let path = path.clone();
+            Box::pin(async move {
+                let s = UnixStream::connect(&path).await?;
+                Ok(Box::new(s) as BoxedStream)
+            })
+        })
+    }
+
+    /// What this connects to.
+    pub fn what(&self) -> &str {
+        &self.what
     }
 }
 
 /// The live connection and what is known about the channel.
 struct Channel {
-    stream: Option<UnixStream>,
+    stream: Option<BoxedStream>,
     decoder: AgentDecoder,
+    max_line: usize,
     /// The channel is known to hold no stray bytes in either direction.
     synced: bool,
 }
@@ -109,34 +229,49 @@ enum ReadError {
     Decode { message: String, excerpt: String },
 }
 
+fn is_peer_gone(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
 impl Channel {
-    fn fresh(stream: UnixStream) -> Self {
+    fn new(stream: Option<BoxedStream>, max_line: usize) -> Self {
         Self {
-            stream: Some(stream),
-            decoder: AgentDecoder::new(),
+            stream,
+            decoder: AgentDecoder::with_max_line(max_line),
+            max_line,
             synced: false,
         }
     }
 
     fn drop_connection(&mut self) {
         self.stream = None;
-        self.decoder = AgentDecoder::new();
+        self.decoder = AgentDecoder::with_max_line(self.max_line);
         self.synced = false;
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
         let stream = self.stream.as_mut().ok_or_else(not_connected)?;
-        match stream.write_all(bytes).await {
+        let written = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        match written.await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.io_failure(e)),
         }
     }
 
-    async fn read_message(&mut self) -> Result<QmpMessage, ReadError> {
+    async fn read_message(&mut self) -> Result<AgentMessage, ReadError> {
         let mut buf = [0u8; 8192];
         loop {
             match self.decoder.next_message() {
-                Ok(Some(msg)) => return Ok(msg),
+                Ok(Some(msg)) => {
+                    self.decoder.release_if_empty();
+                    return Ok(msg);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     return Err(ReadError::Decode {
@@ -167,6 +302,9 @@ impl Channel {
             ReadError::Io(e) => self.io_failure(e),
             ReadError::Decode { message, excerpt } => {
                 self.synced = false;
+                // Whatever is still buffered belongs to the bad reply: drop it up to the next
+                // delimiter, which the resync before the next command asks for.
+                self.decoder.start_resync();
                 AgentError::Protocol { message, excerpt }
             }
         }
@@ -182,34 +320,47 @@ impl Channel {
     }
 
     /// Flushes the channel: 0xFF, `guest-sync-delimited`, then drops everything up to the
-    /// reply with our id.
-    async fn resync(&mut self, id: u64) -> Result<(), AgentError> {
-        self.decoder.start_resync();
-        self.write(&encode_sync_delimited(id)).await?;
+    /// reply with our id. Sends a new sync (new id) every `retry` until one is answered: an
+    /// agent that was not up yet never saw the first. The caller bounds the whole.
+    async fn resync(&mut self, ids: &IdSource, retry: Duration) -> Result<(), AgentError> {
         loop {
-            match self.read_message().await {
-                Ok(msg) if is_sync_reply(&msg, id) => {
+            let id = ids.next_sync_id();
+            self.decoder.start_resync();
+            self.write(&encode_sync_delimited(id)).await?;
+            let attempt = async {
+                loop {
+                    match self.read_message().await {
+                        Ok(msg) if is_sync_reply(&msg, id) => return Ok(()),
+                        Ok(stale) => {
+                            tracing::debug!(?stale, "guest agent: discarded during resync")
+                        }
+                        // Junk that happens to follow a delimiter (a late reply to an older
+                        // sync can precede ours): keep looking after the next delimiter.
+                        Err(ReadError::Decode { message, .. }) => {
+                            tracing::debug!(%message, "guest agent: junk during resync");
+                            self.decoder.start_resync();
+                        }
+                        Err(e) => return Err(self.read_failure(e)),
+                    }
+                }
+            };
+            match tokio::time::timeout(retry, attempt).await {
+                Ok(Ok(())) => {
                     self.synced = true;
                     return Ok(());
                 }
-                Ok(stale) => tracing::debug!(?stale, "guest agent: discarded during resync"),
-                // Junk that happens to follow a delimiter (a late reply to an older sync can
-                // precede ours): keep looking for our id after the next delimiter.
-                Err(ReadError::Decode { message, .. }) => {
-                    tracing::debug!(%message, "guest agent: junk during resync");
-                    self.decoder.start_resync();
-                }
-                Err(e) => return Err(self.read_failure(e)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => tracing::debug!(id, "guest agent: sync unanswered, retrying"),
             }
         }
     }
 
     /// Reads until the reply to the command sent with `id`; replies with another id are
     /// stale and dropped.
-    async fn read_reply(&mut self, id: u64) -> Result<Value, AgentError> {
+    async fn read_reply(&mut self, command: &str, id: u64) -> Result<Value, AgentError> {
         loop {
             match self.read_message().await {
-                Ok(QmpMessage::Reply { id: got, result }) => {
+                Ok(AgentMessage::Reply { id: got, result }) => {
                     let ours = match &got {
                         None => true, // an agent that does not echo ids
                         Some(v) => v.as_u64() == Some(id),
@@ -218,10 +369,7 @@ impl Channel {
                         tracing::debug!(?got, "guest agent: stale reply dropped");
                         continue;
                     }
-                    return result.map_err(|e| AgentError::CommandFailed {
-                        class: e.class,
-                        desc: e.desc,
-                    });
+                    return result.map_err(|e| AgentError::from_reply(command, e.class, e.desc));
                 }
                 Ok(other) => tracing::debug!(?other, "guest agent: unexpected message dropped"),
                 Err(e) => return Err(self.read_failure(e)),
@@ -236,12 +384,13 @@ fn not_connected() -> AgentError {
     }
 }
 
-/// A client for the QEMU guest agent (qemu-ga).
+/// A client for the QEMU guest agent (qemu-ga), over any byte stream.
 ///
-/// Connect it to the host side of the guest agent's virtio-serial port, which QEMU serves as
-/// a unix socket (`-chardev socket,id=qga0,path=QGA,server=on,wait=off -device virtio-serial
-/// -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`), or to a host qemu-ga
-/// started with `-m unix-listen`.
+/// On QEMU it connects to the host side of the agent's virtio-serial port, which QEMU serves
+/// as a unix socket (`-chardev socket,id=qga0,path=QGA,server=on,wait=off -device
+/// virtio-serial -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0`); on Xen to
+/// the dom0 socket of the PV channel `org.qemu.guest_agent.0`; in tests to a host qemu-ga
+/// started with `-m unix-listen`. Get one for a domain with `domkit_core::Domain::guest_agent`.
 ///
 /// Methods take `&self`; concurrent calls are serialised (the channel carries one
 /// conversation). Each command has a timeout, and the channel is resynced with
@@ -253,23 +402,31 @@ fn not_connected() -> AgentError {
 /// until the first closes (its commands time out meanwhile). Hold one `GuestAgent` per VM and
 /// [`disconnect`](Self::disconnect) it when another tool needs the channel.
 ///
-/// **Reconnects.** A client made with [`connect`](Self::connect) reconnects lazily: after the
-/// connection was lost, the next command connects again (and resyncs); if that fails it
-/// returns [`AgentError::NotConnected`].
-#[derive(Debug)]
+/// **Reconnects.** A client with a [`Connector`] reconnects lazily: after the connection was
+/// lost, the next command connects again (and resyncs); if that fails it returns
+/// [`AgentError::NotConnected`].
 pub struct GuestAgent {
     channel: Mutex<Channel>,
-    path: Option<PathBuf>,
+    connector: Option<Connector>,
     options: GuestAgentOptions,
     ids: IdSource,
 }
 
-impl std::fmt::Debug for Channel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel")
             .field("connected", &self.stream.is_some())
             .field("synced", &self.synced)
             .finish()
+    }
+}
+
+impl fmt::Debug for GuestAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestAgent")
+            .field("connector", &self.connector)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -284,22 +441,35 @@ impl GuestAgent {
         path: impl AsRef<Path>,
         options: GuestAgentOptions,
     ) -> Result<Self, AgentError> {
-        let path = path.as_ref().to_path_buf();
-        let stream = UnixStream::connect(&path).await?;
-        Ok(Self {
-            channel: Mutex::new(Channel::fresh(stream)),
-            path: Some(path),
+        let connector = Connector::unix(path.as_ref());
+        let stream = (connector.connect)().await?;
+        Ok(Self::with_connector(Some(stream), connector, options))
+    }
+
+    /// A client that connects with `connector` (now if `stream` is `None`, lazily on the
+    /// first command), and again whenever the connection was lost.
+    pub fn with_connector(
+        stream: Option<BoxedStream>,
+        connector: Connector,
+        options: GuestAgentOptions,
+    ) -> Self {
+        Self {
+            channel: Mutex::new(Channel::new(stream, options.max_reply_bytes)),
+            connector: Some(connector),
             options,
             ids: IdSource::new(),
-        })
+        }
     }
 
     /// Wraps an already connected stream (which may hold junk: the first command resyncs).
     /// Such a client cannot reconnect.
-    pub fn from_stream(stream: UnixStream, options: GuestAgentOptions) -> Self {
+    pub fn from_stream(stream: impl AgentStream, options: GuestAgentOptions) -> Self {
         Self {
-            channel: Mutex::new(Channel::fresh(stream)),
-            path: None,
+            channel: Mutex::new(Channel::new(
+                Some(Box::new(stream)),
+                options.max_reply_bytes,
+            )),
+            connector: None,
             options,
             ids: IdSource::new(),
         }
@@ -311,14 +481,31 @@ impl GuestAgent {
     }
 
     /// Closes the connection (waiting for a command in progress to finish), freeing the
-    /// channel for another client. A client with a path reconnects on its next command.
+    /// channel for another client. A client with a connector reconnects on its next command.
     pub async fn disconnect(&self) {
         self.channel.lock().await.drop_connection();
     }
 
+    /// Takes the channel, waiting at most `timeout` for a command in progress (a hung agent
+    /// holds it until that command's own timeout).
+    async fn lock(
+        &self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<tokio::sync::MutexGuard<'_, Channel>, AgentError> {
+        tokio::time::timeout(timeout, self.channel.lock())
+            .await
+            .map_err(|_| AgentError::Timeout {
+                command: command.to_owned(),
+                after: timeout,
+            })
+    }
+
     /// Resyncs the channel now (normally done automatically when needed).
     pub async fn sync(&self) -> Result<(), AgentError> {
-        let mut ch = self.channel.lock().await;
+        let mut ch = self
+            .lock("guest-sync-delimited", self.options.sync_timeout)
+            .await?;
         ch.synced = false;
         self.ready(&mut ch).await
     }
@@ -326,22 +513,25 @@ impl GuestAgent {
     /// Connects if needed and resyncs if the channel is not known clean.
     async fn ready(&self, ch: &mut Channel) -> Result<(), AgentError> {
         if ch.stream.is_none() {
-            let Some(path) = &self.path else {
+            let Some(connector) = &self.connector else {
                 return Err(AgentError::NotConnected {
-                    reason: "connection closed and the client has no socket path".into(),
+                    reason: "connection closed and the client cannot reconnect".into(),
                 });
             };
-            let stream = UnixStream::connect(path)
+            let stream = (connector.connect)()
                 .await
                 .map_err(|e| AgentError::NotConnected {
-                    reason: format!("reconnecting to {}: {e}", path.display()),
+                    reason: format!("connecting to {}: {e}", connector.what),
                 })?;
-            *ch = Channel::fresh(stream);
+            *ch = Channel::new(Some(stream), self.options.max_reply_bytes);
         }
         if !ch.synced {
             let after = self.options.sync_timeout;
-            let id = self.ids.next_sync_id();
-            match tokio::time::timeout(after, ch.resync(id)).await {
+            let retry = self
+                .options
+                .sync_retry_interval
+                .max(Duration::from_millis(50));
+            match tokio::time::timeout(after, ch.resync(&self.ids, retry)).await {
                 Ok(result) => result?,
                 Err(_) => {
                     return Err(AgentError::Timeout {
@@ -354,7 +544,8 @@ impl GuestAgent {
         Ok(())
     }
 
-    /// Runs a command with the default timeout and returns its raw `return` value.
+    /// Runs a command with the default timeout and returns its raw `return` value (what
+    /// `virsh qemu-agent-command` does).
     pub async fn execute(
         &self,
         command: &str,
@@ -371,7 +562,7 @@ impl GuestAgent {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, AgentError> {
-        let mut ch = self.channel.lock().await;
+        let mut ch = self.lock(command, timeout).await?;
         self.ready(&mut ch).await?;
         let id = self.ids.next_command_id();
         let bytes = encode_command(command, arguments.as_ref(), Some(id));
@@ -379,7 +570,7 @@ impl GuestAgent {
         ch.synced = false;
         let exchange = async {
             ch.write(&bytes).await?;
-            ch.read_reply(id).await
+            ch.read_reply(command, id).await
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
@@ -390,7 +581,10 @@ impl GuestAgent {
                 })
             }
         };
-        if matches!(result, Ok(_) | Err(AgentError::CommandFailed { .. })) {
+        if matches!(
+            result,
+            Ok(_) | Err(AgentError::CommandFailed { .. } | AgentError::Unsupported { .. })
+        ) {
             ch.synced = true;
         }
         result
@@ -414,11 +608,11 @@ impl GuestAgent {
     ///
     /// Success cannot be observed on the channel, so it is inferred:
     /// - an **error reply** within the grace period ([`GuestAgentOptions::no_reply_grace`])
-    ///   is returned as [`AgentError::CommandFailed`] (e.g. the command is blocked, or the
-    ///   guest cannot suspend);
+    ///   is returned as [`AgentError::Unsupported`] or [`AgentError::CommandFailed`] (e.g.
+    ///   the command is blocked, or the guest cannot suspend);
     /// - **no reply** within the grace period, or **EOF** (QEMU exited with the guest), is
-    ///   `Ok(())`: the command was accepted. Confirm the effect with QMP events (SHUTDOWN,
-    ///   SUSPEND), which is where it shows;
+    ///   `Ok(())`: the command was accepted. Confirm the effect with the domain's events
+    ///   (shutdown, pm-suspended), which is where it shows;
     /// - a success reply (an agent that does send one) is `Ok(())` too.
     ///
     /// The channel is resynced before the next command, so a late reply cannot confuse it.
@@ -438,12 +632,12 @@ impl GuestAgent {
         arguments: Option<Value>,
         grace: Duration,
     ) -> Result<(), AgentError> {
-        let mut ch = self.channel.lock().await;
+        let write_timeout = self.options.command_timeout;
+        let mut ch = self.lock(command, write_timeout).await?;
         self.ready(&mut ch).await?;
         let id = self.ids.next_command_id();
         let bytes = encode_command(command, arguments.as_ref(), Some(id));
         ch.synced = false;
-        let write_timeout = self.options.command_timeout;
         match tokio::time::timeout(write_timeout, ch.write(&bytes)).await {
             Ok(written) => written?,
             Err(_) => {
@@ -453,7 +647,7 @@ impl GuestAgent {
                 })
             }
         }
-        match tokio::time::timeout(grace, ch.read_reply(id)).await {
+        match tokio::time::timeout(grace, ch.read_reply(command, id)).await {
             Err(_) => {
                 tracing::debug!(command, "guest agent: no reply within grace: accepted");
                 Ok(())
@@ -463,12 +657,37 @@ impl GuestAgent {
                 Ok(())
             }
             Ok(Err(AgentError::Disconnected)) => Ok(()),
-            Ok(Err(e @ AgentError::CommandFailed { .. })) => {
+            Ok(Err(e @ (AgentError::CommandFailed { .. } | AgentError::Unsupported { .. }))) => {
                 ch.synced = true;
                 Err(e)
             }
             Ok(Err(e)) => Err(e),
         }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // The schema's commands, one typed method each.
+    // --------------------------------------------------------------------------------------
+
+    /// `guest-sync-delimited`: flushes the channel (0xFF first) and checks the echoed id.
+    /// Done automatically before the first command and after any error; this forces one.
+    pub async fn sync_delimited(&self) -> Result<(), AgentError> {
+        self.sync().await
+    }
+
+    /// `guest-sync` (the older, undelimited sync) with `id`: returns the echoed id. Prefer
+    /// [`sync_delimited`](Self::sync_delimited), which can skip junk on the channel.
+    pub async fn guest_sync(&self, id: i64) -> Result<i64, AgentError> {
+        let got: i64 = self
+            .execute_typed("guest-sync", Some(json!({ "id": id })))
+            .await?;
+        if got != id {
+            return Err(AgentError::Protocol {
+                message: format!("guest-sync answered id {got}, sent {id}"),
+                excerpt: String::new(),
+            });
+        }
+        Ok(got)
     }
 
     /// `guest-ping`.
@@ -493,10 +712,97 @@ impl GuestAgent {
         self.execute("guest-set-time", args).await.map(drop)
     }
 
-    /// `guest-network-get-interfaces`.
-    pub async fn network_get_interfaces(&self) -> Result<Vec<GuestNetworkInterface>, AgentError> {
-        self.execute_typed("guest-network-get-interfaces", None)
+    /// `guest-shutdown` with `mode`. Sends no reply on success: see
+    /// [`execute_no_reply`](Self::execute_no_reply) for how success is decided.
+    pub async fn shutdown(&self, mode: ShutdownMode) -> Result<(), AgentError> {
+        self.execute_no_reply("guest-shutdown", Some(json!({ "mode": mode })))
             .await
+    }
+
+    /// `guest-file-open`: opens `path` in the guest with `mode`.
+    pub async fn file_open(
+        &self,
+        path: &str,
+        mode: FileOpenMode,
+    ) -> Result<FileHandle, AgentError> {
+        self.execute_typed(
+            "guest-file-open",
+            Some(json!({ "path": path, "mode": mode.as_str() })),
+        )
+        .await
+    }
+
+    /// `guest-file-close`.
+    pub async fn file_close(&self, handle: FileHandle) -> Result<(), AgentError> {
+        self.execute("guest-file-close", Some(json!({ "handle": handle.0 })))
+            .await
+            .map(drop)
+    }
+
+    /// `guest-file-read` of at most `count` bytes (clamped to
+    /// [`MAX_FILE_READ_CHUNK`]); the data comes back base64-decoded.
+    pub async fn file_read(
+        &self,
+        handle: FileHandle,
+        count: usize,
+    ) -> Result<GuestFileRead, AgentError> {
+        let count = count.min(MAX_FILE_READ_CHUNK);
+        let reply = self
+            .execute(
+                "guest-file-read",
+                Some(json!({ "handle": handle.0, "count": count })),
+            )
+            .await?;
+        let read = GuestFileRead::from_reply(&reply).map_err(|message| AgentError::Protocol {
+            message: format!("guest-file-read: {message}"),
+            excerpt: String::new(),
+        })?;
+        if read.data.len() > count {
+            return Err(AgentError::Protocol {
+                message: format!(
+                    "guest-file-read returned {} bytes, {count} asked",
+                    read.data.len()
+                ),
+                excerpt: String::new(),
+            });
+        }
+        Ok(read)
+    }
+
+    /// `guest-file-write` of `data` (sent base64-encoded).
+    pub async fn file_write(
+        &self,
+        handle: FileHandle,
+        data: &[u8],
+    ) -> Result<GuestFileWrite, AgentError> {
+        self.execute_typed(
+            "guest-file-write",
+            Some(
+                json!({ "handle": handle.0, "buf-b64": base64_encode(data), "count": data.len() }),
+            ),
+        )
+        .await
+    }
+
+    /// `guest-file-seek` to `offset` from `whence`.
+    pub async fn file_seek(
+        &self,
+        handle: FileHandle,
+        offset: i64,
+        whence: SeekWhence,
+    ) -> Result<GuestFileSeek, AgentError> {
+        self.execute_typed(
+            "guest-file-seek",
+            Some(json!({ "handle": handle.0, "offset": offset, "whence": whence })),
+        )
+        .await
+    }
+
+    /// `guest-file-flush`.
+    pub async fn file_flush(&self, handle: FileHandle) -> Result<(), AgentError> {
+        self.execute("guest-file-flush", Some(json!({ "handle": handle.0 })))
+            .await
+            .map(drop)
     }
 
     /// `guest-fsfreeze-status`.
@@ -509,9 +815,109 @@ impl GuestAgent {
         self.execute_typed("guest-fsfreeze-freeze", None).await
     }
 
+    /// `guest-fsfreeze-freeze-list`: freezes the filesystems mounted at `mountpoints` (all,
+    /// with `None`); returns how many were frozen.
+    pub async fn fsfreeze_freeze_list(
+        &self,
+        mountpoints: Option<&[&str]>,
+    ) -> Result<i64, AgentError> {
+        let args = mountpoints.map(|m| json!({ "mountpoints": m }));
+        self.execute_typed("guest-fsfreeze-freeze-list", args).await
+    }
+
     /// `guest-fsfreeze-thaw`: returns the number of filesystems thawed.
     pub async fn fsfreeze_thaw(&self) -> Result<i64, AgentError> {
         self.execute_typed("guest-fsfreeze-thaw", None).await
+    }
+
+    /// `guest-fstrim`, discarding free extents of at least `minimum` bytes (`None`: all).
+    pub async fn fstrim(
+        &self,
+        minimum: Option<u64>,
+    ) -> Result<GuestFilesystemTrimResponse, AgentError> {
+        let args = minimum.map(|m| json!({ "minimum": m }));
+        self.execute_typed("guest-fstrim", args).await
+    }
+
+    /// `guest-suspend-disk` (S4). No reply on success, see
+    /// [`execute_no_reply`](Self::execute_no_reply); QEMU then shuts down.
+    pub async fn suspend_disk(&self) -> Result<(), AgentError> {
+        self.execute_no_reply("guest-suspend-disk", None).await
+    }
+
+    /// `guest-suspend-ram` (S3). No reply on success, see
+    /// [`execute_no_reply`](Self::execute_no_reply); the domain's pm-suspended event confirms
+    /// it.
+    pub async fn suspend_ram(&self) -> Result<(), AgentError> {
+        self.execute_no_reply("guest-suspend-ram", None).await
+    }
+
+    /// `guest-suspend-hybrid`. No reply on success, see
+    /// [`execute_no_reply`](Self::execute_no_reply).
+    pub async fn suspend_hybrid(&self) -> Result<(), AgentError> {
+        self.execute_no_reply("guest-suspend-hybrid", None).await
+    }
+
+    /// `guest-network-get-interfaces`.
+    pub async fn network_get_interfaces(&self) -> Result<Vec<GuestNetworkInterface>, AgentError> {
+        self.execute_typed("guest-network-get-interfaces", None)
+            .await
+    }
+
+    /// `guest-get-vcpus`: the guest's logical CPUs.
+    pub async fn get_vcpus(&self) -> Result<Vec<GuestLogicalProcessor>, AgentError> {
+        self.execute_typed("guest-get-vcpus", None).await
+    }
+
+    /// `guest-set-vcpus`: brings the listed CPUs on- or offline; returns how many of them
+    /// (from the start of the list) were processed.
+    pub async fn set_vcpus(&self, vcpus: &[GuestLogicalProcessor]) -> Result<i64, AgentError> {
+        let vcpus: Vec<Value> = vcpus
+            .iter()
+            .map(|v| json!({ "logical-id": v.logical_id, "online": v.online }))
+            .collect();
+        self.execute_typed("guest-set-vcpus", Some(json!({ "vcpus": vcpus })))
+            .await
+    }
+
+    /// `guest-get-memory-blocks`.
+    pub async fn get_memory_blocks(&self) -> Result<Vec<GuestMemoryBlock>, AgentError> {
+        self.execute_typed("guest-get-memory-blocks", None).await
+    }
+
+    /// `guest-set-memory-blocks`: brings the listed blocks on- or offline; one response per
+    /// block.
+    pub async fn set_memory_blocks(
+        &self,
+        blocks: &[GuestMemoryBlock],
+    ) -> Result<Vec<GuestMemoryBlockResponse>, AgentError> {
+        let blocks: Vec<Value> = blocks
+            .iter()
+            .map(|b| json!({ "phys-index": b.phys_index, "online": b.online }))
+            .collect();
+        self.execute_typed(
+            "guest-set-memory-blocks",
+            Some(json!({ "mem-blks": blocks })),
+        )
+        .await
+    }
+
+    /// `guest-get-memory-block-info`: the size of a memory block.
+    pub async fn get_memory_block_info(&self) -> Result<GuestMemoryBlockInfo, AgentError> {
+        self.execute_typed("guest-get-memory-block-info", None)
+            .await
+    }
+
+    /// `guest-get-fsinfo`: the guest's mounted filesystems and the disks under them.
+    pub async fn get_fsinfo(&self) -> Result<Vec<GuestFilesystemInfo>, AgentError> {
+        self.execute_typed("guest-get-fsinfo", None).await
+    }
+
+    /// `guest-set-user-password` (the password is sent base64-encoded, never logged).
+    pub async fn set_user_password(&self, request: &SetUserPassword) -> Result<(), AgentError> {
+        self.execute("guest-set-user-password", Some(request.to_arguments()))
+            .await
+            .map(drop)
     }
 
     /// `guest-exec`: starts a program in the guest and returns its pid (poll it with
@@ -538,31 +944,6 @@ impl GuestAgent {
             message: format!("guest-exec-status: {message}"),
             excerpt: String::new(),
         })
-    }
-
-    /// `guest-shutdown` with `mode`. Sends no reply on success: see
-    /// [`execute_no_reply`](Self::execute_no_reply) for how success is decided.
-    pub async fn shutdown(&self, mode: ShutdownMode) -> Result<(), AgentError> {
-        self.execute_no_reply("guest-shutdown", Some(json!({ "mode": mode })))
-            .await
-    }
-
-    /// `guest-suspend-ram` (S3). No reply on success, see
-    /// [`execute_no_reply`](Self::execute_no_reply); the SUSPEND QMP event confirms it.
-    pub async fn suspend_ram(&self) -> Result<(), AgentError> {
-        self.execute_no_reply("guest-suspend-ram", None).await
-    }
-
-    /// `guest-suspend-disk` (S4). No reply on success, see
-    /// [`execute_no_reply`](Self::execute_no_reply); QEMU then shuts down.
-    pub async fn suspend_disk(&self) -> Result<(), AgentError> {
-        self.execute_no_reply("guest-suspend-disk", None).await
-    }
-
-    /// `guest-suspend-hybrid`. No reply on success, see
-    /// [`execute_no_reply`](Self::execute_no_reply).
-    pub async fn suspend_hybrid(&self) -> Result<(), AgentError> {
-        self.execute_no_reply("guest-suspend-hybrid", None).await
     }
 }
 
@@ -617,6 +998,7 @@ mod tests {
             command_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(30),
             no_reply_grace: Duration::from_millis(200),
+            ..GuestAgentOptions::default()
         }
     }
 
@@ -690,7 +1072,10 @@ mod tests {
             r // keep the socket open
         });
         match agent.shutdown(ShutdownMode::Powerdown).await {
-            Err(AgentError::CommandFailed { class, .. }) => assert_eq!(class, "CommandNotFound"),
+            Err(AgentError::Unsupported { command, reason }) => {
+                assert_eq!(command, "guest-shutdown");
+                assert!(reason.contains("disabled"), "{reason}");
+            }
             other => panic!("{other:?}"),
         }
         // An explicit resync (the script expects one per round), then the same command
