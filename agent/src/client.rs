@@ -292,6 +292,35 @@ impl Channel {
         }
     }
 
+    /// `true` if bytes arrived since the last reply (buffered, or readable right now without
+    /// waiting). A read that finds EOF or an error drops the connection (the caller then
+    /// reconnects or reports it).
+    async fn has_unsolicited_bytes(&mut self) -> bool {
+        if self.decoder.buffered_len() > 0 {
+            return true;
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 8192];
+        // `timeout` polls the read once before looking at the (already expired) deadline.
+        match tokio::time::timeout(Duration::ZERO, stream.read(&mut buf)).await {
+            Err(_) => false,
+            Ok(Ok(0)) => {
+                self.drop_connection();
+                false
+            }
+            Ok(Ok(n)) => {
+                self.decoder.push(&buf[..n]);
+                true
+            }
+            Ok(Err(e)) => {
+                let _ = self.io_failure(e);
+                false
+            }
+        }
+    }
+
     /// Turns a read failure into the caller's error, dropping the connection if it is gone.
     fn read_failure(&mut self, err: ReadError) -> AgentError {
         match err {
@@ -361,10 +390,11 @@ impl Channel {
         loop {
             match self.read_message().await {
                 Ok(AgentMessage::Reply { id: got, result }) => {
-                    let ours = match &got {
-                        None => true, // an agent that does not echo ids
-                        Some(v) => v.as_u64() == Some(id),
-                    };
+                    // qemu-ga echoes the id of every command it dispatched (its errors for
+                    // disabled or unknown commands included); only its answers to bytes it
+                    // could not parse come without one. So a reply without our id is not
+                    // ours: stale, junk, or a guest faking replies.
+                    let ours = got.as_ref().and_then(Value::as_u64) == Some(id);
                     if !ours {
                         tracing::debug!(?got, "guest agent: stale reply dropped");
                         continue;
@@ -512,6 +542,12 @@ impl GuestAgent {
 
     /// Connects if needed and resyncs if the channel is not known clean.
     async fn ready(&self, ch: &mut Channel) -> Result<(), AgentError> {
+        if ch.synced && ch.has_unsolicited_bytes().await {
+            // The guest wrote while nobody asked (a restarted or hostile agent): whatever it
+            // is, it is not the reply to the command about to go out.
+            tracing::debug!("guest agent: unsolicited bytes on an idle channel: resync");
+            ch.synced = false;
+        }
         if ch.stream.is_none() {
             let Some(connector) = &self.connector else {
                 return Err(AgentError::NotConnected {
@@ -1063,7 +1099,9 @@ mod tests {
                 let (_, cmd) = read_request(&mut r).await;
                 assert_eq!(cmd["execute"], "guest-shutdown");
                 if round == 0 {
-                    w.write_all(b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-shutdown has been disabled\"}}\n")
+                    // As qemu-ga 7.2 answers a disabled command: with the command's id.
+                    let id = &cmd["id"];
+                    w.write_all(format!("{{\"error\": {{\"class\": \"CommandNotFound\", \"desc\": \"Command guest-shutdown has been disabled\"}}, \"id\": {id}}}\n").as_bytes())
                         .await
                         .expect("w");
                 }

@@ -122,6 +122,15 @@ impl SupervisedDomain for DomainInner {
         &self.cell
     }
 
+    fn agent_port_id(&self) -> Option<String> {
+        // argv.rs names the virtserialport of channel i `port{i}`.
+        self.config
+            .channels
+            .iter()
+            .position(|c| c.kind == domkit_core::ChannelKind::GuestAgent)
+            .map(|i| format!("port{i}"))
+    }
+
     fn process_ended(&self, pid: u32) {
         let mut slot = self.instance_slot();
         if slot.as_ref().is_some_and(|i| i.pid == pid) {
