@@ -1138,6 +1138,126 @@ mod tests {
         ));
     }
 
+    /// Answers the next sync request (skipping anything else) with its id.
+    async fn answer_sync(
+        r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+    ) {
+        loop {
+            let (_, req) = read_request(r).await;
+            if req["execute"] == "guest-sync-delimited" {
+                let id = req["arguments"]["id"].as_u64().expect("id");
+                let mut reply = vec![0xff];
+                reply.extend_from_slice(format!("{{\"return\": {id}}}\n").as_bytes());
+                w.write_all(&reply).await.expect("w");
+                return;
+            }
+        }
+    }
+
+    /// Test double: a peer that floods a line without newline past the limit, then sends
+    /// fake replies (no id, wrong id), then behaves.
+    #[tokio::test]
+    async fn hostile_peer_is_bounded_typed_and_resynced() {
+        let (client_end, peer_end) = UnixStream::pair().expect("pair");
+        let (r, mut w) = peer_end.into_split();
+        let mut r = BufReader::new(r);
+        let opts = GuestAgentOptions {
+            max_reply_bytes: 64 * 1024,
+            ..fast()
+        };
+        let agent = GuestAgent::from_stream(client_end, opts);
+        let peer = tokio::spawn(async move {
+            answer_sync(&mut r, &mut w).await;
+            let (_, cmd) = read_request(&mut r).await;
+            assert_eq!(cmd["execute"], "guest-get-time");
+            // 1 MiB without a newline: over the 64 KiB limit.
+            w.write_all(&vec![b'x'; 1 << 20]).await.expect("w");
+            w.write_all(b"\n").await.expect("w");
+            // The next command resyncs first; a fake reply without id, one with another id,
+            // then the real one.
+            answer_sync(&mut r, &mut w).await;
+            let (_, cmd) = read_request(&mut r).await;
+            let id = cmd["id"].clone();
+            w.write_all(format!("{{\"return\": 1}}\n{{\"return\": 2, \"id\": 999999}}\n{{\"return\": 3, \"id\": {id}}}\n").as_bytes())
+                .await
+                .expect("w");
+            // Unsolicited bytes while idle: the next command must resync first.
+            w.write_all(b"\xff{\"return\": 77}\ngarbage\n")
+                .await
+                .expect("w");
+            answer_sync(&mut r, &mut w).await;
+            let (_, cmd) = read_request(&mut r).await;
+            let id = cmd["id"].clone();
+            w.write_all(format!("{{\"return\": 4, \"id\": {id}}}\n").as_bytes())
+                .await
+                .expect("w");
+            (r, w)
+        });
+        match agent.get_time().await {
+            Err(AgentError::Protocol { message, .. }) => {
+                assert!(message.contains("65536"), "{message}")
+            }
+            other => panic!("over-long reply: {other:?}"),
+        }
+        assert_eq!(agent.get_time().await.expect("after resync"), 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(agent.get_time().await.expect("after unsolicited bytes"), 4);
+        let _keep = peer.await.expect("peer");
+    }
+
+    /// Test double: an agent that is not up yet ignores the first syncs; the client keeps
+    /// sending new ones until one is answered.
+    #[tokio::test]
+    async fn sync_is_retried_until_the_agent_is_up() {
+        let (client_end, peer_end) = UnixStream::pair().expect("pair");
+        let (r, mut w) = peer_end.into_split();
+        let mut r = BufReader::new(r);
+        let opts = GuestAgentOptions {
+            sync_retry_interval: Duration::from_millis(100),
+            ..fast()
+        };
+        let agent = GuestAgent::from_stream(client_end, opts);
+        let peer = tokio::spawn(async move {
+            for _ in 0..3 {
+                let (flushed, req) = read_request(&mut r).await;
+                assert!(flushed && req["execute"] == "guest-sync-delimited");
+            }
+            answer_sync(&mut r, &mut w).await;
+            let (_, cmd) = read_request(&mut r).await;
+            let id = cmd["id"].clone();
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+                .await
+                .expect("w");
+            (r, w)
+        });
+        agent.ping().await.expect("ping once the agent answers");
+        let _keep = peer.await.expect("peer");
+    }
+
+    /// A hung agent holds the channel; another caller waits at most its own timeout.
+    #[tokio::test]
+    async fn waiting_for_a_hung_call_is_bounded() {
+        let (client_end, peer_end) = UnixStream::pair().expect("pair");
+        let agent = std::sync::Arc::new(GuestAgent::from_stream(client_end, fast()));
+        let hung = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.ping().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t0 = std::time::Instant::now();
+        match agent
+            .execute_with_timeout("guest-ping", None, Duration::from_millis(200))
+            .await
+        {
+            Err(AgentError::Timeout { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        hung.abort();
+        drop(peer_end);
+    }
+
     #[test]
     fn sync_ids_are_in_range_and_differ() {
         let ids = IdSource::new();

@@ -118,6 +118,21 @@ async fn record_guest_transcripts() {
         std::fs::write(dir.join(format!("agent-guest-{name}.raw")), &bytes).expect("write");
         eprintln!("recorded agent-guest-{name}.raw ({} bytes)", bytes.len());
     };
+    // A freezable, trimmable filesystem for the fsfreeze/fsinfo/fstrim replies.
+    let mount = domkit_qemu::agent::GuestExecRequest {
+        path: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            "mkdir -p /mnt/domkit; dd if=/dev/zero of=/tmp/fs.img bs=1M count=8 2>/dev/null; \
+             dev=$(losetup -f); losetup $dev /tmp/fs.img; mke2fs -q $dev; mount $dev /mnt/domkit"
+                .into(),
+        ],
+        ..Default::default()
+    };
+    let pid = agent.exec(&mount).await.expect("exec mount");
+    while !agent.exec_status(pid).await.expect("status").exited {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     log.lock().unwrap().clear();
 
     agent.guest_sync(4242).await.expect("guest-sync");
@@ -191,38 +206,6 @@ async fn record_guest_transcripts() {
     agent.info().await.expect("info");
     take("info");
     drop(agent);
-    domain.destroy().await.expect("destroy");
-    h.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "debugging aid"]
-async fn debug_hostile() {
-    let h = Harness::new();
-    let domain = h.define(guest_config("hostile", "")).await;
-    let log = EventLog::new(&domain);
-    h.boot(&domain).await;
-    let agent = domain.guest_agent().await.expect("agent");
-    let mode = std::env::var("HOSTILE_MODE").unwrap_or_else(|_| "silent".into());
-    sh_start(&domain, &format!("agent-ctl hostile {mode} 6")).await;
-    for _ in 0..12 {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let t0 = std::time::Instant::now();
-        let r = agent
-            .execute_with_timeout("guest-get-time", None, std::time::Duration::from_secs(1))
-            .await;
-        eprintln!(
-            "agent events: {:?} call: {r:?} in {:?}",
-            log.agent_kinds(),
-            t0.elapsed()
-        );
-    }
-    for _ in 0..20 {
-        if agent.ping().await.is_ok() {
-            break;
-        }
-    }
-    eprintln!("{}", sh(&domain, "cat /tmp/agent-ctl.log; cat /var/log/qemu-ga.log | tail -5; ps; ls -l /dev/virtio-ports/").await);
     domain.destroy().await.expect("destroy");
     h.finish().await;
 }
