@@ -542,11 +542,18 @@ impl GuestAgent {
 
     /// Connects if needed and resyncs if the channel is not known clean.
     async fn ready(&self, ch: &mut Channel) -> Result<(), AgentError> {
+        let was_connected = ch.stream.is_some();
         if ch.synced && ch.has_unsolicited_bytes().await {
             // The guest wrote while nobody asked (a restarted or hostile agent): whatever it
             // is, it is not the reply to the command about to go out.
             tracing::debug!("guest agent: unsolicited bytes on an idle channel: resync");
             ch.synced = false;
+        }
+        // The connection closed while idle: reconnect if possible, else say it closed (the
+        // next call then says it is not connected).
+        let lost_while_idle = was_connected && ch.stream.is_none();
+        if lost_while_idle && self.connector.is_none() {
+            return Err(AgentError::Disconnected);
         }
         if ch.stream.is_none() {
             let Some(connector) = &self.connector else {
@@ -554,11 +561,15 @@ impl GuestAgent {
                     reason: "connection closed and the client cannot reconnect".into(),
                 });
             };
-            let stream = (connector.connect)()
-                .await
-                .map_err(|e| AgentError::NotConnected {
-                    reason: format!("connecting to {}: {e}", connector.what),
-                })?;
+            let stream = match (connector.connect)().await {
+                Ok(stream) => stream,
+                Err(_) if lost_while_idle => return Err(AgentError::Disconnected),
+                Err(e) => {
+                    return Err(AgentError::NotConnected {
+                        reason: format!("connecting to {}: {e}", connector.what),
+                    })
+                }
+            };
             *ch = Channel::new(Some(stream), self.options.max_reply_bytes);
         }
         if !ch.synced {
