@@ -564,6 +564,9 @@ async fn observe_snapshots<D: Domain>(domain: D) -> (usize, Vec<String>) {
     let mut wait = EVENT_TIMEOUT;
     while let Ok(Some(ev)) = tokio::time::timeout(wait, events.next()).await {
         wait = QUIET;
+        if matches!(ev.kind, E::AgentConnected | E::AgentDisconnected) {
+            continue; // not a lifecycle transition (§13.4); the watch skips them too
+        }
         seen += 1;
         let snap = domain.snapshot();
         let made = match ev.kind {
