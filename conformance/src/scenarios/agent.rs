@@ -794,11 +794,12 @@ pub(super) async fn agent_lifecycle_events<B: TestBackend>(ctx: &ScenarioCtx<'_,
     watch
         .expect(&[E::Started(domkit_core::StartedDetail::Booted)])
         .await?;
-    // qemu-ga opens its port during boot.
+    // A backend without agent support says so here (no command is sent yet).
+    let agent = agent_of(&domain).await?;
+    // The agent opens its port during boot.
     watch
         .expect_within(&[E::AgentConnected], BOOT_TIMEOUT)
         .await?;
-    let agent = agent_of(&domain).await?;
     ag("guest-ping", agent.ping().await)?;
     // Stopped and started again inside the guest.
     guest_spawn(&agent, "agent-ctl restart-after 2").await?;
@@ -841,8 +842,8 @@ fn rss_kib() -> u64 {
 
 pub(super) async fn agent_hostile<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
     let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
-    let (other, mut other_watch) = ctx.boot("b", GuestOptions::default()).await?;
     let agent = agent_of(&domain).await?;
+    let (other, mut other_watch) = ctx.boot("b", GuestOptions::default()).await?;
     let other_agent = agent_of(&other).await?;
     ag("guest-ping", agent.ping().await)?;
     let short = Duration::from_secs(2);
