@@ -27,7 +27,8 @@ guest_src="$here/guest"
 meta_pkg=linux-image-cloud-amd64
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          virtio_console virtio_blk button evdev pvpanic pvpanic-mmio pvpanic-pci
-         failover net_failover virtio_net scsi_common scsi_mod cdrom sr_mod libata ata_piix)
+         failover net_failover virtio_net scsi_common scsi_mod cdrom sr_mod libata ata_piix
+         loop crc16 mbcache jbd2 crc32c_generic libcrc32c ext4)
 
 out="${DOMKIT_GUEST_DIR:-$HOME/.cache/domkit/guest}"
 refresh="${DOMKIT_GUEST_REFRESH:-0}"
@@ -164,6 +165,9 @@ cp -a "$guest_src/." "$root/"
 chmod 0755 "$root/init"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
+# guest-set-user-password (through /sbin/chpasswd) writes the hash here.
+printf 'root:*:19000:0:99999:7:::\n' >"$root/etc/shadow"
+chmod 0600 "$root/etc/shadow"
 
 (cd "$root" && find . -print0 | LC_ALL=C sort -z |
   cpio --null -o -H newc -R 0:0 --quiet) | gzip -9n >"$work/initrd.img"

@@ -4,7 +4,7 @@
 use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
 use domkit_core::{Accel, Boot, Channel, ChannelKind, DomainConfig, ShutoffReason};
-use domkit_qemu::agent::codec::GuestExecRequest;
+use domkit_qemu::agent::GuestExecRequest;
 use domkit_qemu::{QemuDomain, QemuDriver, QemuDriverOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

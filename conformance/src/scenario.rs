@@ -31,7 +31,13 @@ pub enum Stop {
 impl From<Error> for Stop {
     fn from(e: Error) -> Self {
         match e {
-            Error::Unsupported { .. } => Stop::Unsupported(e.to_string()),
+            Error::Unsupported { .. } | Error::NoGuestAgent { .. } => {
+                Stop::Unsupported(e.to_string())
+            }
+            Error::GuestAgent {
+                source: domkit_core::AgentError::Unsupported { .. },
+                ..
+            } => Stop::Unsupported(e.to_string()),
             other => Stop::Fail(format!("unexpected error: {other}")),
         }
     }
@@ -287,6 +293,10 @@ pub struct EventWatch {
     /// Only this domain's events count (a driver-wide stream, while other scenarios run).
     only: Option<String>,
     last_seq: Option<u64>,
+    /// Deliver the guest agent's lifecycle events (§13.4). Off by default: they are not
+    /// lifecycle transitions and come whenever the guest's agent opens or closes its port,
+    /// so every other scenario skips them (keeping the `seq` check across them).
+    agent_events: bool,
     /// Every event seen, for failure messages.
     pub seen: Vec<DomainEvent>,
 }
@@ -298,8 +308,16 @@ impl EventWatch {
             stream,
             only: None,
             last_seq: None,
+            agent_events: false,
             seen: Vec::new(),
         }
+    }
+
+    /// This watch with the guest agent's `agent_connected` / `agent_disconnected` events
+    /// delivered (the agent scenarios, §13.4).
+    pub fn with_agent_events(mut self) -> Self {
+        self.agent_events = true;
+        self
     }
 
     /// Watch the events of the domain named `name` in a driver-wide `stream` (the events of
@@ -320,6 +338,18 @@ impl EventWatch {
                         continue;
                     }
                     self.seen.push(ev.clone());
+                    if !self.agent_events
+                        && matches!(
+                            ev.kind,
+                            EventKind::AgentConnected | EventKind::AgentDisconnected
+                        )
+                    {
+                        // Skipped, but the seq check goes on across it.
+                        if self.last_seq.is_some_and(|l| ev.seq == l + 1) {
+                            self.last_seq = Some(ev.seq);
+                        }
+                        continue;
+                    }
                     return Some(ev);
                 }
                 _ => return None,

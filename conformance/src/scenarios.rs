@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use EventKind as E;
 
+mod agent;
 mod devices;
 mod durable;
 mod faults;
@@ -55,6 +56,16 @@ macro_rules! device {
             name: stringify!($name),
             about: $about,
             run: |ctx| Box::pin(devices::$name(ctx)),
+        }
+    };
+}
+
+macro_rules! agent {
+    ($name:ident, $about:expr) => {
+        Scenario {
+            name: stringify!($name),
+            about: $about,
+            run: |ctx| Box::pin(agent::$name(ctx)),
         }
     };
 }
@@ -151,6 +162,20 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         device!(devices_survive_reattach, "a disk hotplugged live survives an orderly manager detach: the next persistent manager lists it at the same address and detaches it (§11.3, §14.3)"),
         device!(devices_survive_save_restore, "hotplugged disk and NIC survive save/restore at the same addresses; the guest sees them; detach works after (§14.3)"),
         watch!(snapshot_then_stream_no_gap, "a burst between snapshot and first read: every event once, in order; subscribe_from replays exactly; events_lost past the 128 kept; a lagging stream says so (§2.4, §12.1, §12.2)"),
+        // The guest agent (issue 9): one typed client through Domain::guest_agent.
+        agent!(agent_ping_info, "guest_agent(): ping, both syncs, info lists all 29 schema commands, unknown command unsupported with the guest's reason, one shared client; no channel: no_guest_agent saying what to add (§13.1, §13.2)"),
+        agent!(agent_time, "get-time near the host's; set-time +1 h seen by the guest's date; set back; set from the RTC (§13.2)"),
+        agent!(agent_file_roundtrip, "file open/write/seek (set, cur, end)/read/flush/close of 200 KB of binary data with 0xFF and newlines; checked inside the guest; closed handle and missing path typed (§13.2)"),
+        agent!(agent_fsfreeze_thaw, "freeze a real ext filesystem: status frozen, a write blocks, pause/resume unaffected; thaw: the write finishes; freeze-list by mount point (§13.2, §13.5)"),
+        agent!(agent_fsinfo_fstrim, "get-fsinfo lists the mounted ext filesystem with its sizes; fstrim trims it, with and without a minimum (§13.2)"),
+        agent!(agent_network, "network-get-interfaces: lo with 127.0.0.1/8 and statistics; every interface the guest has (§13.2)"),
+        agent!(agent_vcpus, "get-vcpus of a 2-vCPU guest; set-vcpus takes one offline and online again, checked in the guest's sysfs (§13.2)"),
+        agent!(agent_memory_blocks, "get-memory-block-info = the guest's block size; get-memory-blocks = its blocks; set-memory-blocks (no change) succeeds per block (§13.2)"),
+        agent!(agent_set_user_password, "set-user-password: the guest's /etc/shadow holds crypt(password, salt); crypted stored as given; unknown user typed (§13.2)"),
+        agent!(agent_shutdown_mode, "shutdown(mode agent, completed): guest-shutdown sends no reply; shutdown_requested(host), stopped(shutdown); guest_agent() then invalid_state (§6.3, §13.3)"),
+        agent!(agent_reboot_mode, "reboot(mode agent): exactly one rebooted, a new boot id, the same client resyncs with the new agent (§6.4, §13.3)"),
+        agent!(agent_lifecycle_events, "agent_connected at boot; agent stopped and started in the guest: agent_disconnected, agent_connected; calls meanwhile typed and bounded; destroy: agent_disconnected then stopped (§13.4)"),
+        agent!(agent_hostile, "the guest's agent replaced by a flooding (garbage, 0xFF, fake replies, endless lines) and a silent program: every call typed within its timeout, memory bounded, pause/resume and another domain unaffected, resync after (§13.5)"),
     ]
 }
 

@@ -50,6 +50,8 @@ pub enum Operation {
     DetachDevice,
     /// Change a CD-ROM's medium ([`crate::Domain::change_media`], §14).
     ChangeMedia,
+    /// Talk to the guest agent ([`crate::Domain::guest_agent`]).
+    GuestAgent,
 }
 
 impl fmt::Display for Operation {
@@ -186,6 +188,32 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// The domain has no guest agent channel (`docs/semantics.md` §13.1).
+    #[error("domain {domain} has no guest agent channel: add `[[channels]] kind = \"guest_agent\"` to its config{}", reason_suffix(.reason))]
+    NoGuestAgent {
+        /// The domain.
+        domain: String,
+        /// More about why (may be empty).
+        reason: String,
+    },
+    /// A guest agent command failed: the agent's own typed error (unsupported, timeout,
+    /// protocol, refused...), with the domain it was for (§13).
+    #[error("guest agent of domain {domain}: {source}")]
+    GuestAgent {
+        /// The domain.
+        domain: String,
+        /// What the agent client said.
+        #[source]
+        source: domkit_agent::AgentError,
+    },
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
 }
 
 fn lost_range(after: u64, resumed_at: u64) -> String {
@@ -218,6 +246,14 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
+            source,
+        }
+    }
+
+    /// A guest agent error of `domain`.
+    pub fn agent(domain: &str, source: domkit_agent::AgentError) -> Self {
+        Error::GuestAgent {
+            domain: domain.to_owned(),
             source,
         }
     }

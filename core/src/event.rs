@@ -115,6 +115,12 @@ pub enum EventKind {
     /// A detach failed: the guest refused or did not release the device in time; it is
     /// still attached (§14).
     DeviceRemovalFailed(crate::device::DeviceId),
+    /// The guest agent in the guest connected to its channel (`docs/semantics.md` §13.4):
+    /// qemu-ga opened its port. Not a state change.
+    AgentConnected,
+    /// The guest agent left its channel (§13.4): qemu-ga stopped or closed the port, or the
+    /// domain stopped while it was connected. Not a state change.
+    AgentDisconnected,
 }
 
 /// How a domain started.

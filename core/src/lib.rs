@@ -9,6 +9,8 @@
 //! - [`DomainConfig`] with lifecycle policies and validation;
 //! - the [`Driver`] / [`Domain`] traits and their option types;
 //! - [`Error`];
+//! - the guest agent client ([`agent`], the `domkit-agent` crate), reached through
+//!   [`Domain::guest_agent`] on every backend;
 //! - watching a domain (§12): [`watch`] (race-free waiting for events), [`stats`]
 //!   ([`DomainStats`]), [`console`] (the serial console as a byte stream);
 //! - [`store`]: the crash-safe store of a persistent driver (private directories, atomic
@@ -40,6 +42,8 @@ pub use config::{
 };
 pub use console::{ConsoleAccess, ConsoleHub, ConsoleStream};
 pub use device::{DetachOptions, DeviceId, DeviceInfo, DeviceKind, DeviceScope, DeviceSpec};
+pub use domkit_agent as agent;
+pub use domkit_agent::{AgentError, GuestAgent, GuestAgentOptions};
 pub use error::{Error, Operation, Result};
 pub use event::{
     CrashedDetail, DomainEvent, DomainId, EventKind, PmSuspendedDetail, ResumedDetail,

@@ -332,6 +332,17 @@ impl Lifecycle {
         self.event(kind, at)
     }
 
+    /// Produce an `AgentConnected` (`connected`) or `AgentDisconnected` event: the guest
+    /// agent opened or left its channel (§13.4). Not a state change.
+    pub fn agent_event(&mut self, connected: bool, at: SystemTime) -> DomainEvent {
+        let kind = if connected {
+            EventKind::AgentConnected
+        } else {
+            EventKind::AgentDisconnected
+        };
+        self.event(kind, at)
+    }
+
     fn event(&mut self, kind: EventKind, at: SystemTime) -> DomainEvent {
         self.seq += 1;
         DomainEvent {

@@ -389,4 +389,25 @@ pub trait Domain: Send + Sync {
             reason: "this backend cannot change devices yet".into(),
         }
     }
+
+    // ---- The guest agent (issue 9, `docs/semantics.md` §13) ------------------------------
+
+    /// The domain's guest agent client (§13.1): the same typed [`crate::GuestAgent`] on
+    /// every backend, connected on first use and shared by every caller (the channel serves
+    /// one conversation; calls are serialised, each with its own timeout). Each command's
+    /// errors are the client's own ([`crate::AgentError`]; `unsupported` for a command the
+    /// guest disabled or lacks). The domain must be active (`invalid_state` otherwise).
+    ///
+    /// A domain without an agent channel: [`Error::NoGuestAgent`], which says to add
+    /// `[[channels]] kind = "guest_agent"`. That is also the default for a backend that does
+    /// not connect to an agent yet.
+    async fn guest_agent(&self) -> Result<std::sync::Arc<crate::GuestAgent>> {
+        Err(Error::NoGuestAgent {
+            domain: self.id().name.clone(),
+            reason: format!(
+                "the {} backend does not connect to a guest agent yet",
+                self.backend_name()
+            ),
+        })
+    }
 }

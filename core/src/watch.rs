@@ -46,6 +46,10 @@ pub enum EventName {
     DeviceRemoved,
     /// [`EventKind::DeviceRemovalFailed`].
     DeviceRemovalFailed,
+    /// [`EventKind::AgentConnected`].
+    AgentConnected,
+    /// [`EventKind::AgentDisconnected`].
+    AgentDisconnected,
 }
 
 impl EventName {
@@ -65,6 +69,8 @@ impl EventName {
             EventKind::DeviceAdded(_) => EventName::DeviceAdded,
             EventKind::DeviceRemoved(_) => EventName::DeviceRemoved,
             EventKind::DeviceRemovalFailed(_) => EventName::DeviceRemovalFailed,
+            EventKind::AgentConnected => EventName::AgentConnected,
+            EventKind::AgentDisconnected => EventName::AgentDisconnected,
         }
     }
 }

@@ -136,6 +136,15 @@ impl SupervisedDomain for DomainInner {
         &self.cell
     }
 
+    fn agent_port_id(&self) -> Option<String> {
+        // argv.rs names the virtserialport of channel i `port{i}`.
+        self.config
+            .channels
+            .iter()
+            .position(|c| c.kind == domkit_core::ChannelKind::GuestAgent)
+            .map(|i| format!("port{i}"))
+    }
+
     fn process_ended(&self, pid: u32) {
         let mut slot = self.instance_slot();
         if slot.as_ref().is_some_and(|i| i.pid == pid) {
@@ -1260,6 +1269,13 @@ impl QemuDomain {
             return Ok(agent.clone());
         }
         let Some(socket) = &instance.agent_socket else {
+            if operation == Operation::GuestAgent {
+                return Err(Error::NoGuestAgent {
+                    domain: self.inner.id.name.clone(),
+                    reason: String::new(),
+                });
+            }
+            // An operation with an agent mode (§6.3): that mode is unsupported here.
             return Err(Error::Unsupported {
                 operation,
                 backend: BACKEND.into(),
@@ -1281,9 +1297,10 @@ impl QemuDomain {
     }
 
     /// The guest agent of the running domain, for callers that need more than domkit's
-    /// operations (guest-exec, ...). The same connection domkit uses.
+    /// operations (guest-exec, ...). The same connection domkit uses. Also
+    /// [`domkit_core::Domain::guest_agent`].
     pub async fn guest_agent(&self) -> Result<Arc<GuestAgent>> {
-        let operation = Operation::State;
+        let operation = Operation::GuestAgent;
         let instance = self.running_instance(operation)?;
         self.agent_of(&instance, operation).await
     }
@@ -1324,6 +1341,11 @@ fn agent_to_core(operation: Operation, err: AgentError) -> Error {
             after,
             format!("the guest agent did not answer `{command}`: is qemu-ga running in the guest?"),
         ),
+        AgentError::Unsupported { command, reason } => Error::Unsupported {
+            operation,
+            backend: BACKEND.into(),
+            reason: format!("the guest agent cannot run `{command}`: {reason}"),
+        },
         AgentError::CommandFailed { class, desc } => backend(format!(
             "{operation}: the guest agent refused: {class}: {desc}"
         )),
@@ -1714,6 +1736,12 @@ impl Domain for QemuDomain {
             |d| async move { d.pm_wakeup_inner().await },
         )
         .await
+    }
+
+    // The guest agent (§13): outside the operation queue, so a hung agent never holds up
+    // the domain's lifecycle operations (§13.5).
+    async fn guest_agent(&self) -> Result<Arc<GuestAgent>> {
+        QemuDomain::guest_agent(self).await
     }
 }
 

@@ -39,6 +39,12 @@ pub enum SupervisorRequest {
 pub trait SupervisedDomain: Send + Sync + 'static {
     /// The domain's lifecycle.
     fn cell(&self) -> &LifecycleCell;
+
+    /// The QEMU device id of the guest agent's virtserialport, if the domain has one: its
+    /// `VSERPORT_CHANGE` events become `agent_connected` / `agent_disconnected` (§13.4).
+    fn agent_port_id(&self) -> Option<String> {
+        None
+    }
     /// Called once the process is reaped, before `Gone` is reported: forget the instance and
     /// remove its sockets (and the runtime directory if the domain was forgotten).
     fn process_ended(&self, pid: u32);
@@ -82,6 +88,7 @@ pub fn spawn<D: SupervisedDomain>(
         translator: QmpTranslator::new(),
         timeouts,
         kill_at: None,
+        agent_open: false,
     };
     tokio::spawn(supervisor.run(requests_rx, ended_tx));
     SupervisorHandle {
@@ -91,6 +98,8 @@ pub fn spawn<D: SupervisedDomain>(
 }
 
 struct Supervisor<D> {
+    /// The guest agent's port is open in the guest (its last `VSERPORT_CHANGE`, §13.4).
+    agent_open: bool,
     domain: Arc<D>,
     child: Proc,
     pid: u32,
@@ -184,6 +193,8 @@ impl<D: SupervisedDomain> Supervisor<D> {
         if let Err(e) = tokio::task::spawn_blocking(move || domain.process_ended(pid)).await {
             tracing::warn!(pid = self.pid, error = %e, "cleaning up after QEMU failed");
         }
+        // The agent goes with the process, before the domain's end (§13.4).
+        self.agent_port_changed(false);
         let cell = self.domain.cell();
         if matches!(cell.control(), ControlState::Broken { .. }) {
             cell.set_control(ControlState::Ok);
@@ -229,8 +240,28 @@ impl<D: SupervisedDomain> Supervisor<D> {
         }
     }
 
+    /// A `VSERPORT_CHANGE` of the agent's port, or the end of the process (`open` false):
+    /// one `agent_connected` / `agent_disconnected` per real change (§13.4).
+    fn agent_port_changed(&mut self, open: bool) {
+        if self.agent_open == open {
+            return;
+        }
+        self.agent_open = open;
+        self.domain.cell().emit(|lc, at| lc.agent_event(open, at));
+    }
+
     async fn handle_event(&mut self, event: QmpEvent) {
         tracing::debug!(pid = self.pid, event = %event.name, data = %event.data, "QMP event");
+        if event.name == "VSERPORT_CHANGE" {
+            let id = event.data.get("id").and_then(|v| v.as_str());
+            let open = event.data.get("open").and_then(|v| v.as_bool());
+            if let (Some(id), Some(open)) = (id, open) {
+                if self.domain.agent_port_id().as_deref() == Some(id) {
+                    self.agent_port_changed(open);
+                }
+            }
+            return;
+        }
         let Some(observation) = self.translator.translate(&event) else {
             return;
         };

@@ -9,7 +9,7 @@
 //! qemu-ga comes from `scripts/install-deps.sh` (package qemu-guest-agent). Tests run one at
 //! a time, kill their qemu-ga, remove their 0700 temp dir and check no qemu-ga child is left.
 //!
-//! `record_transcripts` (ignored) re-records tests/fixtures/transcripts/agent-*.raw:
+//! `record_transcripts` (ignored) re-records agent/tests/fixtures/agent-*.raw (crate domkit-agent):
 //! `DOMKIT_RECORD=1 cargo test -p domkit-qemu --test agent_host -- --ignored`.
 
 mod common;
@@ -200,14 +200,15 @@ fn options() -> GuestAgentOptions {
         command_timeout: LONG,
         sync_timeout: LONG,
         no_reply_grace: Duration::from_secs(2),
+        ..GuestAgentOptions::default()
     }
 }
 
 fn assert_blocked<T: std::fmt::Debug>(result: Result<T, AgentError>, rpc: &str) {
     match result {
-        Err(AgentError::CommandFailed { class, desc }) => {
-            assert_eq!(class, "CommandNotFound", "{rpc}: {desc}");
-            assert!(desc.contains("has been disabled"), "{rpc}: {desc}");
+        Err(AgentError::Unsupported { command, reason }) => {
+            assert_eq!(command, rpc);
+            assert!(reason.contains("has been disabled"), "{rpc}: {reason}");
         }
         other => panic!("{rpc} must be blocked on the host, got {other:?}"),
     }
@@ -265,7 +266,7 @@ async fn blocked_commands_fail_and_shutdown_is_not_ok() {
     let mut host = HostAgent::start().await;
     let agent = host.client(options()).await;
     // A no-reply command that is refused answers an error within the grace period: that
-    // must be CommandFailed, never mistaken for "no reply = accepted".
+    // must be Unsupported (the guest's reason), never mistaken for "no reply = accepted".
     assert_blocked(
         agent.shutdown(ShutdownMode::Powerdown).await,
         "guest-shutdown",
@@ -283,9 +284,9 @@ async fn blocked_commands_fail_and_shutdown_is_not_ok() {
     assert_blocked(agent.fsfreeze_freeze().await, "guest-fsfreeze-freeze");
     assert_blocked(agent.fsfreeze_thaw().await, "guest-fsfreeze-thaw");
     match agent.execute("guest-no-such-rpc", None).await {
-        Err(AgentError::CommandFailed { class, desc }) => {
-            assert_eq!(class, "CommandNotFound");
-            assert!(desc.contains("has not been found"), "{desc}");
+        Err(AgentError::Unsupported { command, reason }) => {
+            assert_eq!(command, "guest-no-such-rpc");
+            assert!(reason.contains("has not been found"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
@@ -511,7 +512,7 @@ impl RawAgent {
 #[ignore = "re-records fixtures; run with DOMKIT_RECORD=1"]
 async fn record_transcripts() {
     if std::env::var_os("DOMKIT_RECORD").is_none() {
-        eprintln!("set DOMKIT_RECORD=1 to overwrite tests/fixtures/transcripts/agent-*.raw");
+        eprintln!("set DOMKIT_RECORD=1 to overwrite agent/tests/fixtures/agent-*.raw");
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -520,7 +521,7 @@ async fn record_transcripts() {
     // the raw one is made (one client at a time).
     let checker = host.client(options()).await;
     drop(checker);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transcripts");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures");
     std::fs::create_dir_all(&dir).expect("fixtures dir");
     let save = |name: &str, bytes: &[u8]| {
         std::fs::write(dir.join(name), bytes).expect("write fixture");

@@ -22,7 +22,9 @@
 mod fuzz;
 
 use domkit_core::DomainId;
-use domkit_qemu::agent::codec::{is_sync_reply, AgentDecoder, MAX_REPLY_LINE, SYNC_DELIMITER};
+use domkit_qemu::agent::codec::{
+    is_sync_reply, AgentDecoder, AgentMessage, MAX_REPLY_LINE, SYNC_DELIMITER,
+};
 use domkit_qemu::qmp::codec::{
     excerpt, parse_message, LineFramer, LineTooLong, QmpMessage, DEFAULT_MAX_LINE,
 };
@@ -302,7 +304,7 @@ fn fuzz_qmp_parse_message() {
 /// What the client sees from the decoder, as it would act on it: an error makes it resync.
 #[derive(Debug, PartialEq)]
 enum Seen {
-    Message(QmpMessage),
+    Message(AgentMessage),
     Error(String),
 }
 

@@ -6,7 +6,7 @@
 
 use domkit_conformance::qemu::test_guest_config;
 use domkit_core::{Domain, Driver, StartOptions};
-use domkit_qemu::agent::codec::GuestExecRequest;
+use domkit_qemu::agent::GuestExecRequest;
 use domkit_qemu::{QemuDriver, QemuDriverOptions};
 use std::time::Duration;
 

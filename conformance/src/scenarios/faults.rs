@@ -599,6 +599,9 @@ async fn observe_snapshots<D: Domain>(
             }
         };
         at = ev.seq;
+        if matches!(ev.kind, E::AgentConnected | E::AgentDisconnected) {
+            continue; // not a lifecycle transition (§13.4); the watch skips them too
+        }
         seen += 1;
         let snap = domain.snapshot();
         let made = match ev.kind {

@@ -1,13 +1,7 @@
-//! The QEMU guest agent (qemu-ga) protocol.
-//!
-//! - [`codec`]: the wire format, pure: resync framing, typed replies, base64.
-//! - [`client`]: [`GuestAgent`], the async client (tokio I/O).
+//! The QEMU guest agent: the protocol moved to the `domkit-agent` crate (shared with the Xen
+//! driver); re-exported here so that `domkit_qemu::agent::...` paths keep working.
 
-pub mod client;
-pub mod codec;
-
-pub use client::{AgentError, GuestAgent, GuestAgentOptions};
-pub use codec::{
-    AgentInfo, FsFreezeStatus, GuestExecRequest, GuestExecStatus, GuestNetworkInterface,
-    ShutdownMode,
-};
+pub use domkit_agent::client;
+pub use domkit_agent::codec;
+pub use domkit_agent::types;
+pub use domkit_agent::*;

@@ -244,6 +244,14 @@ pub async fn sh(domain: &QemuDomain, script: &str) -> String {
     }
 }
 
+/// An `agent_connected` / `agent_disconnected` event (§13.4).
+pub fn is_agent_event(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::AgentConnected | EventKind::AgentDisconnected
+    )
+}
+
 /// Records a domain's events in the background.
 pub struct EventLog {
     events: Arc<Mutex<Vec<(Instant, DomainEvent)>>>,
@@ -265,23 +273,38 @@ impl EventLog {
         EventLog { events, task }
     }
 
-    /// The kinds recorded so far, and forget them. Events are published synchronously but
-    /// collected by a task: give it a moment to catch up first.
+    /// The lifecycle kinds recorded so far, and forget them. Events are published
+    /// synchronously but collected by a task: give it a moment to catch up first. The guest
+    /// agent's connected/disconnected events are left out (not lifecycle transitions; they
+    /// come whenever qemu-ga opens or closes its port): see [`EventLog::agent_kinds`].
     pub async fn take(&self) -> Vec<EventKind> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
             .into_iter()
             .map(|(_, e)| e.kind)
+            .filter(|k| !is_agent_event(k))
             .collect()
     }
 
-    /// The kinds recorded so far.
+    /// The lifecycle kinds recorded so far (agent events left out, as in `take`).
     pub fn kinds(&self) -> Vec<EventKind> {
         self.events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(_, e)| e.kind)
+            .filter(|k| !is_agent_event(k))
+            .collect()
+    }
+
+    /// The guest agent's connected/disconnected events recorded so far.
+    pub fn agent_kinds(&self) -> Vec<EventKind> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, e)| e.kind)
+            .filter(is_agent_event)
             .collect()
     }
 

@@ -97,8 +97,13 @@ fn fixtures(sub: &str) -> std::path::PathBuf {
 }
 
 /// The recorded transcripts whose file name starts with `prefix` (`qmp-`, `agent-`), raw.
+/// The guest agent's live with its codec, in the domkit-agent crate.
 pub fn transcripts(prefix: &str) -> Vec<Vec<u8>> {
-    let dir = fixtures("transcripts");
+    let dir = if prefix.starts_with("agent-") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures")
+    } else {
+        fixtures("transcripts")
+    };
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| {

@@ -2,7 +2,7 @@
 //!
 //! qemu-ga speaks the QMP wire format without greeting or events, one JSON object per
 //! `\n`-terminated line, so lines are cut with [`LineFramer`] and classified with
-//! [`qmp::codec::parse_message`](crate::qmp::codec::parse_message). What is specific to the
+//! [`parse_reply`]. What is specific to the
 //! agent is the channel: it is a plain byte pipe into the guest with no connection state, so
 //! it can hold a half-written command or replies nobody is waiting for. The cure is the
 //! delimited sync: send `0xFF` (qemu-ga resets its JSON parser on it) followed by
@@ -11,20 +11,81 @@
 //! answers a parse error for the flush byte itself), and replies after it that do not carry
 //! our id are stale. [`AgentDecoder`] implements the skipping; [`is_sync_reply`] the match.
 //!
-//! This module also holds the typed replies of the commands domkit uses, and the base64
-//! codec that `guest-exec` and `guest-exec-status` need.
+//! This module also holds the base64 codec the schema's `*-b64` and `*-data` fields use. The
+//! typed requests and replies of every command are in [`crate::types`].
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::qmp::codec::{excerpt, parse_message, DecodeError, LineFramer, QmpMessage};
+use crate::framing::{excerpt, DecodeError, LineFramer};
 
 /// The byte that resets qemu-ga's parser and that prefixes its `guest-sync-delimited` reply.
 pub const SYNC_DELIMITER: u8 = 0xFF;
 
-/// The longest accepted reply line. `guest-file-read` of the maximum 48 MiB comes back
-/// base64-encoded (64 MiB); anything longer is not qemu-ga.
-pub const MAX_REPLY_LINE: usize = 80 * 1024 * 1024;
+/// The longest reply line accepted by default (16 MiB). The guest controls every byte of the
+/// channel, so this is the bound on what one domain's agent can make the manager buffer: a
+/// longer line is a protocol error and the channel is resynced (the bytes are dropped as they
+/// arrive, never kept). [`crate::GuestAgent::file_read`] asks for at most
+/// [`crate::types::MAX_FILE_READ_CHUNK`] bytes at a time, whose base64 fits well within it.
+pub const MAX_REPLY_LINE: usize = 16 * 1024 * 1024;
+
+/// The `error` member of a failed command's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentErrorReply {
+    /// The error class (`GenericError`, `CommandNotFound`...).
+    pub class: String,
+    /// qemu-ga's description.
+    pub desc: String,
+}
+
+/// One message from the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentMessage {
+    /// The reply to a command: `Ok` with the `return` value, or `Err` with the `error` member.
+    /// `id` is the command's `id`, echoed verbatim (`None` when it had none, and for the
+    /// parse error qemu-ga sends for bytes it cannot read).
+    Reply {
+        /// The echoed `id`.
+        id: Option<Value>,
+        /// The result.
+        result: Result<Value, AgentErrorReply>,
+    },
+    /// A JSON object of no known shape (qemu-ga sends none; kept so that it is not an error).
+    Unrecognized(Value),
+}
+
+/// Parses one line (without terminator) into an [`AgentMessage`]. Only bytes that are not a
+/// JSON object are an error.
+pub fn parse_reply(line: &[u8]) -> Result<AgentMessage, DecodeError> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| DecodeError::new(format!("invalid JSON from the guest agent: {e}"), line))?;
+    let Value::Object(mut obj) = value else {
+        return Err(DecodeError::new(
+            "guest agent message is not a JSON object",
+            line,
+        ));
+    };
+    if obj.contains_key("return") {
+        let id = obj.remove("id");
+        let ret = obj.remove("return").unwrap_or(Value::Null);
+        return Ok(AgentMessage::Reply {
+            id,
+            result: Ok(ret),
+        });
+    }
+    let error = obj.get("error").and_then(|e| {
+        Some(AgentErrorReply {
+            class: e.get("class")?.as_str()?.to_owned(),
+            desc: e.get("desc")?.as_str()?.to_owned(),
+        })
+    });
+    match error {
+        Some(reply) => Ok(AgentMessage::Reply {
+            id: obj.remove("id"),
+            result: Err(reply),
+        }),
+        None => Ok(AgentMessage::Unrecognized(Value::Object(obj))),
+    }
+}
 
 /// Serialises a command, newline-terminated. `id` is echoed by qemu-ga (7.2 does), which lets
 /// the client recognise a stale reply.
@@ -54,8 +115,8 @@ pub fn encode_sync_delimited(id: u64) -> Vec<u8> {
 }
 
 /// `true` if `msg` is the reply to the `guest-sync-delimited` with `id`.
-pub fn is_sync_reply(msg: &QmpMessage, id: u64) -> bool {
-    matches!(msg, QmpMessage::Reply { result: Ok(v), .. } if v.as_u64() == Some(id))
+pub fn is_sync_reply(msg: &AgentMessage, id: u64) -> bool {
+    matches!(msg, AgentMessage::Reply { result: Ok(v), .. } if v.as_u64() == Some(id))
 }
 
 /// Cuts the agent byte stream into messages, and skips junk during a resync.
@@ -73,12 +134,27 @@ impl Default for AgentDecoder {
 }
 
 impl AgentDecoder {
-    /// A decoder for a fresh connection.
+    /// A decoder for a fresh connection, with the default [`MAX_REPLY_LINE`].
     pub fn new() -> Self {
+        Self::with_max_line(MAX_REPLY_LINE)
+    }
+
+    /// A decoder that rejects reply lines longer than `max_line` bytes.
+    pub fn with_max_line(max_line: usize) -> Self {
         Self {
-            framer: LineFramer::new(MAX_REPLY_LINE),
+            framer: LineFramer::new(max_line),
             skipping: false,
         }
+    }
+
+    /// Bytes buffered now (bounded by the line limit plus one read).
+    pub fn buffered_len(&self) -> usize {
+        self.framer.buffered().len()
+    }
+
+    /// Frees a large buffer once it is empty (see [`LineFramer::release_if_empty`]).
+    pub fn release_if_empty(&mut self) {
+        self.framer.release_if_empty();
     }
 
     /// Appends received bytes.
@@ -105,7 +181,7 @@ impl AgentDecoder {
     /// whatever precedes it on the line is junk, such as the unterminated start of a reply
     /// cut short when the agent restarted. (A late reply to an earlier sync starts with one.)
     /// Bytes that are not JSON are an error: the caller should resync.
-    pub fn next_message(&mut self) -> Result<Option<QmpMessage>, DecodeError> {
+    pub fn next_message(&mut self) -> Result<Option<AgentMessage>, DecodeError> {
         loop {
             if self.skipping {
                 if !self.framer.discard_through(SYNC_DELIMITER) {
@@ -126,194 +202,13 @@ impl AgentDecoder {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return parse_message(&line).map(Some);
+            return parse_reply(&line).map(Some);
         }
     }
 
     /// The start of the bytes buffered but not yet decoded (for error messages).
     pub fn buffered_excerpt(&self) -> String {
         excerpt(self.framer.buffered())
-    }
-}
-
-// ------------------------------------------------------------------------------------------
-// Typed replies
-// ------------------------------------------------------------------------------------------
-
-/// One command in the `guest-info` reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentCommandInfo {
-    /// Command name.
-    pub name: String,
-    /// `false` if blocked with `-b/--block-rpcs` (or not supported on this guest OS).
-    pub enabled: bool,
-    /// `false` for commands that send no reply on success (guest-shutdown, guest-suspend-*).
-    /// Assumed `true` when an agent does not say.
-    #[serde(rename = "success-response", default = "default_true")]
-    pub success_response: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-/// The reply of `guest-info`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentInfo {
-    /// qemu-ga's version, e.g. `7.2.22`.
-    pub version: String,
-    /// Every command qemu-ga knows, with whether it is enabled.
-    pub supported_commands: Vec<AgentCommandInfo>,
-    /// Fields this crate does not know.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl AgentInfo {
-    /// The entry for `name`, if qemu-ga knows the command.
-    pub fn command(&self, name: &str) -> Option<&AgentCommandInfo> {
-        self.supported_commands.iter().find(|c| c.name == name)
-    }
-
-    /// `true` if qemu-ga knows `name` and it is enabled.
-    pub fn is_enabled(&self, name: &str) -> bool {
-        self.command(name).is_some_and(|c| c.enabled)
-    }
-}
-
-/// One IP address of a guest interface.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestIpAddress {
-    /// `ipv4` or `ipv6` (kept as sent).
-    #[serde(rename = "ip-address-type")]
-    pub ip_address_type: String,
-    /// The address in text form.
-    #[serde(rename = "ip-address")]
-    pub ip_address: String,
-    /// The prefix length.
-    pub prefix: u32,
-}
-
-/// One interface in the `guest-network-get-interfaces` reply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GuestNetworkInterface {
-    /// Interface name in the guest (e.g. `eth0`).
-    pub name: String,
-    /// MAC address, when the interface has one.
-    #[serde(rename = "hardware-address", default)]
-    pub hardware_address: Option<String>,
-    /// Addresses (absent for an interface without any).
-    #[serde(rename = "ip-addresses", default)]
-    pub ip_addresses: Vec<GuestIpAddress>,
-    /// Everything else (`statistics`...), verbatim.
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-/// The reply of `guest-fsfreeze-status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsFreezeStatus {
-    /// Filesystems are writable.
-    Thawed,
-    /// Filesystems are frozen.
-    Frozen,
-}
-
-/// The mode of `guest-shutdown`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShutdownMode {
-    /// Power off (qemu-ga's default).
-    Powerdown,
-    /// Halt without powering off.
-    Halt,
-    /// Reboot.
-    Reboot,
-}
-
-/// The arguments of `guest-exec`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GuestExecRequest {
-    /// Path of the program in the guest.
-    pub path: String,
-    /// Arguments (without argv\[0\]).
-    pub args: Vec<String>,
-    /// Extra environment, `NAME=value` each.
-    pub env: Vec<String>,
-    /// Bytes fed to the program's stdin.
-    pub input: Option<Vec<u8>>,
-    /// Collect stdout and stderr (returned by `guest-exec-status` once it exited).
-    pub capture_output: bool,
-}
-
-impl GuestExecRequest {
-    /// The `arguments` object of the command.
-    pub fn to_arguments(&self) -> Value {
-        let mut args = json!({ "path": self.path, "capture-output": self.capture_output });
-        if !self.args.is_empty() {
-            args["arg"] = json!(self.args);
-        }
-        if !self.env.is_empty() {
-            args["env"] = json!(self.env);
-        }
-        if let Some(input) = &self.input {
-            args["input-data"] = json!(base64_encode(input));
-        }
-        args
-    }
-}
-
-/// The reply of `guest-exec-status`, with output already base64-decoded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GuestExecStatus {
-    /// Whether the process has exited; the other fields are only meaningful once it has.
-    pub exited: bool,
-    /// Exit code, if it exited normally.
-    pub exit_code: Option<i64>,
-    /// Signal number, if a signal killed it.
-    pub signal: Option<i64>,
-    /// Captured stdout.
-    pub out_data: Option<Vec<u8>>,
-    /// Captured stderr.
-    pub err_data: Option<Vec<u8>>,
-    /// qemu-ga truncated stdout (it keeps at most 16 MiB).
-    pub out_truncated: bool,
-    /// qemu-ga truncated stderr.
-    pub err_truncated: bool,
-}
-
-impl GuestExecStatus {
-    /// Interprets the raw `return` of `guest-exec-status`.
-    pub fn from_reply(value: &Value) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        struct Wire {
-            exited: bool,
-            exitcode: Option<i64>,
-            signal: Option<i64>,
-            #[serde(rename = "out-data")]
-            out_data: Option<String>,
-            #[serde(rename = "err-data")]
-            err_data: Option<String>,
-            #[serde(rename = "out-truncated", default)]
-            out_truncated: bool,
-            #[serde(rename = "err-truncated", default)]
-            err_truncated: bool,
-        }
-        let wire = Wire::deserialize(value).map_err(|e| e.to_string())?;
-        let decode = |field: &str, data: Option<String>| {
-            data.map(|s| base64_decode(&s).map_err(|e| format!("{field}: {e}")))
-                .transpose()
-        };
-        Ok(Self {
-            exited: wire.exited,
-            exit_code: wire.exitcode,
-            signal: wire.signal,
-            out_data: decode("out-data", wire.out_data)?,
-            err_data: decode("err-data", wire.err_data)?,
-            out_truncated: wire.out_truncated,
-            err_truncated: wire.err_truncated,
-        })
     }
 }
 
@@ -385,20 +280,20 @@ pub fn base64_decode(text: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::{
+        AgentInfo, FsFreezeStatus, GuestExecRequest, GuestExecStatus, GuestNetworkInterface,
+    };
 
-    /// Real bytes recorded from qemu-ga 7.2 (see tests/fixtures/transcripts/README.md).
+    /// Real bytes recorded from qemu-ga 7.2 (see tests/fixtures/README.md).
     fn transcript(name: &str) -> Vec<u8> {
-        let path = format!(
-            "{}/tests/fixtures/transcripts/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
     }
 
     /// The id the recorder used for its guest-sync-delimited requests.
     const RECORDED_SYNC_ID: u64 = 1_234_567;
 
-    fn decode_all(dec: &mut AgentDecoder, bytes: &[u8]) -> Vec<QmpMessage> {
+    fn decode_all(dec: &mut AgentDecoder, bytes: &[u8]) -> Vec<AgentMessage> {
         dec.push(bytes);
         let mut out = Vec::new();
         while let Some(m) = dec.next_message().expect("decodes") {
@@ -410,7 +305,7 @@ mod tests {
     fn single_reply(name: &str) -> Result<Value, (String, String)> {
         let msgs = decode_all(&mut AgentDecoder::new(), &transcript(name));
         match msgs.as_slice() {
-            [QmpMessage::Reply { result, .. }] => result
+            [AgentMessage::Reply { result, .. }] => result
                 .clone()
                 .map_err(|e| (e.class.clone(), e.desc.clone())),
             other => panic!("{name}: expected one reply, got {other:?}"),
@@ -434,7 +329,7 @@ mod tests {
         let msgs = decode_all(&mut AgentDecoder::new(), &bytes);
         assert!(msgs.iter().any(|m| matches!(
             m,
-            QmpMessage::Reply { result: Err(e), .. } if e.desc.contains("JSON parse error")
+            AgentMessage::Reply { result: Err(e), .. } if e.desc.contains("JSON parse error")
         )));
         assert!(msgs.iter().any(|m| is_sync_reply(m, RECORDED_SYNC_ID)));
     }
@@ -549,7 +444,7 @@ mod tests {
         let msgs = decode_all(&mut AgentDecoder::new(), &transcript("agent-ping-id.raw"));
         assert!(matches!(
             msgs.as_slice(),
-            [QmpMessage::Reply { id: Some(id), result: Ok(_) }] if id == &json!(42)
+            [AgentMessage::Reply { id: Some(id), result: Ok(_) }] if id == &json!(42)
         ));
     }
 
