@@ -272,6 +272,22 @@ pub enum Verb {
         #[arg(long)]
         read_only: bool,
     },
+    /// Run a raw guest agent command (virsh `qemu-agent-command`) and print its `return`
+    /// value as JSON (`{}` for guest-shutdown/guest-suspend-*, which send no reply). The
+    /// domain needs `[[channels]] kind = "guest_agent"`. Full access.
+    #[command(visible_alias = "qemu-agent-command")]
+    Agent {
+        /// The domain.
+        domain: String,
+        /// The command: `{"execute": "NAME", "arguments": {...}}`.
+        command: String,
+        /// Seconds to wait for the reply (default: the agent client's).
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+        /// Print one JSON line, `{"return": VALUE}` (default: the value, indented).
+        #[arg(long)]
+        json: bool,
+    },
     /// The daemon's version and backends, and this connection's access level.
     DaemonVersion {
         /// Print JSON.
@@ -375,6 +391,7 @@ pub fn exit_code(e: &ClientError) -> u8 {
             "permission_denied" => exit::PERMISSION_DENIED,
             "invalid_config" => exit::INVALID_CONFIG,
             "bad_request" => exit::USAGE,
+            "guest_agent" if r.detail.agent_error == "timeout" => exit::TIMEOUT,
             _ => exit::ERROR,
         },
         ClientError::Unreachable { .. } => exit::UNREACHABLE,
@@ -841,6 +858,31 @@ pub async fn run(client: &mut client::Client, verb: Verb) -> Result<u8, Failure>
             }
         }
         Verb::Console { domain, read_only } => return console(client, &domain, !read_only).await,
+        Verb::Agent {
+            domain,
+            command,
+            timeout,
+            json,
+        } => {
+            let request = pb::AgentCommandRequest {
+                domain: Some(domain_ref(&domain)),
+                command_json: command,
+                timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
+            };
+            let reply = client.agent_command(request).await?.into_inner();
+            let value: serde_json::Value =
+                serde_json::from_str(&reply.reply_json).map_err(|e| ClientError::Transport {
+                    code: tonic::Code::DataLoss,
+                    message: format!("domkitd sent an agent reply that is not JSON: {e}"),
+                })?;
+            if json {
+                say(serde_json::json!({ "return": value }))?;
+            } else {
+                let text =
+                    serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string());
+                say(text)?;
+            }
+        }
         Verb::DaemonVersion { json } => {
             let v = client.version(pb::VersionRequest {}).await?.into_inner();
             if json {
@@ -1252,6 +1294,27 @@ async fn console(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_errors_exit_with_their_code() {
+        use domkit_core::{AgentError, Error};
+        let code_of = |e: Error| exit_code(&ClientError::from(convert::error_to_status(&e)));
+        let timeout = AgentError::Timeout {
+            command: "guest-ping".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(code_of(Error::agent("web1", timeout)), exit::TIMEOUT);
+        let failed = AgentError::CommandFailed {
+            class: "GenericError".into(),
+            desc: "no".into(),
+        };
+        assert_eq!(code_of(Error::agent("web1", failed)), exit::ERROR);
+        let none = Error::NoGuestAgent {
+            domain: "web1".into(),
+            reason: String::new(),
+        };
+        assert_eq!(code_of(none), exit::ERROR);
+    }
 
     fn event(cursor: u64, seq: u64) -> pb::EventMessage {
         pb::EventMessage {

@@ -5,8 +5,8 @@
 
 use crate::pb;
 use domkit_core::{
-    ConfigError, ControlState, DomainEvent, DomainId, DomainInfo, DomainState, Error, EventKind,
-    Operation, ShutdownMode, ShutdownOutcome, ShutdownWait,
+    AgentError, ConfigError, ControlState, DomainEvent, DomainId, DomainInfo, DomainState, Error,
+    EventKind, Operation, ShutdownMode, ShutdownOutcome, ShutdownWait,
 };
 use prost::Message as _;
 use tonic::{Code, Status};
@@ -201,6 +201,36 @@ fn config_error_fields(e: &ConfigError) -> (&'static str, String) {
     }
 }
 
+/// The agent error's kind name and typed fields in `d`, and its status code.
+fn agent_error_fields(e: &AgentError, d: &mut pb::ErrorDetail) -> Code {
+    let (name, code) = match e {
+        AgentError::CommandFailed { class, desc } => {
+            d.agent_class = class.clone();
+            d.reason = desc.clone();
+            ("command_failed", Code::FailedPrecondition)
+        }
+        AgentError::Unsupported { reason, .. } => {
+            d.reason = reason.clone();
+            ("unsupported", Code::Unimplemented)
+        }
+        AgentError::Timeout { after, .. } => {
+            d.after_ms = after.as_millis() as u64;
+            ("timeout", Code::DeadlineExceeded)
+        }
+        AgentError::Disconnected => ("disconnected", Code::Unavailable),
+        AgentError::NotConnected { .. } => ("not_connected", Code::Unavailable),
+        AgentError::Protocol { .. } => ("protocol", Code::Internal),
+        AgentError::InvalidArgument(_) => ("invalid_argument", Code::InvalidArgument),
+        AgentError::Io(source) => {
+            d.io_error = source.to_string();
+            d.os_errno = source.raw_os_error().unwrap_or(0);
+            ("io", Code::Internal)
+        }
+    };
+    d.agent_error = name.into();
+    code
+}
+
 /// The typed detail of a library error.
 pub fn error_detail(e: &Error) -> (Code, pb::ErrorDetail) {
     use pb::ErrorKind as K;
@@ -318,6 +348,18 @@ pub fn error_detail(e: &Error) -> (Code, pb::ErrorDetail) {
             d.reason = message.clone();
             Code::Internal
         }
+        Error::NoGuestAgent { domain, reason } => {
+            d.kind = K::NoGuestAgent as i32;
+            d.domain = domain.clone();
+            d.reason = reason.clone();
+            Code::FailedPrecondition
+        }
+        Error::GuestAgent { domain, source } => {
+            d.kind = K::GuestAgent as i32;
+            d.domain = domain.clone();
+            d.reason = source.to_string();
+            agent_error_fields(source, &mut d)
+        }
         // Error is non-exhaustive: a newer variant keeps its message.
         _ => Code::Unknown,
     };
@@ -375,6 +417,8 @@ pub fn kind_name(kind: i32) -> &'static str {
         K::BadRequest => "bad_request",
         K::EventsLost => "events_lost",
         K::Busy => "busy",
+        K::NoGuestAgent => "no_guest_agent",
+        K::GuestAgent => "guest_agent",
     }
 }
 
@@ -420,6 +464,36 @@ mod tests {
                 Error::io("reading x", std::io::Error::from_raw_os_error(13)),
                 "io",
                 Code::Internal,
+            ),
+            (
+                Error::NoGuestAgent {
+                    domain: "web1".into(),
+                    reason: String::new(),
+                },
+                "no_guest_agent",
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::agent(
+                    "web1",
+                    AgentError::Timeout {
+                        command: "guest-ping".into(),
+                        after: Duration::from_secs(2),
+                    },
+                ),
+                "guest_agent",
+                Code::DeadlineExceeded,
+            ),
+            (
+                Error::agent(
+                    "web1",
+                    AgentError::Unsupported {
+                        command: "guest-exec".into(),
+                        reason: "disabled".into(),
+                    },
+                ),
+                "guest_agent",
+                Code::Unimplemented,
             ),
         ];
         for (e, kind, code) in errors {

@@ -11,6 +11,7 @@ use crate::backend::{BackendDomain, BackendDriver, Backends};
 use crate::convert::{self, daemon_status, error_to_status};
 use crate::journal::{Entry, Filter, Item, Journal};
 use crate::pb;
+use domkit_core::agent::types::NO_REPLY_COMMANDS;
 use domkit_core::console::ConsoleAccess;
 use domkit_core::{
     Domain, DomainConfig, Error, PmSuspendTarget, RestoreOptions, ShutdownOptions, StartOptions,
@@ -260,6 +261,46 @@ fn ref_text(target: Option<&pb::DomainRef>) -> String {
 
 fn bad_request(message: impl Into<String>) -> Status {
     daemon_status(Code::InvalidArgument, pb::ErrorKind::BadRequest, message)
+}
+
+/// The command name and arguments of a raw agent command (`{"execute": NAME, "arguments":
+/// {...}}`, as `virsh qemu-agent-command` takes it); anything else is a BAD_REQUEST.
+fn parse_agent_command(text: &str) -> Result<(String, Option<serde_json::Value>), Status> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| bad_request(format!("the agent command is not JSON: {e}")))?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(bad_request(
+            "the agent command must be a JSON object: {\"execute\": \"NAME\", \"arguments\": {...}}",
+        ));
+    };
+    let command = match object.remove("execute") {
+        Some(serde_json::Value::String(name)) if !name.is_empty() => name,
+        Some(_) => {
+            return Err(bad_request(
+                "the agent command's \"execute\" must be a non-empty string",
+            ))
+        }
+        None => {
+            return Err(bad_request(
+                "the agent command has no \"execute\": want {\"execute\": \"NAME\", \"arguments\": {...}}",
+            ))
+        }
+    };
+    let arguments = match object.remove("arguments") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(args @ serde_json::Value::Object(_)) => Some(args),
+        Some(_) => {
+            return Err(bad_request(
+                "the agent command's \"arguments\" must be a JSON object",
+            ))
+        }
+    };
+    if let Some(key) = object.keys().next() {
+        return Err(bad_request(format!(
+            "the agent command has an unknown key {key:?}: only \"execute\" and \"arguments\" (the daemon sets the id)"
+        )));
+    }
+    Ok((command, arguments))
 }
 
 fn parse_uuid(text: &str) -> Result<Uuid, Status> {
@@ -669,6 +710,57 @@ impl pb::domkit_server::Domkit for DomkitService {
         .await
     }
 
+    async fn agent_command(
+        &self,
+        req: Request<pb::AgentCommandRequest>,
+    ) -> Result<Response<pb::AgentCommandReply>, Status> {
+        let peer = peer_of(&req);
+        let r = req.into_inner();
+        // Refuse a read-only connection before looking at the command.
+        self.require_full("agent_command", &peer)?;
+        let (command, arguments) = match parse_agent_command(&r.command_json) {
+            Ok(parsed) => parsed,
+            Err(status) => {
+                log_failure(
+                    "agent_command",
+                    &ref_text(r.domain.as_ref()),
+                    &peer,
+                    Instant::now(),
+                    &status,
+                );
+                return Err(status);
+            }
+        };
+        let timeout = r.timeout_ms.filter(|&ms| ms > 0).map(Duration::from_millis);
+        let (_, reply) = self
+            .op(
+                "agent_command",
+                &peer,
+                r.domain.as_ref(),
+                move |d| async move {
+                    let name = d.id().name;
+                    let agent = with_domain!(&d, x => x.guest_agent().await)?;
+                    let agent_err = |e| Error::agent(&name, e);
+                    if NO_REPLY_COMMANDS.contains(&command.as_str()) {
+                        agent
+                            .execute_no_reply(&command, arguments)
+                            .await
+                            .map_err(agent_err)?;
+                        return Ok(serde_json::Value::Object(Default::default()));
+                    }
+                    let timeout = timeout.unwrap_or(agent.options().command_timeout);
+                    agent
+                        .execute_with_timeout(&command, arguments, timeout)
+                        .await
+                        .map_err(agent_err)
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::AgentCommandReply {
+            reply_json: reply.to_string(),
+        }))
+    }
+
     type ConsoleStream = ConsoleOutputStream;
 
     async fn console(
@@ -797,5 +889,37 @@ impl pb::domkit_server::Domkit for DomkitService {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_commands_parse_or_are_bad_requests() {
+        let (name, args) = parse_agent_command(r#"{"execute":"guest-ping"}"#).unwrap();
+        assert_eq!((name.as_str(), args), ("guest-ping", None));
+        let (name, args) =
+            parse_agent_command(r#"{"execute":"guest-exec","arguments":{"path":"/bin/true"}}"#)
+                .unwrap();
+        assert_eq!(name, "guest-exec");
+        assert_eq!(args, Some(serde_json::json!({"path": "/bin/true"})));
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#""guest-ping""#,
+            r#"{}"#,
+            r#"{"execute":1}"#,
+            r#"{"execute":""}"#,
+            r#"{"execute":"guest-ping","arguments":[1]}"#,
+            r#"{"execute":"guest-ping","id":7}"#,
+        ] {
+            let status = parse_agent_command(bad).expect_err(bad);
+            assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+            let detail = convert::detail_of(&status).expect("detail");
+            assert_eq!(convert::kind_name(detail.kind), "bad_request", "{bad}");
+        }
     }
 }
