@@ -50,6 +50,11 @@ fn demo_walks_the_lifecycle_through_a_private_domkitd() {
         .iter()
         .filter_map(|l| {
             let e = l["event"].as_str()?;
+            // The guest agent coming and going (§13.4) is not a lifecycle step: its timing
+            // relative to the others depends on the guest.
+            if e.starts_with("agent_") {
+                return None;
+            }
             Some(match l["detail"].as_str() {
                 Some(d) => format!("{e}({d})"),
                 None => e.to_string(),
@@ -74,11 +79,13 @@ fn demo_walks_the_lifecycle_through_a_private_domkitd() {
         "{stdout}"
     );
     let seqs: Vec<u64> = lines.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    // Agent events included: every seq once, in order, from 1.
     assert_eq!(
         seqs,
-        (1..=11).collect::<Vec<_>>(),
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "each event once, in order"
     );
+    assert!(seqs.len() >= 11, "{stdout}");
     let last = lines.last().unwrap();
     assert_eq!(last["final_state"], "shutoff (shutdown)");
     assert_eq!(last["daemon_stopped"], 0, "domkitd stopped cleanly");
