@@ -343,6 +343,14 @@ impl Lifecycle {
         self.event(kind, at)
     }
 
+    /// A guest end reported while one is already decided (`pending_end`): live, a repeated
+    /// report (nothing to do). On reattach it is the backend domain still in the shut-down
+    /// state the previous manager was ending when it died (§11.4): carry that end out (no
+    /// new event; the `Gone` that follows reports `pending_end`).
+    fn end_already_decided(&self) -> Option<PolicyAction> {
+        self.reconciling.then_some(PolicyAction::Destroy)
+    }
+
     fn event(&mut self, kind: EventKind, at: SystemTime) -> DomainEvent {
         self.seq += 1;
         DomainEvent {
@@ -487,8 +495,11 @@ impl Lifecycle {
                 None
             }
             O::GuestPoweredOff => {
-                if !self.state.is_active() || self.pending_end.is_some() {
-                    return None; // gone, or already ending: a repeated report
+                if !self.state.is_active() {
+                    return None; // gone
+                }
+                if self.pending_end.is_some() {
+                    return self.end_already_decided(); // already ending
                 }
                 if matches!(
                     self.state,
@@ -541,8 +552,11 @@ impl Lifecycle {
                 by,
                 platform_restarted,
             } => {
-                if !self.state.is_active() || self.pending_end.is_some() {
+                if !self.state.is_active() {
                     return None;
+                }
+                if self.pending_end.is_some() {
+                    return self.end_already_decided();
                 }
                 if matches!(
                     self.state,
@@ -589,11 +603,14 @@ impl Lifecycle {
                 }
             }
             O::Crashed { detail } => {
-                if !self.state.is_active()
-                    || matches!(self.state, S::Crashed(_))
-                    || self.pending_end.is_some()
-                {
-                    return None; // repeated, or already ending
+                if !self.state.is_active() {
+                    return None;
+                }
+                if self.pending_end.is_some() {
+                    return self.end_already_decided(); // already ending
+                }
+                if matches!(self.state, S::Crashed(_)) {
+                    return None; // repeated
                 }
                 let reason = match detail {
                     CrashedDetail::Panicked => CrashedReason::Panicked,

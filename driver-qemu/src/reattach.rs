@@ -153,6 +153,37 @@ mod tests {
         assert!(out.events[0].reconciled);
     }
 
+    /// The same kill, but QEMU still there in run state `shutdown` (the quit not sent yet):
+    /// the reconciled poweroff is the end already decided, so the new manager carries it out
+    /// (destroy, no second `shutdown_requested`), and the exit is `shutoff(shutdown)`.
+    #[test]
+    fn a_decided_end_found_not_carried_out_is_carried_out() {
+        use domkit_core::{Observation, PolicyAction, ShuttingDownReason};
+        let id = DomainId {
+            name: "r".into(),
+            uuid: uuid::Uuid::nil(),
+        };
+        let mut next = Lifecycle::resume_from(
+            id,
+            LifecyclePolicies::default(),
+            41,
+            DomainState::ShuttingDown(ShuttingDownReason::User),
+        )
+        .with_pending_end(Some(ShutoffReason::Shutdown));
+        let out = next.observe_reconciled(Observation::GuestPoweredOff, SystemTime::now());
+        assert!(out.events.is_empty(), "{:?}", out.events);
+        assert_eq!(out.action, Some(PolicyAction::Destroy));
+        let live = next.observe(Observation::GuestPoweredOff, SystemTime::now());
+        assert_eq!(live.action, None, "a live repeat is only a repeat");
+        let out = next.observe(plan_gone(None).observation, SystemTime::now());
+        assert_eq!(next.state(), DomainState::Shutoff(ShutoffReason::Shutdown));
+        assert_eq!(
+            out.events[0].kind,
+            EventKind::Stopped(StoppedDetail::Shutdown)
+        );
+        assert_eq!(out.events[0].seq, 42);
+    }
+
     #[test]
     fn gone_during_an_uncommitted_save_removes_the_temp_and_is_never_saved() {
         let mut l = resumed(DomainState::Paused(PausedReason::Save));
