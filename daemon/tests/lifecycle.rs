@@ -158,8 +158,15 @@ async fn cli_lifecycle() {
         ],
         "{history}"
     );
-    // From a later cursor: only what follows.
-    let tail = cli_ok(&sock, &["event", "cli1", "--since", "8", "--json"]);
+    // From a later cursor (the reboot's seq; agent events take seqs too): only what follows.
+    let rebooted = history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "rebooted")
+        .and_then(|v| v["seq"].as_u64())
+        .expect("the reboot in the history");
+    let since = rebooted.to_string();
+    let tail = cli_ok(&sock, &["event", "cli1", "--since", &since, "--json"]);
     assert_eq!(
         event_kinds(&tail),
         ["shutdown_requested(host)", "stopped(shutdown)"],
