@@ -5,8 +5,9 @@
 #   3. cargo test for the QEMU side: core, domkit-qemu (real QEMU + real qemu-ga + the test
 #      guest, TCG), the conformance suite on QEMU, the CLI
 #   4. the Xen side: libxenlight-sys + domkit-libxl unit tests on the host, then, in the
-#      background while step 3 runs, the libxl integration tests and the conformance suite
-#      on libxl, each inside its own real Xen 4.17 host booted nested under QEMU TCG (xen-host/)
+#      background while step 3 runs, the libxl integration tests then domkitd's libxl tests,
+#      and the conformance suite on libxl, each inside a real Xen 4.17 host booted nested
+#      under QEMU TCG (xen-host/)
 # Ends with one line `domkit-tests: N passed, M failed, K skipped`; exits non-zero on any
 # failure. Set DOMKIT_SKIP_XEN=1 to skip step 4 (it is then reported as skipped, not passed).
 # Set DOMKIT_RECORD_DIR=DIR to keep both conformance results records there (qemu.json,
@@ -18,6 +19,7 @@ logdir=$(mktemp -d)
 log=$logdir/cargo.log      # cargo's own `test result:` lines are counted from here
 xenlog=$logdir/xen.log     # only the harness's `xen-host:` summary is counted from here
 xenconflog=$logdir/xen-conformance.log  # and its `xen-conformance:` line from here
+xendaemonlog=$logdir/xen-daemon.log  # and the domkitd-in-dom0 run's `xen-host:` line from here
 fail=0
 stage() { printf '\n==== %s ====\n' "$*"; }
 run() { # run LOGFILE CMD...: tee the output into LOGFILE, remember failure
@@ -40,7 +42,9 @@ echo "test guest: $DOMKIT_GUEST_DIR"
 stage "lint: rustfmt, clippy -D warnings, rustdoc -D warnings"
 run "$log" cargo fmt --all -- --check
 if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then lint_scope=(); else lint_scope=(--workspace); fi
-run "$log" cargo clippy "${lint_scope[@]}" --all-targets -- -D warnings
+# With Xen, domkitd's libxl code and its dom0 tests (daemon/tests/libxl.rs) too.
+if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then lint_features=(); else lint_features=(--features domkitd/libxl); fi
+run "$log" cargo clippy "${lint_scope[@]}" "${lint_features[@]}" --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" run "$log" cargo doc "${lint_scope[@]}" --no-deps -q
 
 stage "build the tests (QEMU side) and the domkit CLI"
@@ -48,8 +52,11 @@ stage "build the tests (QEMU side) and the domkit CLI"
 # the target directory's lock while its tests run, and the Xen side, which runs meanwhile,
 # builds its payload with cargo.
 build_json=$logdir/tests-build.json
+# With Xen, domkitd is built with libxl (as xen-host/run-daemon-tests.sh builds it for the
+# dom0, so its build there is a no-op): on this host it only logs "not a Xen dom0".
+if [ "${DOMKIT_SKIP_XEN:-0}" = 1 ]; then daemon_features=(); else daemon_features=(--features domkitd/libxl); fi
 if ! cargo test --no-run --workspace --exclude libxenlight-sys --exclude domkit-libxl \
-  --message-format=json-render-diagnostics >"$build_json"; then
+  "${daemon_features[@]}" --message-format=json-render-diagnostics >"$build_json"; then
   echo "!!!! FAILED: building the tests" | tee -a "$log"
   fail=1
 fi
@@ -78,6 +85,9 @@ else
   xen_pid=$!
   (
     bash xen-host/run-libxl-tests.sh >"$xenlog" 2>&1 || echo "!!!! FAILED (rc=$?): xen-host/run-libxl-tests.sh" >>"$xenlog"
+    # domkitd serving Xen domains (issue 13), in a third boot of the host, after the
+    # integration tests: the conformance suite is the longer of the two jobs.
+    bash xen-host/run-daemon-tests.sh >"$xendaemonlog" 2>&1 || echo "!!!! FAILED (rc=$?): xen-host/run-daemon-tests.sh" >>"$xendaemonlog"
   ) &
   xen_pid="$xen_pid $!"
 fi
@@ -94,9 +104,11 @@ if [ -n "$xen_pid" ]; then
   # shellcheck disable=SC2086 # two pids
   wait $xen_pid
   cat "$xenlog"
+  stage "domkitd serving Xen domains, inside a nested Xen host"
+  cat "$xendaemonlog"
   stage "conformance suite on libxl, inside a nested Xen host"
   cat "$xenconflog"
-  grep -q '^!!!! FAILED' "$xenlog" "$xenconflog" && fail=1
+  grep -q '^!!!! FAILED' "$xenlog" "$xendaemonlog" "$xenconflog" && fail=1
 fi
 
 # Sum every runner's counts: cargo's `test result:` lines, and `xen-host:` lines.
@@ -107,6 +119,11 @@ if [ -s "$xenlog" ]; then
   read -r xp xf < <(awk '/^xen-host: [0-9]+ passed, [0-9]+ failed/ { p=$2; f=$4 } END { print p+0, f+0 }' "$xenlog")
   passed=$((passed + xp)); failed=$((failed + xf))
   grep -q '^xen-host: [0-9]* passed' "$xenlog" || { echo "the Xen host run printed no result line"; fail=1; }
+fi
+if [ -s "$xendaemonlog" ]; then
+  read -r xp xf < <(awk '/^xen-host: [0-9]+ passed, [0-9]+ failed/ { p=$2; f=$4 } END { print p+0, f+0 }' "$xendaemonlog")
+  passed=$((passed + xp)); failed=$((failed + xf))
+  grep -q '^xen-host: [0-9]* passed' "$xendaemonlog" || { echo "the domkitd Xen host run printed no result line"; fail=1; }
 fi
 if [ -s "$xenconflog" ]; then
   read -r cp cf cs < <(awk '/^xen-conformance: [0-9]+ passed/ { p=$2; f=$4; s=$6 } END { print p+0, f+0, s+0 }' "$xenconflog")

@@ -94,7 +94,7 @@ async fn cli_lifecycle() {
     );
     cli_ok(&sock, &["resume", "cli1"]);
     common::wait_guest_ready(&daemon.dirs.serial_log("cli1"), 1).await;
-    console_runs_a_command(&sock, "cli1");
+    common::console_runs_a_command(&sock, "cli1");
 
     let save = daemon.dirs.root.path().join("cli1.save");
     let save = save.display().to_string();
@@ -191,57 +191,6 @@ async fn cli_lifecycle() {
         log.contains("uid=0"),
         "the peer's credentials are logged: {log}"
     );
-}
-
-/// `domkit console`: what is typed reaches the guest's shell on its serial console, what it
-/// prints comes back, Ctrl-] leaves.
-fn console_runs_a_command(sock: &std::path::Path, name: &str) {
-    use std::io::{Read, Write};
-    let mut child = std::process::Command::new(common::domkit_bin())
-        .arg("--socket")
-        .arg(sock)
-        .args(["console", name])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("domkit console");
-    let mut stdout = child.stdout.take().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let reader = {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        })
-    };
-    let mut stdin = child.stdin.take().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    // The shell may still be starting: type the command until its output shows.
-    loop {
-        stdin.write_all(b"echo dk-$((6*7))\n").unwrap();
-        stdin.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-        if text.contains("dk-42") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the console never showed the command's output: {text:?}"
-        );
-    }
-    stdin.write_all(&[0x1d]).unwrap();
-    stdin.flush().unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "Ctrl-] leaves the console: {status}");
-    drop(stdin);
-    let _ = reader.join();
 }
 
 async fn define_guest(c: &mut domkitd::client::Client, name: &str) {

@@ -50,14 +50,20 @@ impl Dirs {
     }
 }
 
+/// The domkitd binary: cargo's, or `$DOMKIT_DOMKITD_BIN` (inside the nested Xen dom0, where
+/// the tests run from a payload, not from the build tree).
 pub fn domkitd_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_domkitd"))
+    std::env::var_os("DOMKIT_DOMKITD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_domkitd")))
 }
 
 /// The `domkit` CLI binary (package domkit-examples), built beside domkitd by
-/// `cargo test --workspace` (examples/tests makes cargo build it).
+/// `cargo test --workspace` (examples/tests makes cargo build it), or `$DOMKIT_CLI_BIN`.
 pub fn domkit_bin() -> PathBuf {
-    let path = domkitd_bin().with_file_name("domkit");
+    let path = std::env::var_os("DOMKIT_CLI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| domkitd_bin().with_file_name("domkit"));
     assert!(
         path.is_file(),
         "{} is missing: build it first (cargo build -p domkit-examples --bin domkit), or run \
@@ -329,4 +335,55 @@ pub fn cli_tty_stderr(socket: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         tty,
     )
+}
+
+/// `domkit console`: what is typed reaches the guest's shell on its serial console, what it
+/// prints comes back, Ctrl-] leaves.
+pub fn console_runs_a_command(sock: &Path, name: &str) {
+    use std::io::{Read, Write};
+    let mut child = Command::new(domkit_bin())
+        .arg("--socket")
+        .arg(sock)
+        .args(["console", name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("domkit console");
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // The shell may still be starting: type the command until its output shows.
+    loop {
+        stdin.write_all(b"echo dk-$((6*7))\n").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let text = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        if text.contains("dk-42") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console never showed the command's output: {text:?}"
+        );
+    }
+    stdin.write_all(&[0x1d]).unwrap();
+    stdin.flush().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "Ctrl-] leaves the console: {status}");
+    drop(stdin);
+    let _ = reader.join();
 }
