@@ -14,7 +14,8 @@ use crate::pb;
 use domkit_core::agent::types::NO_REPLY_COMMANDS;
 use domkit_core::console::ConsoleAccess;
 use domkit_core::{
-    Domain, DomainConfig, Error, PmSuspendTarget, RestoreOptions, ShutdownOptions, StartOptions,
+    Domain, DomainConfig, DomainEvent, Error, PmSuspendTarget, RestoreOptions, ShutdownOptions,
+    StartOptions,
 };
 use futures::{FutureExt, StreamExt};
 use std::future::Future;
@@ -55,8 +56,17 @@ impl DaemonCore {
             for info in driver.list().await.unwrap_or_default() {
                 if let Ok(domain) = driver.lookup_by_uuid(info.id.uuid).await {
                     let seq = with_domain!(&domain, d => d.snapshot().seq);
-                    let known = journal.last_seq(info.id.uuid).is_some();
-                    seqs.push((info.id, seq, known));
+                    let last = journal.last_seq(info.id.uuid);
+                    // What the driver produced while opening (the reconciliation of a
+                    // reattach: a save or shutdown a killed daemon left half done) is kept
+                    // by the domain: journaled as events, not declared a gap. Only what no
+                    // process saw stays a gap.
+                    if let Some(last) = last.filter(|&l| l < seq) {
+                        for ev in with_domain!(&domain, d => kept_events(d, last, seq)) {
+                            journal.record_with(name, ev, reattach);
+                        }
+                    }
+                    seqs.push((info.id, seq, last.is_some()));
                 }
             }
             // Events already queued on the subscription were published before the seqs
@@ -98,6 +108,30 @@ impl DaemonCore {
             driver.detach();
         }
     }
+}
+
+/// The events of `domain` with a `seq` in `after + 1..=upto` that it still keeps (from the
+/// oldest kept one when some are gone), without waiting for more.
+fn kept_events<D: Domain>(domain: &D, after: u64, upto: u64) -> Vec<DomainEvent> {
+    let stream = match domain.subscribe_from(after) {
+        Ok(stream) => stream,
+        Err(Error::EventsLost { resumed_at, .. }) => {
+            match domain.subscribe_from(resumed_at.saturating_sub(1)) {
+                Ok(stream) => stream,
+                Err(_) => return Vec::new(),
+            }
+        }
+        Err(_) => return Vec::new(),
+    };
+    let mut stream = stream;
+    let mut kept = Vec::new();
+    while let Some(Some(ev)) = stream.next().now_or_never() {
+        if ev.seq > upto {
+            break;
+        }
+        kept.push(ev);
+    }
+    kept
 }
 
 /// The service as one listener serves it.

@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{cli, cli_ok, Daemon, Dirs};
+use common::{account, cli, cli_ok, Daemon, Dirs, Follower};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -329,6 +329,15 @@ fn killed_mid(mid: Mid) {
     let info: serde_json::Value =
         serde_json::from_str(&cli_ok(&sock, &["dominfo", name, "--json"])).unwrap();
     let uuid = info["uuid"].as_str().expect("uuid").to_string();
+    let s0 = info["seq"].as_u64().expect("seq");
+    // A CLI client follows the domain's events across the kill (`event --loop`).
+    let opened = daemon.log_text().matches("event stream opened").count();
+    let mut follower = Follower::spawn(&sock, name, daemon.dirs.root.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.log_text().matches("event stream opened").count() <= opened {
+        assert!(Instant::now() < deadline, "the follower never subscribed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let status = daemon
         .dirs
         .state()
@@ -403,6 +412,39 @@ fn killed_mid(mid: Mid) {
         cli_ok(&sock, &["list", "--all"]).contains(name),
         "the definition survived the kill"
     );
+    // The follower reconnected by itself and accounts for every seq once, in order (an
+    // event, or a gap naming what no daemon saw).
+    let info: serde_json::Value =
+        serde_json::from_str(&cli_ok(&sock, &["dominfo", name, "--json"])).unwrap();
+    let s2 = info["seq"].as_u64().expect("seq");
+    follower.wait_seq(s2, "after the restart");
+    let entries = follower.entries();
+    let first = match entries.first().and_then(|e| e.get("gap")) {
+        Some(gap) => gap["first_missing"].as_u64(),
+        None => entries.first().and_then(|e| e["seq"].as_u64()),
+    }
+    .expect("the follower printed something");
+    assert!(first > s0, "the follower starts after {s0}: {entries:?}");
+    let (kinds, gaps) = account(&entries, first, s2);
+    assert!(
+        follower
+            .stderr()
+            .contains("reconnected to domkitd; resuming after seq"),
+        "the follower says it reconnected: {}",
+        follower.stderr()
+    );
+    eprintln!("followed across the kill mid-{mid:?}: {kinds:?}, gaps {gaps:?}");
+    // The end is an event: what the restarted daemon's driver reconciled is journaled.
+    let ended = match end.as_str() {
+        "running (save_canceled)" => "resumed(save_canceled)",
+        "shutoff (saved)" => "stopped(saved)",
+        _ => "stopped(shutdown)",
+    };
+    assert!(
+        kinds.iter().any(|k| k == ended),
+        "the end ({end}) is an event: {kinds:?} {gaps:?}"
+    );
+    drop(follower);
     match end.as_str() {
         "running (save_canceled)" => {
             assert_eq!(

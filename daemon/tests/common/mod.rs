@@ -387,3 +387,123 @@ pub fn console_runs_a_command(sock: &Path, name: &str) {
     drop(stdin);
     let _ = reader.join();
 }
+
+/// A `domkit event DOMAIN --loop --json` process writing to files.
+pub struct Follower {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Follower {
+    pub fn spawn(socket: &Path, domain: &str, dir: &Path) -> Follower {
+        let out = dir.join("follower.out");
+        let err = dir.join("follower.err");
+        let child = Command::new(domkit_bin())
+            .arg("--socket")
+            .arg(socket)
+            .args(["event", domain, "--loop", "--json"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn domkit event --loop");
+        Follower { child, out, err }
+    }
+
+    pub fn entries(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Wait until the last printed entry accounts for `seq`.
+    pub fn wait_seq(&mut self, seq: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(last) = self.entries().iter().filter_map(last_position).max() {
+                if last >= seq {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "domkit event --loop exited ({status}) {what}:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the follower never got to seq {seq} {what}: {:?}\nstderr: {}",
+                self.entries(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `seq` an entry of a per-domain stream accounts for.
+pub fn last_position(v: &serde_json::Value) -> Option<u64> {
+    match v.get("gap") {
+        Some(gap) => gap["last_missing"].as_u64(),
+        None => v["seq"].as_u64(),
+    }
+}
+
+/// Check that `entries` account for seqs `first..=last` each exactly once, in order;
+/// return the event kinds (without the guest agent's: §13.4, its timing depends on the
+/// guest) and the gap ranges.
+pub fn account(
+    entries: &[serde_json::Value],
+    first: u64,
+    last: u64,
+) -> (Vec<String>, Vec<(u64, u64)>) {
+    let (mut kinds, mut gaps) = (Vec::new(), Vec::new());
+    let mut next = first;
+    for e in entries {
+        match e.get("gap") {
+            Some(gap) => {
+                let (a, b) = (
+                    gap["first_missing"].as_u64().unwrap(),
+                    gap["last_missing"].as_u64().unwrap(),
+                );
+                assert_eq!(a, next, "a gap starts where the events stop: {entries:?}");
+                gaps.push((a, b));
+                next = b + 1;
+            }
+            None => {
+                assert_eq!(
+                    e["seq"].as_u64().unwrap(),
+                    next,
+                    "every seq once, in order: {entries:?}"
+                );
+                let event = e["event"].as_str().unwrap_or("?");
+                if !event.starts_with("agent_") {
+                    kinds.push(format!("{event}({})", e["detail"].as_str().unwrap_or("")));
+                }
+                next += 1;
+            }
+        }
+    }
+    assert_eq!(
+        next,
+        last + 1,
+        "everything up to seq {last} is there: {entries:?}"
+    );
+    (kinds, gaps)
+}
