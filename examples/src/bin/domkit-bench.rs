@@ -669,17 +669,38 @@ impl<'a> QmpRun<'a> {
                     res.push(format!("qmp_rt_vs_raw.{peer}"), ops / raw);
                 }
             }
+            let mut conc = std::collections::HashMap::new();
             for &peer in &order {
                 match self.rt_concurrent(peer, p.callers, p.rt_secs) {
-                    Ok(ops) => res.push(format!("qmp_rt8_ops_per_s.{peer}"), ops),
+                    Ok(ops) => {
+                        res.push(format!("qmp_rt8_ops_per_s.{peer}"), ops);
+                        conc.insert(peer, ops);
+                    }
                     Err(e) => note_failure(res, peer, "rt8", &e),
+                }
+            }
+            // The concurrent figure against raw's in the same repetition, as for sequential.
+            if let Some(raw) = conc.get("raw") {
+                for (peer, ops) in &conc {
+                    res.push(format!("qmp_rt8_vs_raw.{peer}"), ops / raw);
                 }
             }
         }
         if section("events") {
+            let mut p50s = std::collections::HashMap::new();
             for &peer in &order {
-                if let Err(e) = self.events(peer, p.event_cycles, res) {
-                    note_failure(res, peer, "events", &e);
+                match self.events(peer, p.event_cycles, res) {
+                    Ok(p50) => {
+                        p50s.insert(peer, p50);
+                    }
+                    Err(e) => note_failure(res, peer, "events", &e),
+                }
+            }
+            // Event p50 against the raw client's in the same repetition (the issue-14 goal is
+            // a ratio: the absolute figure moves with the machine's load).
+            if let Some(raw) = p50s.get("raw") {
+                for (peer, p50) in &p50s {
+                    res.push(format!("event_p50_vs_raw.{peer}"), p50 / raw);
                 }
             }
         }
@@ -806,7 +827,8 @@ impl<'a> QmpRun<'a> {
         }
     }
 
-    fn events(&mut self, peer: &str, cycles: usize, res: &mut Results) -> anyhow::Result<()> {
+    /// Event latencies of `peer` into `res`; returns the p50 in µs.
+    fn events(&mut self, peer: &str, cycles: usize, res: &mut Results) -> anyhow::Result<f64> {
         let (p50, p99) = match peer {
             "domkit" => {
                 let dom = self.dk_domain.clone();
@@ -840,7 +862,7 @@ impl<'a> QmpRun<'a> {
         };
         res.push(format!("event_p50_us.{peer}"), p50);
         res.push(format!("event_p99_us.{peer}"), p99);
-        Ok(())
+        Ok(p50)
     }
 
     fn starts(&mut self, peer: &str, count: usize) -> anyhow::Result<StartSamples> {
@@ -1032,6 +1054,15 @@ fn scale(
             Ok(v) => {
                 let grow = num(&v, "rss_kib")? - num(&v, "rss_base_kib")?;
                 res.push(format!("rss_per_domain_kib.{key}.n{n}"), grow / n as f64);
+                // What each domain after the first costs: the first one also pays for the
+                // code its path pages in (file-backed, ~1.4 MiB for the driver) and the
+                // runtime's first allocations, which do not grow with N.
+                if let (Some(first), true) = (v["rss_first_kib"].as_f64(), n > 1) {
+                    res.push(
+                        format!("rss_marginal_per_domain_kib.{key}.n{n}"),
+                        (num(&v, "rss_kib")? - first) / (n - 1) as f64,
+                    );
+                }
                 workers.push((key, w, v));
             }
             Err(e) => note_failure(res, key, &format!("scale N={n}"), &e),
