@@ -669,6 +669,18 @@ impl<'a> QmpRun<'a> {
                     res.push(format!("qmp_rt_vs_raw.{peer}"), ops / raw);
                 }
             }
+            // What an id costs on the wire: the raw client again, its command carrying a
+            // five-digit id (as a client numbering its commands sends after a few thousand).
+            // QEMU's monitor reads one byte per main-loop dispatch, so the bytes show.
+            if self.raw.is_some() {
+                match self.raw_with_id(p.rt_secs / 2.0) {
+                    Ok((p50, raw_p50)) => {
+                        res.push("qmp_rt_p50_us.raw_with_id", p50);
+                        res.push("qmp_rt_p50_us.raw_again", raw_p50);
+                    }
+                    Err(e) => note_failure(res, "raw", "rt with id", &e),
+                }
+            }
             let mut conc = std::collections::HashMap::new();
             for &peer in &order {
                 match self.rt_concurrent(peer, p.callers, p.rt_secs) {
@@ -778,6 +790,33 @@ impl<'a> QmpRun<'a> {
             cpu_us_per_op: (cpu1 - cpu0) * 1e6 / n,
             csw_per_op: (csw1 - csw0) as f64 / n,
         })
+    }
+
+    /// p50 µs of the raw client's `query-status` with a five-digit id and, interleaved in
+    /// 0.1 s slices, without: the cost of the id's bytes alone.
+    fn raw_with_id(&mut self, secs: f64) -> anyhow::Result<(f64, f64)> {
+        const WITH_ID: &[u8] = b"{\"execute\":\"query-status\",\"id\":12345}\n";
+        let raw = self.raw.as_mut().context("raw client")?;
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        let t0 = Instant::now();
+        let mut slice = 0u32;
+        while t0.elapsed().as_secs_f64() < secs {
+            let (cmd, lat) = if slice % 2 == 0 {
+                (WITH_ID, &mut with)
+            } else {
+                (raw::QUERY_STATUS, &mut without)
+            };
+            let s0 = Instant::now();
+            while s0.elapsed() < Duration::from_millis(100) {
+                let a = Instant::now();
+                raw.cmd(cmd)?;
+                lat.push(a.elapsed().as_nanos() as f64 / 1000.0);
+            }
+            slice += 1;
+        }
+        let with = summarize_us(&mut with, t0.elapsed());
+        let without = summarize_us(&mut without, t0.elapsed());
+        Ok((with.p50_us, without.p50_us))
     }
 
     /// `callers` concurrent callers on one connection: total ops/s.
@@ -984,7 +1023,13 @@ fn scale(
     let monitors = ["raw", "dkq", "py"];
     let mut qemus = Vec::with_capacity(n);
     let mut socks: Vec<Vec<PathBuf>> = vec![Vec::new(); monitors.len()];
-    for batch in (0..n).collect::<Vec<_>>().chunks(10) {
+    // Only when a manager connects to them: `--peers domkit` at N = 300 then holds 300
+    // QEMUs, not 600.
+    let bare = ["domkit_qmp", "raw", "qemu_qmp"]
+        .iter()
+        .any(|k| selected(cli, k) && !(*k == "qemu_qmp" && cli.no_python));
+    let bare_n = if bare { n } else { 0 };
+    for batch in (0..bare_n).collect::<Vec<_>>().chunks(10) {
         let mut pending = Vec::new();
         for &i in batch {
             let qdir = dir.join(format!("q{i}"));
