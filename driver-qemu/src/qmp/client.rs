@@ -9,9 +9,12 @@
 //!   waits for writability, and later commands queue behind it, so the wire keeps whole
 //!   commands in call order.
 //! - a **reader** task cuts the stream into messages, completes the caller waiting for each
-//!   reply's `id` directly (the reply's bytes are handed over and the caller deserialises
-//!   them once into the type it wants), and appends each event to the connection's event
-//!   ring. It never waits for anyone. The socket is registered with the runtime for
+//!   reply directly (the reply's bytes are handed over and the caller deserialises them once
+//!   into the type it wants), and appends each event to the connection's event ring. A
+//!   command sent while no other is in flight carries no `id` (QEMU reads its monitor one
+//!   byte at a time, so an id costs it ~2 µs per digit): its reply, without one either, is
+//!   the next in command order; commands sent while others are pending carry small ids and
+//!   are matched by them (see `State::wire_id_for_next`). It never waits for anyone. The socket is registered with the runtime for
 //!   readability only: a writable edge (QEMU having read a command) wakes no thread.
 //! - **events** go to every subscriber through a bounded ring that grows as events arrive
 //!   and shrinks once every subscriber has read them, so an idle connection holds no event
