@@ -9,9 +9,12 @@
 //!   waits for writability, and later commands queue behind it, so the wire keeps whole
 //!   commands in call order.
 //! - a **reader** task cuts the stream into messages, completes the caller waiting for each
-//!   reply's `id` directly (the reply's bytes are handed over and the caller deserialises
-//!   them once into the type it wants), and appends each event to the connection's event
-//!   ring. It never waits for anyone. The socket is registered with the runtime for
+//!   reply directly (the reply's bytes are handed over and the caller deserialises them once
+//!   into the type it wants), and appends each event to the connection's event ring. A
+//!   command sent while no other is in flight carries no `id` (QEMU reads its monitor one
+//!   byte at a time, so an id costs it ~2 µs per digit): its reply, without one either, is
+//!   the next in command order; commands sent while others are pending carry small ids and
+//!   are matched by them (see `State::wire_id_for_next`). It never waits for anyone. The socket is registered with the runtime for
 //!   readability only: a writable edge (QEMU having read a command) wakes no thread.
 //! - **events** go to every subscriber through a bounded ring that grows as events arrive
 //!   and shrinks once every subscriber has read them, so an idle connection holds no event
@@ -31,7 +34,6 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
@@ -45,8 +47,8 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::codec::{
-    classify, encode_command, parse_message, Incoming, LineFramer, QmpMessage, ReplyBody,
-    DEFAULT_MAX_LINE,
+    add_id, classify, encode_command_opt_id, parse_message, Incoming, LineFramer, QmpMessage,
+    ReplyBody, DEFAULT_MAX_LINE,
 };
 use super::types::{MigrationInfo, QmpEvent, QmpGreeting, StatusInfo, VersionInfo};
 
@@ -403,16 +405,26 @@ impl Drop for QmpEventStream {
     }
 }
 
-/// A caller waiting for the reply to command `id`.
+/// A command sent (or queued) whose reply has not been taken yet.
 struct Waiter {
-    id: u64,
+    /// The call's own key, increasing in send order: how its caller finds it.
+    key: u64,
+    /// The `id` the command carries on the wire; `None`: sent without one (see
+    /// [`State::wire_id_for_next`]).
+    wire: Option<u64>,
     waker: Option<Waker>,
     reply: Option<Result<ReplyBody, QmpError>>,
+    /// The caller gave up (timeout, dropped future) before the reply came. The entry stays
+    /// until QEMU answers, so that the late reply is recognised as this command's and
+    /// dropped, and its wire id (or the id-less slot) is not given to another command
+    /// meanwhile.
+    abandoned: bool,
 }
 
 /// A command (and maybe a descriptor) not yet fully written.
 struct Outgoing {
-    id: u64,
+    /// The key of its [`Waiter`].
+    key: u64,
     bytes: Vec<u8>,
     /// Bytes of `bytes` already on the wire.
     sent: usize,
@@ -430,9 +442,11 @@ struct Shared {
 }
 
 struct State {
-    /// Callers waiting for a reply, by increasing id (replies come in command order, so the
-    /// one looked for is nearly always first).
+    /// Commands waiting for their reply, in send order (by increasing key; replies come in
+    /// command order, so the one looked for is nearly always first).
     pending: VecDeque<Waiter>,
+    /// The key of the next command.
+    next_key: u64,
     /// The socket while the connection is open; taken when it ends, which closes it once the
     /// reader is gone.
     sock: Option<Socket>,
@@ -445,29 +459,76 @@ struct State {
 }
 
 impl State {
-    fn waiter(&mut self, id: u64) -> Option<&mut Waiter> {
-        let at = self.pending.partition_point(|w| w.id < id);
-        self.pending.get_mut(at).filter(|w| w.id == id)
+    fn index_of(&self, key: u64) -> Option<usize> {
+        let at = self.pending.partition_point(|w| w.key < key);
+        self.pending.get(at).filter(|w| w.key == key).map(|_| at)
     }
 
-    fn remove_waiter(&mut self, id: u64) {
-        let at = self.pending.partition_point(|w| w.id < id);
-        if self.pending.get(at).is_some_and(|w| w.id == id) {
+    fn remove_waiter(&mut self, key: u64) {
+        if let Some(at) = self.index_of(key) {
             self.pending.remove(at);
         }
     }
 
-    /// Gives `id` its result (if someone still waits and has none yet) and wakes it.
-    fn complete(&mut self, id: u64, result: Result<ReplyBody, QmpError>) {
-        match self.waiter(id) {
-            Some(w) if w.reply.is_none() => {
-                w.reply = Some(result);
-                if let Some(waker) = w.waker.take() {
-                    // Only schedules the caller's task; it locks after this returns.
-                    waker.wake();
-                }
+    /// The wire id of a command about to be sent: none when no other command is in flight,
+    /// otherwise the smallest id no command in flight has.
+    ///
+    /// QEMU answers a monitor's commands one at a time, in the order they came (domkit never
+    /// enables out-of-band execution), so a reply without an id is the lone id-less command's:
+    /// at most one is ever in flight, as it is only sent when nothing else is pending (an
+    /// abandoned command still waiting for its late reply counts). Commands sent while others
+    /// are in flight carry ids and are matched by them, whatever order a peer answers in.
+    /// Ids are kept small because QEMU reads its monitor one byte at a time (see
+    /// [`encode_command_opt_id`]): the sequential caller's command is the bare command,
+    /// byte for byte what a hand-written client sends.
+    fn wire_id_for_next(&self) -> Option<u64> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let mut small = 0u64;
+        for id in self.pending.iter().filter_map(|w| w.wire) {
+            if id < 64 {
+                small |= 1 << id;
             }
-            _ => tracing::debug!(id, "QMP reply for a command nobody waits for (timed out?)"),
+        }
+        if small != u64::MAX {
+            return Some(u64::from(small.trailing_ones()));
+        }
+        // 64 ids in flight: one past the largest is free.
+        let largest = self.pending.iter().filter_map(|w| w.wire).max();
+        Some(largest.map_or(0, |id| id + 1))
+    }
+
+    /// Gives the command sent with wire id `wire` its result and wakes its caller; a late
+    /// reply to an abandoned command removes it.
+    fn complete(&mut self, wire: Option<u64>, result: Result<ReplyBody, QmpError>) {
+        let Some(at) = self.pending.iter().position(|w| w.wire == wire) else {
+            tracing::debug!(?wire, "QMP reply for a command nobody waits for");
+            return;
+        };
+        self.resolve(at, result);
+    }
+
+    /// [`complete`](Self::complete) for the command with `key` (a write that failed).
+    fn fail(&mut self, key: u64, error: QmpError) {
+        if let Some(at) = self.index_of(key) {
+            self.resolve(at, Err(error));
+        }
+    }
+
+    fn resolve(&mut self, at: usize, result: Result<ReplyBody, QmpError>) {
+        let w = &mut self.pending[at];
+        if w.abandoned {
+            tracing::debug!(wire = ?w.wire, "QMP reply for a command its caller gave up on");
+            self.pending.remove(at);
+        } else if w.reply.is_none() {
+            w.reply = Some(result);
+            if let Some(waker) = w.waker.take() {
+                // Only schedules the caller's task; it locks after this returns.
+                waker.wake();
+            }
+        } else {
+            tracing::debug!(wire = ?w.wire, "second QMP reply for one command dropped");
         }
     }
 
@@ -485,12 +546,12 @@ impl State {
                 Err(e) => {
                     // Fail this command only; the reader decides when the connection is over
                     // (it still has to deliver whatever QEMU wrote before going away).
-                    tracing::debug!(id = msg.id, error = %e, "QMP write failed");
+                    tracing::debug!(key = msg.key, error = %e, "QMP write failed");
                     return Err(write_error(e));
                 }
             }
         }
-        tracing::debug!(id = msg.id, "QMP socket full: command queued");
+        tracing::debug!(key = msg.key, "QMP socket full: command queued");
         self.backlog.push_back(msg);
         if self.flusher.is_none() {
             let task = tokio::spawn(flush_backlog(shared.clone()));
@@ -525,6 +586,8 @@ impl Shared {
             }
             tracing::debug!(%end, pending = st.pending.len(), "QMP connection ended");
             st.end = Some(end.clone());
+            // No reply will come now: abandoned commands are gone, the others fail.
+            st.pending.retain(|w| !w.abandoned);
             for w in st.pending.iter_mut() {
                 if w.reply.is_none() {
                     w.reply = Some(Err(end.command_error()));
@@ -546,14 +609,15 @@ impl Shared {
 
     /// The reply to `id` once it is there (or the connection's end). Cancel-safe: the entry
     /// stays until the caller's guard removes it.
-    fn poll_reply(&self, id: u64, waker: &Waker) -> Poll<Result<ReplyBody, QmpError>> {
+    fn poll_reply(&self, key: u64, waker: &Waker) -> Poll<Result<ReplyBody, QmpError>> {
         let mut st = self.lock();
-        let end = st.end.as_ref().map(ConnectionEnd::command_error);
-        let Some(w) = st.waiter(id) else {
+        let Some(at) = st.index_of(key) else {
+            let end = st.end.as_ref().map(ConnectionEnd::command_error);
             return Poll::Ready(Err(end.unwrap_or(QmpError::Disconnected)));
         };
+        let w = &mut st.pending[at];
         if let Some(reply) = w.reply.take() {
-            st.remove_waiter(id);
+            st.pending.remove(at);
             return Poll::Ready(reply);
         }
         match &mut w.waker {
@@ -575,9 +639,16 @@ impl Shared {
                     class: e.class,
                     desc: e.desc,
                 });
-                match id.as_ref().and_then(Value::as_u64) {
-                    Some(id) => self.lock().complete(id, result),
-                    None => tracing::warn!(?id, ?result, "QMP reply without a known id dropped"),
+                // No id (or a peer echoing a missing one as null): the reply to the one
+                // command sent without an id.
+                match id {
+                    None | Some(Value::Null) => self.lock().complete(None, result),
+                    Some(id) => match id.as_u64() {
+                        Some(id) => self.lock().complete(Some(id), result),
+                        None => {
+                            tracing::warn!(%id, ?result, "QMP reply with a foreign id dropped")
+                        }
+                    },
                 }
             }
             Incoming::Event(wire) => {
@@ -600,7 +671,6 @@ impl Shared {
 
 struct Inner {
     shared: Arc<Shared>,
-    next_id: AtomicU64,
     greeting: QmpGreeting,
     options: QmpClientOptions,
     end_rx: watch::Receiver<Option<ConnectionEnd>>,
@@ -686,6 +756,7 @@ impl QmpClient {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
+                next_key: 0,
                 sock: Some(sock.clone()),
                 backlog: VecDeque::new(),
                 flusher: None,
@@ -698,7 +769,6 @@ impl QmpClient {
         let client = Self {
             inner: Arc::new(Inner {
                 shared,
-                next_id: AtomicU64::new(1),
                 greeting,
                 options,
                 end_rx,
@@ -916,36 +986,41 @@ impl QmpClient {
         timeout: Duration,
     ) -> Result<ReplyBody, QmpError> {
         let shared = &self.inner.shared;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let msg = Outgoing {
-            id,
-            bytes: encode_command(id, command, arguments),
-            sent: 0,
-            fd,
-        };
-        {
+        // Serialised before the lock; the id, if any, is added under it.
+        let mut bytes = encode_command_opt_id(None, command, arguments);
+        let key = {
             let mut st = shared.lock();
             if let Some(end) = &st.end {
                 return Err(end.command_error());
             }
-            // Ids are taken before the lock, so two callers may arrive out of order.
-            let at = st.pending.partition_point(|w| w.id < id);
-            st.pending.insert(
-                at,
-                Waiter {
-                    id,
-                    waker: None,
-                    reply: None,
-                },
-            );
+            let wire = st.wire_id_for_next();
+            if let Some(id) = wire {
+                add_id(&mut bytes, id);
+            }
+            let key = st.next_key;
+            st.next_key += 1;
+            st.pending.push_back(Waiter {
+                key,
+                wire,
+                waker: None,
+                reply: None,
+                abandoned: false,
+            });
+            let msg = Outgoing {
+                key,
+                bytes,
+                sent: 0,
+                fd,
+            };
             if let Err(e) = st.send_or_queue(shared, msg) {
-                st.remove_waiter(id);
+                st.remove_waiter(key);
                 return Err(e);
             }
-        }
-        // Removes the pending entry however this future ends (timeout, or dropped).
-        let _pending = PendingGuard { shared, id };
-        let reply = poll_fn(|cx| shared.poll_reply(id, cx.waker()));
+            key
+        };
+        // However this future ends (reply, timeout, dropped), the guard settles the entry.
+        let _pending = PendingGuard { shared, key };
+        let reply = poll_fn(|cx| shared.poll_reply(key, cx.waker()));
         match tokio::time::timeout(timeout, reply).await {
             Ok(result) => result,
             Err(_) => Err(QmpError::Timeout {
@@ -958,12 +1033,24 @@ impl QmpClient {
 
 struct PendingGuard<'a> {
     shared: &'a Shared,
-    id: u64,
+    key: u64,
 }
 
 impl Drop for PendingGuard<'_> {
+    /// After the reply was taken the entry is gone already. Before it, the entry is marked
+    /// abandoned and stays until QEMU's late reply (or the connection's end) removes it.
     fn drop(&mut self) {
-        self.shared.lock().remove_waiter(self.id);
+        let mut st = self.shared.lock();
+        let ended = st.end.is_some();
+        if let Some(at) = st.index_of(self.key) {
+            let w = &mut st.pending[at];
+            if ended || w.reply.is_some() {
+                st.pending.remove(at);
+            } else {
+                w.abandoned = true;
+                w.waker = None;
+            }
+        }
     }
 }
 
@@ -1007,12 +1094,9 @@ fn write_some(sock: &StdUnixStream, msg: &mut Outgoing) -> io::Result<bool> {
 async fn flush_backlog(shared: Arc<Shared>) {
     let fail_all = |e: &io::Error| {
         let mut st = shared.lock();
-        let failed: Vec<u64> = st.backlog.drain(..).map(|m| m.id).collect();
-        for id in failed {
-            st.complete(
-                id,
-                Err(write_error(io::Error::new(e.kind(), e.to_string()))),
-            );
+        let failed: Vec<u64> = st.backlog.drain(..).map(|m| m.key).collect();
+        for key in failed {
+            st.fail(key, write_error(io::Error::new(e.kind(), e.to_string())));
         }
         st.flusher = None;
     };
@@ -1056,7 +1140,7 @@ async fn flush_backlog(shared: Arc<Shared>) {
                     // Fail this command only, as a direct write would have.
                     tracing::debug!(error = %e, "QMP write failed");
                     if let Some(msg) = st.backlog.pop_front() {
-                        st.complete(msg.id, Err(write_error(e)));
+                        st.fail(msg.key, write_error(e));
                     }
                 }
             }
@@ -1210,13 +1294,16 @@ mod tests {
             self.writer.write_all(bytes).await.expect("peer write");
         }
 
-        /// Reads one command and returns (id, execute).
-        async fn read_command(&mut self) -> (u64, String) {
+        /// Reads one command and returns (id, execute). The id is `null` for a command sent
+        /// without one, which a reply may echo as `"id": null` (the client takes that as no
+        /// id, as it takes QEMU's reply without an id).
+        async fn read_command(&mut self) -> (Value, String) {
             let mut line = String::new();
             let n = self.reader.read_line(&mut line).await.expect("peer read");
             assert!(n > 0, "client closed");
             let v: Value = serde_json::from_str(&line).expect("client sends JSON");
-            let id = v["id"].as_u64().expect("numeric id");
+            let id = v["id"].clone();
+            assert!(id.is_null() || id.is_u64(), "numeric id or none: {line}");
             (id, v["execute"].as_str().expect("execute").to_owned())
         }
 
@@ -1404,6 +1491,53 @@ mod tests {
         .await;
         assert_eq!(next.await.expect("join").expect("ok"), json!("fast"));
         assert_eq!(client.connection_end(), None);
+    }
+
+    /// The lone command in flight goes without an id (QEMU answers it without one), one sent
+    /// while another is in flight takes the smallest free id, and the late reply to an
+    /// abandoned id-less command is dropped, never given to a later command.
+    #[tokio::test]
+    async fn ids_only_while_another_command_is_in_flight() {
+        let (client, mut peer) = connected().await;
+        let call = |name: &'static str| {
+            let c = client.clone();
+            tokio::spawn(async move { c.execute(name, None).await })
+        };
+        let one = call("one");
+        let (id, _) = peer.read_command().await;
+        assert!(id.is_null(), "alone: no id, got {id}");
+        let two = call("two");
+        let (id, _) = peer.read_command().await;
+        assert_eq!(id, json!(0));
+        let three = call("three");
+        assert_eq!(peer.read_command().await.0, json!(1));
+        // In any order: by id, and the reply without one is the id-less command's.
+        peer.send(
+            b"{\"return\": 3, \"id\": 1}\r\n{\"return\": 1}\r\n{\"return\": 2, \"id\": 0}\r\n",
+        )
+        .await;
+        assert_eq!(one.await.expect("join").expect("one"), json!(1));
+        assert_eq!(two.await.expect("join").expect("two"), json!(2));
+        assert_eq!(three.await.expect("join").expect("three"), json!(3));
+
+        let (slow, (id, _)) = tokio::join!(
+            client.execute_with_timeout("slow", None, Duration::from_millis(50)),
+            peer.read_command()
+        );
+        assert!(id.is_null());
+        assert!(matches!(slow, Err(QmpError::Timeout { .. })), "{slow:?}");
+        // The abandoned command still waits for its reply: the next one needs an id.
+        let next = call("next");
+        assert_eq!(peer.read_command().await.0, json!(0));
+        peer.send(b"{\"return\": \"late\"}\r\n{\"return\": \"next\", \"id\": 0}\r\n")
+            .await;
+        assert_eq!(next.await.expect("join").expect("next"), json!("next"));
+        assert!(client.inner.shared.lock().pending.is_empty());
+        // Nothing in flight again: no id.
+        let last = call("last");
+        assert!(peer.read_command().await.0.is_null());
+        peer.send(b"{\"return\": \"last\"}\r\n").await;
+        assert_eq!(last.await.expect("join").expect("last"), json!("last"));
     }
 
     #[tokio::test]

@@ -404,11 +404,22 @@ struct Command<'a> {
     execute: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     arguments: Option<&'a Value>,
-    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
 }
 
 /// Serialises a command with a numeric `id`, newline-terminated.
 pub fn encode_command(id: u64, name: &str, arguments: Option<&Value>) -> Vec<u8> {
+    encode_command_opt_id(Some(id), name, arguments)
+}
+
+/// Serialises a command, newline-terminated, with a numeric `id` or, for `None`, none at
+/// all (QEMU then answers without one: the reply is the next one in command order).
+///
+/// Every byte counts: QEMU's monitor reads its input one byte per main-loop dispatch
+/// (`monitor_can_read` allows one byte at a time), about 2 µs per byte on the reference
+/// machine, so `,"id":12345` alone adds ~20 µs to a 70 µs `query-status` round trip.
+pub fn encode_command_opt_id(id: Option<u64>, name: &str, arguments: Option<&Value>) -> Vec<u8> {
     let cmd = Command {
         execute: name,
         arguments,
@@ -419,6 +430,17 @@ pub fn encode_command(id: u64, name: &str, arguments: Option<&Value>) -> Vec<u8>
     let mut out = serde_json::to_vec(&cmd).unwrap_or_default();
     out.push(b'\n');
     out
+}
+
+/// Gives a line from [`encode_command_opt_id`]`(None, ..)` the numeric `id` afterwards, so
+/// the command can be serialised before the id is chosen: the same bytes as
+/// [`encode_command`] with that id.
+pub(crate) fn add_id(line: &mut Vec<u8>, id: u64) {
+    debug_assert!(line.ends_with(b"}\n"));
+    line.truncate(line.len() - 2);
+    line.extend_from_slice(b",\"id\":");
+    line.extend_from_slice(id.to_string().as_bytes());
+    line.extend_from_slice(b"}\n");
 }
 
 #[cfg(test)]
@@ -874,5 +896,24 @@ mod tests {
         );
         let bytes = encode_command(1, "query-status", None);
         assert_eq!(bytes, b"{\"execute\":\"query-status\",\"id\":1}\n");
+    }
+
+    #[test]
+    fn encode_command_without_id_is_the_bare_command() {
+        assert_eq!(
+            encode_command_opt_id(None, "query-status", None),
+            b"{\"execute\":\"query-status\"}\n"
+        );
+        let bytes = encode_command_opt_id(None, "migrate", Some(&json!({"uri": "fd:x"})));
+        let v: Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(
+            v,
+            json!({"execute": "migrate", "arguments": {"uri": "fd:x"}})
+        );
+        for (id, args) in [(0, None), (7, Some(json!({"uri": "fd:x"}))), (123456, None)] {
+            let mut line = encode_command_opt_id(None, "migrate", args.as_ref());
+            add_id(&mut line, id);
+            assert_eq!(line, encode_command(id, "migrate", args.as_ref()));
+        }
     }
 }

@@ -94,24 +94,25 @@ impl Results {
         ));
 
         md.push_str("#### 1. QMP round trips (`query-status`, one paused QEMU per peer)\n\n");
-        md.push_str("| peer | sequential ops/s | p50 µs | p99 µs | sequential vs raw | 8 concurrent callers ops/s | client CPU µs/op | client context switches/op |\n");
-        md.push_str("|---|---|---|---|---|---|---|---|\n");
+        md.push_str("| peer | sequential ops/s | p50 µs | p99 µs | sequential vs raw | 8 concurrent callers ops/s | 8 callers vs raw | client CPU µs/op | client context switches/op |\n");
+        md.push_str("|---|---|---|---|---|---|---|---|---|\n");
         for (k, label) in PEERS {
             md.push_str(&format!(
-                "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 self.cell(&format!("qmp_rt_ops_per_s.{k}")),
                 self.cell(&format!("qmp_rt_p50_us.{k}")),
                 self.cell(&format!("qmp_rt_p99_us.{k}")),
                 self.cell(&format!("qmp_rt_vs_raw.{k}")),
                 self.cell(&format!("qmp_rt8_ops_per_s.{k}")),
+                self.cell(&format!("qmp_rt8_vs_raw.{k}")),
                 self.cell(&format!("qmp_rt_cpu_us_per_op.{k}")),
                 self.cell(&format!("qmp_rt_csw_per_op.{k}")),
             ));
         }
 
         md.push_str("\n#### 2. Event latency (QEMU's event timestamp to the subscriber; resume/pause cycles)\n\n");
-        md.push_str("| peer | what the subscriber receives | p50 µs | p99 µs | part: QEMU to the client's reader, p50 µs |\n");
-        md.push_str("|---|---|---|---|---|\n");
+        md.push_str("| peer | what the subscriber receives | p50 µs | p99 µs | part: QEMU to the client's reader, p50 µs | p50 vs raw (per repetition) |\n");
+        md.push_str("|---|---|---|---|---|---|\n");
         let what = [
             (
                 "domkit",
@@ -134,9 +135,10 @@ impl Results {
                 self.cell(part)
             };
             md.push_str(&format!(
-                "| {label} | {w} | {} | {} | {part} |\n",
+                "| {label} | {w} | {} | {} | {part} | {} |\n",
                 self.cell(&format!("event_p50_us.{k}")),
                 self.cell(&format!("event_p99_us.{k}")),
+                self.cell(&format!("event_p50_vs_raw.{k}")),
             ));
         }
 
@@ -172,9 +174,9 @@ impl Results {
                 super::qemu::SCALE_MEMORY_MIB
             ));
             md.push_str(&format!(
-                "| N | manager | RSS per domain, KiB | idle CPU over {idle} s, ms | idle wake-ups | fan-out `query-status` to all N, ms |\n"
+                "| N | manager | RSS per domain, KiB | RSS per domain after the first, KiB | idle CPU over {idle} s, ms | idle wake-ups | fan-out `query-status` to all N, ms |\n"
             ));
-            md.push_str("|---|---|---|---|---|---|\n");
+            md.push_str("|---|---|---|---|---|---|---|\n");
             for n in &ns {
                 for (k, label) in MANAGERS {
                     let key = |m: &str| format!("{m}.{k}.n{n}");
@@ -184,8 +186,9 @@ impl Results {
                         continue;
                     }
                     md.push_str(&format!(
-                        "| {n} | {label} | {} | {} | {} | {} |\n",
+                        "| {n} | {label} | {} | {} | {} | {} | {} |\n",
                         self.cell(&key("rss_per_domain_kib")),
+                        self.cell(&key("rss_marginal_per_domain_kib")),
                         self.cell(&key("idle_cpu_ms")),
                         self.cell(&key("idle_wakeups")),
                         self.cell(&key("fanout_ms")),
@@ -339,6 +342,23 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
         },
     );
     judge(
+        "8 concurrent callers on one connection >= 0.95x the raw client",
+        r.median("qmp_rt8_vs_raw.domkit"),
+        "x",
+        &|v| {
+            (
+                v >= 0.95,
+                format!("{:.1} % of raw throughput", (0.95 - v) * 100.0),
+            )
+        },
+    );
+    judge(
+        "event p50 <= 1.3x the raw client's in the same run",
+        r.median("event_p50_vs_raw.domkit"),
+        "x",
+        &|v| (v <= 1.3, format!("{:.2}x", v - 1.3)),
+    );
+    judge(
         "event p50 <= 25 µs (uniform DomainEvent)",
         r.median("event_p50_us.domkit"),
         " µs",
@@ -358,6 +378,17 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
     judge(
         "<= 16 KiB manager RSS per domain at N=100",
         r.median("rss_per_domain_kib.domkit.n100"),
+        " KiB",
+        &|v| {
+            (
+                v <= 16.0,
+                format!("{} KiB ({:.1}x)", fmt_num(v - 16.0), v / 16.0),
+            )
+        },
+    );
+    judge(
+        "<= 16 KiB manager RSS per domain at N=100, each domain after the first",
+        r.median("rss_marginal_per_domain_kib.domkit.n100"),
         " KiB",
         &|v| {
             (

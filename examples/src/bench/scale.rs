@@ -100,14 +100,15 @@ fn handle(
     match req["op"].as_str().unwrap_or("") {
         "scale_connect" => {
             let base = rss_kib();
-            *managed = connect(kind, runtime, req)?;
+            let mut first = None;
+            *managed = connect(kind, runtime, req, &mut first)?;
             let n = match managed {
                 Managed::Raw(f) => f.connections(),
                 Managed::Qmp(c) => c.len(),
                 Managed::Domkit(_, d) => d.len(),
                 Managed::None => 0,
             };
-            Ok(json!({"rss_base_kib": base, "rss_kib": rss_kib(), "n": n}))
+            Ok(json!({"rss_base_kib": base, "rss_first_kib": first, "rss_kib": rss_kib(), "n": n}))
         }
         "scale_idle" => {
             let secs = req["secs"].as_f64().unwrap_or(1.0);
@@ -172,12 +173,20 @@ fn sockets(req: &Value) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-fn connect(kind: &str, runtime: &tokio::runtime::Runtime, req: &Value) -> anyhow::Result<Managed> {
+/// Connects (or creates) the manager's N domains; `first` gets the RSS once the first one is
+/// there (the marginal cost per domain is measured from it).
+fn connect(
+    kind: &str,
+    runtime: &tokio::runtime::Runtime,
+    req: &Value,
+    first: &mut Option<u64>,
+) -> anyhow::Result<Managed> {
     match kind {
         "raw" => {
             let mut f = RawFanout::default();
             for s in sockets(req)? {
                 f.push(RawQmp::connect(&s).with_context(|| format!("connecting {}", s.display()))?);
+                first.get_or_insert_with(rss_kib);
             }
             Ok(Managed::Raw(f))
         }
@@ -185,6 +194,7 @@ fn connect(kind: &str, runtime: &tokio::runtime::Runtime, req: &Value) -> anyhow
             let mut clients = Vec::new();
             for s in sockets(req)? {
                 clients.push(QmpClient::connect(&s).await?);
+                first.get_or_insert_with(rss_kib);
             }
             Ok(Managed::Qmp(clients))
         }),
@@ -196,9 +206,12 @@ fn connect(kind: &str, runtime: &tokio::runtime::Runtime, req: &Value) -> anyhow
             runtime.block_on(async {
                 let driver = QemuDriver::new(QemuDriverOptions::with_runtime_root(root))?;
                 let mut domains = Vec::with_capacity(n);
-                // In batches: 100 QEMUs initialising at once on 2 cores would make some
-                // miss their connect timeout.
-                for chunk in (0..n).collect::<Vec<_>>().chunks(batch) {
+                // The first alone (the marginal cost is measured from it), then in batches:
+                // 100 QEMUs initialising at once on 2 cores would make some miss their
+                // connect timeout.
+                let ids: Vec<usize> = (0..n).collect();
+                let (one, rest) = ids.split_at(n.min(1));
+                for chunk in std::iter::once(one).chain(rest.chunks(batch)) {
                     let created = futures::future::join_all(chunk.iter().map(|i| {
                         let config = bench_config(&format!("s{i}"), SCALE_MEMORY_MIB, &disk);
                         driver.create(config, StartOptions { paused: true })
@@ -207,6 +220,7 @@ fn connect(kind: &str, runtime: &tokio::runtime::Runtime, req: &Value) -> anyhow
                     for d in created {
                         domains.push(d?);
                     }
+                    first.get_or_insert_with(rss_kib);
                 }
                 for d in &domains {
                     anyhow::ensure!(d.state().is_active(), "{} is not active", d.id().name);

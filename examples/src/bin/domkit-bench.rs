@@ -669,17 +669,50 @@ impl<'a> QmpRun<'a> {
                     res.push(format!("qmp_rt_vs_raw.{peer}"), ops / raw);
                 }
             }
+            // What an id costs on the wire: the raw client again, its command carrying a
+            // five-digit id (as a client numbering its commands sends after a few thousand).
+            // QEMU's monitor reads one byte per main-loop dispatch, so the bytes show.
+            if self.raw.is_some() {
+                match self.raw_with_id(p.rt_secs / 2.0) {
+                    Ok((p50, raw_p50)) => {
+                        res.push("qmp_rt_p50_us.raw_with_id", p50);
+                        res.push("qmp_rt_p50_us.raw_again", raw_p50);
+                    }
+                    Err(e) => note_failure(res, "raw", "rt with id", &e),
+                }
+            }
+            let mut conc = std::collections::HashMap::new();
             for &peer in &order {
                 match self.rt_concurrent(peer, p.callers, p.rt_secs) {
-                    Ok(ops) => res.push(format!("qmp_rt8_ops_per_s.{peer}"), ops),
+                    Ok(ops) => {
+                        res.push(format!("qmp_rt8_ops_per_s.{peer}"), ops);
+                        conc.insert(peer, ops);
+                    }
                     Err(e) => note_failure(res, peer, "rt8", &e),
+                }
+            }
+            // The concurrent figure against raw's in the same repetition, as for sequential.
+            if let Some(raw) = conc.get("raw") {
+                for (peer, ops) in &conc {
+                    res.push(format!("qmp_rt8_vs_raw.{peer}"), ops / raw);
                 }
             }
         }
         if section("events") {
+            let mut p50s = std::collections::HashMap::new();
             for &peer in &order {
-                if let Err(e) = self.events(peer, p.event_cycles, res) {
-                    note_failure(res, peer, "events", &e);
+                match self.events(peer, p.event_cycles, res) {
+                    Ok(p50) => {
+                        p50s.insert(peer, p50);
+                    }
+                    Err(e) => note_failure(res, peer, "events", &e),
+                }
+            }
+            // Event p50 against the raw client's in the same repetition (the issue-14 goal is
+            // a ratio: the absolute figure moves with the machine's load).
+            if let Some(raw) = p50s.get("raw") {
+                for (peer, p50) in &p50s {
+                    res.push(format!("event_p50_vs_raw.{peer}"), p50 / raw);
                 }
             }
         }
@@ -759,6 +792,33 @@ impl<'a> QmpRun<'a> {
         })
     }
 
+    /// p50 µs of the raw client's `query-status` with a five-digit id and, interleaved in
+    /// 0.1 s slices, without: the cost of the id's bytes alone.
+    fn raw_with_id(&mut self, secs: f64) -> anyhow::Result<(f64, f64)> {
+        const WITH_ID: &[u8] = b"{\"execute\":\"query-status\",\"id\":12345}\n";
+        let raw = self.raw.as_mut().context("raw client")?;
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        let t0 = Instant::now();
+        let mut slice = 0u32;
+        while t0.elapsed().as_secs_f64() < secs {
+            let (cmd, lat) = if slice % 2 == 0 {
+                (WITH_ID, &mut with)
+            } else {
+                (raw::QUERY_STATUS, &mut without)
+            };
+            let s0 = Instant::now();
+            while s0.elapsed() < Duration::from_millis(100) {
+                let a = Instant::now();
+                raw.cmd(cmd)?;
+                lat.push(a.elapsed().as_nanos() as f64 / 1000.0);
+            }
+            slice += 1;
+        }
+        let with = summarize_us(&mut with, t0.elapsed());
+        let without = summarize_us(&mut without, t0.elapsed());
+        Ok((with.p50_us, without.p50_us))
+    }
+
     /// `callers` concurrent callers on one connection: total ops/s.
     fn rt_concurrent(&mut self, peer: &str, callers: usize, secs: f64) -> anyhow::Result<f64> {
         match peer {
@@ -806,7 +866,8 @@ impl<'a> QmpRun<'a> {
         }
     }
 
-    fn events(&mut self, peer: &str, cycles: usize, res: &mut Results) -> anyhow::Result<()> {
+    /// Event latencies of `peer` into `res`; returns the p50 in µs.
+    fn events(&mut self, peer: &str, cycles: usize, res: &mut Results) -> anyhow::Result<f64> {
         let (p50, p99) = match peer {
             "domkit" => {
                 let dom = self.dk_domain.clone();
@@ -840,7 +901,7 @@ impl<'a> QmpRun<'a> {
         };
         res.push(format!("event_p50_us.{peer}"), p50);
         res.push(format!("event_p99_us.{peer}"), p99);
-        Ok(())
+        Ok(p50)
     }
 
     fn starts(&mut self, peer: &str, count: usize) -> anyhow::Result<StartSamples> {
@@ -962,7 +1023,13 @@ fn scale(
     let monitors = ["raw", "dkq", "py"];
     let mut qemus = Vec::with_capacity(n);
     let mut socks: Vec<Vec<PathBuf>> = vec![Vec::new(); monitors.len()];
-    for batch in (0..n).collect::<Vec<_>>().chunks(10) {
+    // Only when a manager connects to them: `--peers domkit` at N = 300 then holds 300
+    // QEMUs, not 600.
+    let bare = ["domkit_qmp", "raw", "qemu_qmp"]
+        .iter()
+        .any(|k| selected(cli, k) && !(*k == "qemu_qmp" && cli.no_python));
+    let bare_n = if bare { n } else { 0 };
+    for batch in (0..bare_n).collect::<Vec<_>>().chunks(10) {
         let mut pending = Vec::new();
         for &i in batch {
             let qdir = dir.join(format!("q{i}"));
@@ -1032,6 +1099,15 @@ fn scale(
             Ok(v) => {
                 let grow = num(&v, "rss_kib")? - num(&v, "rss_base_kib")?;
                 res.push(format!("rss_per_domain_kib.{key}.n{n}"), grow / n as f64);
+                // What each domain after the first costs: the first one also pays for the
+                // code its path pages in (file-backed, ~1.4 MiB for the driver) and the
+                // runtime's first allocations, which do not grow with N.
+                if let (Some(first), true) = (v["rss_first_kib"].as_f64(), n > 1) {
+                    res.push(
+                        format!("rss_marginal_per_domain_kib.{key}.n{n}"),
+                        (num(&v, "rss_kib")? - first) / (n - 1) as f64,
+                    );
+                }
                 workers.push((key, w, v));
             }
             Err(e) => note_failure(res, key, &format!("scale N={n}"), &e),
