@@ -14,6 +14,7 @@
 # libxl.json: what docs/conformance/ holds and scripts/status-table.py reads).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ -n "${DOMKIT_RECORD_DIR:-}" ] && mkdir -p "$DOMKIT_RECORD_DIR"
 root=$(pwd)
 logdir=$(mktemp -d)
 log=$logdir/cargo.log      # cargo's own `test result:` lines are counted from here

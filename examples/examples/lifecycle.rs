@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     config.boot = Boot::Kernel {
         kernel: guest.join("vmlinuz"),
         initrd: Some(guest.join("initrd.img")),
-        cmdline: "console=ttyS0 quiet".into(),
+        cmdline: "console=ttyS0 quiet no_timer_check".into(),
     };
     config.channels.push(Channel {
         kind: ChannelKind::GuestAgent,

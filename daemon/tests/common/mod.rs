@@ -52,6 +52,30 @@ impl Dirs {
 
 /// The domkitd binary: cargo's, or `$DOMKIT_DOMKITD_BIN` (inside the nested Xen dom0, where
 /// the tests run from a payload, not from the build tree).
+impl Drop for Dirs {
+    /// Domains outlive domkitd by design (durable domains): when a test ends, passed or
+    /// panicked, the QEMU processes it started (their sockets live in these directories)
+    /// are killed, so a failed test leaks no VM.
+    fn drop(&mut self) {
+        let root = self.root.path().to_string_lossy().into_owned();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if pid as u32 != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&root)
+            {
+                // SAFETY: kill(2) with a valid signal on a pid read from /proc; at worst the
+                // process is gone already (ESRCH).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 pub fn domkitd_bin() -> PathBuf {
     std::env::var_os("DOMKIT_DOMKITD_BIN")
         .map(PathBuf::from)
@@ -211,7 +235,7 @@ on_crash = "preserve"
 from = "kernel"
 kernel = "{}"
 initrd = "{}"
-cmdline = "console=ttyS0 quiet"
+cmdline = "console=ttyS0 quiet no_timer_check"
 
 [qemu]
 accel = "tcg"
