@@ -124,20 +124,7 @@ fn wait_domstate(sock: &Path, name: &str, want: &[&str], timeout: Duration) -> S
 
 /// The event kinds of `domkit event NAME --since 0 --json`, without the guest agent's.
 fn history(sock: &Path, name: &str) -> Vec<String> {
-    cli_ok(sock, &["event", name, "--since", "0", "--json"])
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
-            let event = v.get("event")?.as_str()?.to_string();
-            if event.starts_with("agent_") {
-                return None;
-            }
-            Some(match v.get("detail").and_then(|d| d.as_str()) {
-                Some(d) => format!("{event}({d})"),
-                None => event,
-            })
-        })
-        .collect()
+    common::event_kinds(&cli_ok(sock, &["event", name, "--since", "0", "--json"]))
 }
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -435,11 +422,7 @@ fn killed_mid(mid: Mid) {
     );
     eprintln!("followed across the kill mid-{mid:?}: {kinds:?}, gaps {gaps:?}");
     // The end is an event: what the restarted daemon's driver reconciled is journaled.
-    let ended = match end.as_str() {
-        "running (save_canceled)" => "resumed(save_canceled)",
-        "shutoff (saved)" => "stopped(saved)",
-        _ => "stopped(shutdown)",
-    };
+    let ended = common::end_event(&end);
     assert!(
         kinds.iter().any(|k| k == ended),
         "the end ({end}) is an event: {kinds:?} {gaps:?}"

@@ -12,29 +12,10 @@
 
 mod common;
 
-use common::{cli, cli_ok, Daemon, Dirs};
+use common::{cli, cli_ok, event_kinds, Daemon, Dirs};
 use domkitd::pb;
 use futures::StreamExt;
 use std::time::Duration;
-
-fn event_kinds(json_lines: &str) -> Vec<String> {
-    json_lines
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| {
-            let event = v.get("event")?.as_str()?.to_string();
-            // The guest agent coming and going (§13.4) is not a lifecycle step: its timing
-            // relative to the others depends on the guest.
-            if event.starts_with("agent_") {
-                return None;
-            }
-            Some(match v.get("detail").and_then(|d| d.as_str()) {
-                Some(d) => format!("{event}({d})"),
-                None => event,
-            })
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn cli_lifecycle() {

@@ -303,11 +303,7 @@ async fn follow_across_kills(mid: Mid) {
     );
     // The end is an event, seen by the new daemon (reconciled on reattach, journaled from
     // the domain's kept events, or live); nothing else is missing.
-    let ended = match end.as_str() {
-        "running (save_canceled)" => "resumed(save_canceled)",
-        "shutoff (saved)" => "stopped(saved)",
-        _ => "stopped(shutdown)",
-    };
+    let ended = common::end_event(&end);
     assert!(
         kinds.iter().any(|k| k == ended),
         "the end ({end}) is accounted for: {kinds:?} {gaps:?}"

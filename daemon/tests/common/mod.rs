@@ -531,3 +531,33 @@ pub fn account(
     );
     (kinds, gaps)
 }
+
+/// The event kinds (`kind(detail)`) of `domkit event ... --json` output, without the guest
+/// agent's.
+pub fn event_kinds(json_lines: &str) -> Vec<String> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let event = v.get("event")?.as_str()?.to_string();
+            // The guest agent coming and going (§13.4) is not a lifecycle step: its timing
+            // relative to the others depends on the guest.
+            if event.starts_with("agent_") {
+                return None;
+            }
+            Some(match v.get("detail").and_then(|d| d.as_str()) {
+                Some(d) => format!("{event}({d})"),
+                None => event,
+            })
+        })
+        .collect()
+}
+
+/// The event the end state text of a cut save or shutdown is reported by.
+pub fn end_event(end: &str) -> &'static str {
+    match end {
+        "running (save_canceled)" => "resumed(save_canceled)",
+        "shutoff (saved)" => "stopped(saved)",
+        _ => "stopped(shutdown)",
+    }
+}
