@@ -142,18 +142,23 @@ pub fn domain_config_json(
 
     if let Some(i) = config.disks.iter().position(|d| d.cdrom) {
         return Err(MappingError(format!(
-            "disks[{i}]: CD-ROM drives are not supported by the libxl backend yet (a PV guest \
-             has no emulated CD-ROM; attach the image as a read-only disk)"
+            "disks[{i}]: CD-ROM drives are not supported by the libxl backend (a PV guest \
+             has no emulated CD-ROM, and a PV CD-ROM with media changes needs the qdisk \
+             backend, qemu-system-xen, which domkit does not use; attach the image as a \
+             read-only disk)"
         )));
     }
-    let disks: Vec<Value> = config
+    // Ids, vdevs, devids and MACs as `devices()` lists them (§14.7).
+    let set = crate::devices::XenDeviceSet::from_config(config, uuid)
+        .map_err(|e| MappingError(e.to_string()))?;
+    let disks: Vec<Value> = set
         .disks
         .iter()
-        .enumerate()
-        .map(|(i, d)| {
+        .map(|x| {
+            let d = &x.disk;
             json!({
                 "pdev_path": d.path.to_string_lossy(),
-                "vdev": vdev_name(i),
+                "vdev": x.vdev,
                 "format": match d.format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
                 "readwrite": if d.readonly { 0 } else { 1 },
             })
@@ -161,7 +166,8 @@ pub fn domain_config_json(
         .collect();
 
     let mut nics = Vec::new();
-    for (i, nic) in config.nics.iter().enumerate() {
+    for (i, x) in set.nics.iter().enumerate() {
+        let nic = &x.nic;
         let bridge = match &nic.backend {
             NicBackend::Bridge(b) => b,
             NicBackend::User => {
@@ -172,11 +178,11 @@ pub fn domain_config_json(
             }
         };
         let mut n = Map::new();
-        n.insert("devid".into(), json!(i));
+        n.insert("devid".into(), json!(x.devid));
         n.insert("nictype".into(), json!("vif"));
         n.insert("bridge".into(), json!(bridge));
         if let Some(mac) = &nic.mac {
-            n.insert("mac".into(), json!(mac.to_ascii_lowercase()));
+            n.insert("mac".into(), json!(mac));
         }
         nics.push(Value::Object(n));
     }

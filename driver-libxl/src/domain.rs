@@ -36,6 +36,7 @@ use crate::translate::{
     TraceInput, REASON_SUSPEND,
 };
 use async_trait::async_trait;
+use domkit_core::device::DeviceInfo;
 use domkit_core::store::{InFlight, StoredStatus};
 use domkit_core::{
     ConsoleAccess, ConsoleStream, ControlState, Creation, Domain, DomainConfig, DomainId,
@@ -1595,6 +1596,14 @@ impl LibxlDomain {
         &self.inner.config
     }
 
+    /// The devices of the definition ([`crate::devices::XenDeviceSet`]).
+    fn device_infos(&self) -> Result<Vec<DeviceInfo>> {
+        Ok(
+            crate::devices::XenDeviceSet::from_config(&self.inner.config, self.inner.id.uuid)?
+                .infos(),
+        )
+    }
+
     /// libxl's JSON domain config the driver creates this domain from.
     pub fn libxl_json(&self) -> &str {
         &self.inner.libxl_json
@@ -1851,9 +1860,18 @@ impl Domain for LibxlDomain {
             vcpus: self.inner.config.vcpus,
             memory_mib: self.inner.config.memory_mib,
             backend_handle: self.domid().map(|d| format!("domid {d}")),
-            // Device listing is not implemented on libxl yet (§14.7).
-            devices: Vec::new(),
+            devices: self.device_infos()?,
         })
+    }
+
+    /// The boot-time disks and vifs (§14.7): hotplug is not implemented on libxl yet, so a
+    /// running domain has the definition's devices.
+    async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.device_infos()
+    }
+
+    async fn defined_devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.device_infos()
     }
 
     fn subscribe(&self) -> EventStream {
