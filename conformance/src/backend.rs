@@ -145,6 +145,19 @@ pub trait TestBackend: Send + Sync + 'static {
         NicBackend::User
     }
 
+    /// Whether the backend has CD-ROM drives (the device scenarios give their test guests
+    /// one when it has; libxl: no, they need the qdisk backend, §14.7).
+    fn has_cdrom(&self) -> bool {
+        true
+    }
+
+    /// Why this backend's test guest cannot refuse or ignore an unplug request, if it
+    /// cannot (`unplug_refused_by_guest`, `hotplug_killed`): the scenarios that need such a
+    /// guest are `unsupported` with this reason.
+    fn unplug_refusal_unsupported(&self) -> Option<&'static str> {
+        None
+    }
+
     /// A directory scenarios may write save files to.
     fn scratch_dir(&self) -> std::path::PathBuf;
 

@@ -207,6 +207,18 @@ impl TestBackend for LibxlTestBackend {
         NicBackend::Bridge("xenbr0".into())
     }
 
+    fn has_cdrom(&self) -> bool {
+        false
+    }
+
+    fn unplug_refusal_unsupported(&self) -> Option<&'static str> {
+        Some(
+            "a Xen PV guest cannot hold an unplug off: libxl_device_*_remove asks the frontend, \
+             waits 10 s for the backend to close, then forces the removal (§14.7), so a refusal \
+             only delays the removal and the test domU has no way to keep a device",
+        )
+    }
+
     fn scratch_dir(&self) -> PathBuf {
         self.scratch.path().to_path_buf()
     }

@@ -14,9 +14,7 @@
 //! (`"type.pv": {}` in `b_info`; `"connection.socket": {"path": ..}` in a channel); enums are
 //! lower-case names; bitmaps are arrays of set-bit indices; uuids are strings.
 
-use domkit_core::{
-    Boot, ConsoleKind, DiskFormat, DomainConfig, LifecycleAction, NicBackend, XenGuestType,
-};
+use domkit_core::{Boot, ConsoleKind, DomainConfig, LifecycleAction, XenGuestType};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use uuid::Uuid;
@@ -151,40 +149,15 @@ pub fn domain_config_json(
     // Ids, vdevs, devids and MACs as `devices()` lists them (§14.7).
     let set = crate::devices::XenDeviceSet::from_config(config, uuid)
         .map_err(|e| MappingError(e.to_string()))?;
-    let disks: Vec<Value> = set
-        .disks
-        .iter()
-        .map(|x| {
-            let d = &x.disk;
-            json!({
-                "pdev_path": d.path.to_string_lossy(),
-                "vdev": x.vdev,
-                "format": match d.format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
-                "readwrite": if d.readonly { 0 } else { 1 },
-            })
-        })
-        .collect();
-
+    let disks: Vec<Value> = set.disks.iter().map(crate::devices::disk_json).collect();
     let mut nics = Vec::new();
     for (i, x) in set.nics.iter().enumerate() {
-        let nic = &x.nic;
-        let bridge = match &nic.backend {
-            NicBackend::Bridge(b) => b,
-            NicBackend::User => {
-                return Err(MappingError(format!(
-                    "nics[{i}]: user-mode networking is QEMU-only; on Xen use backend = \
-                     {{ bridge = \"<dom0 bridge>\" }}"
-                )))
-            }
-        };
-        let mut n = Map::new();
-        n.insert("devid".into(), json!(x.devid));
-        n.insert("nictype".into(), json!("vif"));
-        n.insert("bridge".into(), json!(bridge));
-        if let Some(mac) = &nic.mac {
-            n.insert("mac".into(), json!(mac));
-        }
-        nics.push(Value::Object(n));
+        nics.push(crate::devices::nic_json(x).map_err(|_| {
+            MappingError(format!(
+                "nics[{i}]: user-mode networking is QEMU-only; on Xen use backend = \
+                 {{ bridge = \"<dom0 bridge>\" }}"
+            ))
+        })?);
     }
 
     let channels: Vec<Value> = config
@@ -228,7 +201,7 @@ pub fn domain_config_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domkit_core::{Channel, ChannelKind, Console, Disk, Nic};
+    use domkit_core::{Channel, ChannelKind, Console, Disk, DiskFormat, Nic, NicBackend};
     use std::path::PathBuf;
 
     fn base() -> DomainConfig {
