@@ -164,6 +164,9 @@ pub(crate) struct DomainInner {
     /// each create (the definition's; a restart's or restore's own), changed by attach and
     /// detach. `None` before the first create.
     live: Mutex<Option<XenDeviceSet>>,
+    /// The definition as it is now: `config` with the device changes of scope config since
+    /// (§14.2); what the next start creates.
+    defined: Mutex<DomainConfig>,
 }
 
 impl std::fmt::Debug for DomainInner {
@@ -262,6 +265,7 @@ impl DomainInner {
         persisted: Option<Arc<PersistedDomain>>,
         reaper: Option<Arc<Reaper>>,
     ) -> Arc<Self> {
+        let defined = Mutex::new(config.clone());
         Arc::new_cyclic(|me| DomainInner {
             me: me.clone(),
             id,
@@ -282,6 +286,7 @@ impl DomainInner {
             detached: AtomicBool::new(false),
             console: tokio::sync::Mutex::new(None),
             live: Mutex::new(None),
+            defined,
         })
     }
 
@@ -354,23 +359,38 @@ impl DomainInner {
     /// / `libxl_device_nic_add`; `device_added` once libxl returned.
     fn attach_blocking(&self, spec: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
         let operation = Operation::AttachDevice;
+        // Every check before anything changes (§14.4): against the definition (config)
+        // and the running instance (live).
+        let defined = self.defined_set()?;
+        let planned_id = match &spec {
+            DeviceSpec::Disk(d) => defined.plan_disk(d)?.disk.id,
+            DeviceSpec::Nic(n) => defined.plan_nic(n, self.id.uuid)?.nic.id,
+        };
         if !scope.live() {
-            // Bad input is still invalid_config (§14.4), checked against the definition.
-            let set = self.defined_set()?;
-            match &spec {
-                DeviceSpec::Disk(d) => drop(set.plan_disk(d)?),
-                DeviceSpec::Nic(n) => drop(set.plan_nic(n, self.id.uuid)?),
-            }
-            return check_device_scope(operation, scope).map(|_| DeviceId::default_disk(0));
+            let id = planned_id.unwrap_or_else(|| DeviceId::default_disk(0));
+            self.change_definition(|c| {
+                match spec {
+                    DeviceSpec::Disk(mut d) => {
+                        d.id = Some(id);
+                        c.disks.push(d);
+                    }
+                    DeviceSpec::Nic(mut n) => {
+                        n.id = Some(id);
+                        c.nics.push(n);
+                    }
+                }
+                Ok(())
+            })?;
+            // Config only: nothing happened to a running domain, no event (§14.2).
+            return Ok(id);
         }
         let domid = self.live_domid(operation)?;
         let set = self.live_set()?;
-        // Bad input first (§14.4), then the scope.
         match &spec {
             DeviceSpec::Disk(d) => drop(set.plan_disk(d)?),
             DeviceSpec::Nic(n) => drop(set.plan_nic(n, self.id.uuid)?),
         }
-        check_device_scope(operation, scope)?;
+        let for_config = spec.clone();
         let id = match spec {
             DeviceSpec::Disk(disk) => {
                 let plan = set.plan_disk(&disk)?;
@@ -403,7 +423,54 @@ impl DomainInner {
             }
         };
         self.emit_device(EventKind::DeviceAdded(id));
+        if scope.config() {
+            // Both: live first, then the definition, with the id (and MAC) live got.
+            let live = self.live_set()?;
+            self.change_definition(|c| {
+                match for_config {
+                    DeviceSpec::Disk(mut d) => {
+                        d.id = Some(id);
+                        c.disks.push(d);
+                    }
+                    DeviceSpec::Nic(mut n) => {
+                        n.id = Some(id);
+                        n.mac = live.nic(id).and_then(|x| x.nic.mac.clone()).or(n.mac);
+                        c.nics.push(n);
+                    }
+                }
+                Ok(())
+            })?;
+        }
         Ok(id)
+    }
+
+    /// `detach_device` (§14.2): live (see [`DomainInner::detach_live`]) then, for scope
+    /// config or both, the definition; a failed live detach changes nothing.
+    fn detach_blocking(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        if !options.scope.live() && !self.defined_set()?.has(id) {
+            return Err(self.device_not_found(id));
+        }
+        if options.scope.live() {
+            self.detach_live(id, options.timeout)?;
+        }
+        if options.scope.config() {
+            self.change_definition(|c| {
+                let before = c.disks.len() + c.nics.len();
+                c.disks.retain(|d| d.id != Some(id));
+                c.nics.retain(|n| n.id != Some(id));
+                if before == c.disks.len() + c.nics.len() {
+                    return Err(self.device_not_found(id));
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn device_not_found(&self, id: DeviceId) -> Error {
+        Error::NotFound {
+            what: format!("device {id:?} of domain {:?}", self.id.name),
+        }
     }
 
     /// `detach_device`, live (§14.2, §14.7): `libxl_device_disk_remove` /
@@ -411,7 +478,7 @@ impl DomainInner {
     /// asks the frontend to close, waits for the backend (its own 10 s), then forces the
     /// removal; the device leaves the set with `device_removed` when the call returns, also
     /// after the caller's timeout (then `device_removal_failed` and `timeout` first).
-    fn detach_blocking(&self, id: DeviceId, timeout: Duration) -> Result<()> {
+    fn detach_live(&self, id: DeviceId, timeout: Duration) -> Result<()> {
         let operation = Operation::DetachDevice;
         let domid = self.live_domid(operation)?;
         let set = self.live_set()?;
@@ -424,9 +491,7 @@ impl DomainInner {
             let json = crate::devices::nic_json(n).map_err(|e| backend_msg(e.0))?;
             (json, format!("NIC {id} (vif devid {})", n.devid))
         } else {
-            return Err(Error::NotFound {
-                what: format!("device {id:?} of domain {:?}", self.id.name),
-            });
+            return Err(self.device_not_found(id));
         };
         let is_disk = set.disk(id).is_some();
         let json = json.to_string();
@@ -486,7 +551,37 @@ impl DomainInner {
 
     /// The definition's devices.
     fn defined_set(&self) -> Result<XenDeviceSet> {
-        Ok(XenDeviceSet::from_config(&self.config, self.id.uuid)?)
+        Ok(XenDeviceSet::from_config(
+            &lock(&self.defined),
+            self.id.uuid,
+        )?)
+    }
+
+    /// The definition as it is now (device changes of scope config included).
+    pub(crate) fn definition(&self) -> DomainConfig {
+        lock(&self.defined).clone()
+    }
+
+    /// Change the definition with `f` (on a copy whose devices all have explicit ids, so
+    /// that removing one does not rename the others), check it, persist it (persistent
+    /// drivers, §11.2), then make it the definition.
+    fn change_definition(&self, f: impl FnOnce(&mut DomainConfig) -> Result<()>) -> Result<()> {
+        let mut defined = lock(&self.defined);
+        let mut next = defined.clone();
+        for (i, d) in next.disks.iter_mut().enumerate() {
+            d.id = Some(d.device_id(i));
+        }
+        for (i, n) in next.nics.iter_mut().enumerate() {
+            n.id = Some(n.device_id(i));
+        }
+        f(&mut next)?;
+        XenDeviceSet::from_config(&next, self.id.uuid)?;
+        if let Some(p) = &self.persisted {
+            p.save_definition(&next)
+                .map_err(|e| Error::io("persisting the changed definition", e))?;
+        }
+        *defined = next;
+        Ok(())
     }
 
     /// The devices of the current Xen domain (the definition's before any create).
@@ -500,7 +595,7 @@ impl DomainInner {
     /// libxl's JSON config with `set`'s devices (the definition's JSON when they are the
     /// definition's).
     fn json_with(&self, set: &XenDeviceSet) -> Result<String> {
-        if *set == self.defined_set()? {
+        if *set == XenDeviceSet::from_config(&self.config, self.id.uuid)? {
             return Ok(self.libxl_json.clone());
         }
         let def: serde_json::Value = serde_json::from_str(&self.libxl_json)
@@ -1235,10 +1330,11 @@ impl DomainInner {
         }
         // A new start has the definition's devices (§14.3).
         let set = self.defined_set()?;
-        self.set_live(set);
+        self.set_live(set.clone());
         let t0 = Instant::now();
+        let json = self.json_with(&set)?;
         let mut creating = self.begin_create();
-        let domid = match self.ctx.create_new(&self.libxl_json) {
+        let domid = match self.ctx.create_new(&json) {
             Ok(d) => d,
             Err(e) => {
                 drop(creating);
@@ -1843,9 +1939,16 @@ impl LibxlDomain {
         self.inner.domid()
     }
 
-    /// The config this domain was defined with (its uuid filled in).
+    /// The config this domain was defined with (its uuid filled in); device changes of
+    /// scope config since are in [`LibxlDomain::definition`].
     pub fn config(&self) -> &DomainConfig {
         &self.inner.config
+    }
+
+    /// The definition as it is now, device changes of scope config included (what the next
+    /// start creates, and what a persistent driver has stored).
+    pub fn definition(&self) -> DomainConfig {
+        self.inner.definition()
     }
 
     /// The current devices (§14.1): the running instance's while active, hotplugged ones
@@ -2121,6 +2224,7 @@ impl Domain for LibxlDomain {
         self.device_infos()
     }
 
+    /// The definition's devices, changes of scope config included (§14.2).
     async fn defined_devices(&self) -> Result<Vec<DeviceInfo>> {
         Ok(self.inner.defined_set()?.infos())
     }
@@ -2147,9 +2251,8 @@ impl Domain for LibxlDomain {
     }
 
     async fn detach_device(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
-        check_device_scope(Operation::DetachDevice, options.scope)?;
         self.run_op(Operation::DetachDevice, move |d| {
-            d.detach_blocking(id, options.timeout)
+            d.detach_blocking(id, options)
         })
         .await
     }
@@ -2372,22 +2475,6 @@ impl Domain for LibxlDomain {
     fn backend_name(&self) -> &'static str {
         BACKEND
     }
-}
-
-/// The libxl driver changes running domains only: its definitions are fixed at define
-/// (§14.7).
-fn check_device_scope(operation: Operation, scope: DeviceScope) -> Result<()> {
-    if scope.config() {
-        return Err(Error::Unsupported {
-            operation,
-            backend: BACKEND.into(),
-            reason: "device changes of the definition (scope config or both) are not \
-                     implemented by the libxl driver yet: its definition is fixed at define; \
-                     use scope live, or undefine and define again"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 /// A NIC to hot-add must name a bridge that exists in dom0 (`missing_bridge`); user-mode

@@ -698,6 +698,11 @@ impl PersistedDomain {
         *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = in_flight;
     }
 
+    /// Persist a changed definition (device changes of scope config, §14.2).
+    pub(crate) fn save_definition(&self, config: &DomainConfig) -> std::io::Result<()> {
+        self.store.save_definition(config)
+    }
+
     /// Record the running instance's device set (taken into the next status write).
     pub(crate) fn set_devices(&self, devices: Option<serde_json::Value>) {
         *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
