@@ -361,10 +361,14 @@ impl DomainInner {
         let operation = Operation::AttachDevice;
         // Every check before anything changes (§14.4): against the definition (config)
         // and the running instance (live).
-        let defined = self.defined_set()?;
-        let planned_id = match &spec {
-            DeviceSpec::Disk(d) => defined.plan_disk(d)?.disk.id,
-            DeviceSpec::Nic(n) => defined.plan_nic(n, self.id.uuid)?.nic.id,
+        let planned_id = if scope.config() {
+            let defined = self.defined_set()?;
+            match &spec {
+                DeviceSpec::Disk(d) => defined.plan_disk(d)?.disk.id,
+                DeviceSpec::Nic(n) => defined.plan_nic(n, self.id.uuid)?.nic.id,
+            }
+        } else {
+            None
         };
         if !scope.live() {
             let id = planned_id.unwrap_or_else(|| DeviceId::default_disk(0));
