@@ -1964,7 +1964,9 @@ impl LibxlDomain {
         Ok(self.inner.defined_set()?.infos())
     }
 
-    /// libxl's JSON domain config the driver creates this domain from.
+    /// libxl's JSON domain config of the config this domain was defined with; a create
+    /// replaces its `disks` and `nics` with the devices it is created with (the current
+    /// definition's, or a restart's / restore's own: [`crate::devices`], §14.7).
     pub fn libxl_json(&self) -> &str {
         &self.inner.libxl_json
     }
