@@ -233,6 +233,12 @@ install -m 755 "$here/domu/init" "$du/init"
 # The PV disk frontend (a module in Debian's kernel), for guests with disks: domu/init loads it.
 mkdir -p "$du/usr/lib/modules"
 cp "$ex/lib/modules/$kabi/kernel/drivers/block/xen-blkfront.ko" "$du/usr/lib/modules/"
+# ---- domU devices (issue 10): the PV NIC frontend and the device report ----
+# xen-netfront (eth0...), loaded by domu/init like xen-blkfront; domkit-devices reports the
+# disks and NICs the guest sees on its console (the conformance device scenarios).
+cp "$ex/lib/modules/$kabi/kernel/drivers/net/xen-netfront.ko" "$du/usr/lib/modules/"
+install -m 755 "$here/domu/domkit-devices" "$du/usr/sbin/domkit-devices"
+# ---- end domU devices ----
 for s in domkit-poweroff domkit-reboot domkit-ignore; do
   install -m 755 "$here/domu/$s" "$du/usr/sbin/$s"
 done
@@ -284,6 +290,9 @@ addmod() {
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs; do addmod "$m"; done
 # Disks of domUs: blkback over loop devices, set up by the vbd hotplug script below.
 for m in loop xen-blkback; do addmod "$m"; done
+# ---- dom0 networking (issue 10): netback and a bridge for the domUs' vifs ----
+for m in bridge xen-netback; do addmod "$m"; done
+# ---- end dom0 networking ----
 printf '%s\n' "${modorder[@]}" >"$d0/usr/lib/modules/order"
 
 mkdir -p "$d0/etc/xen" "$d0/var/lib/xen" "$d0/var/lib/xenstored" "$d0/var/log/xen/console" \
@@ -291,6 +300,18 @@ mkdir -p "$d0/etc/xen" "$d0/var/lib/xen" "$d0/var/lib/xenstored" "$d0/var/log/xe
 : >"$d0/etc/xen/xl.conf"
 mkdir -p "$d0/etc/xen/scripts"
 install -m 755 "$here/dom0-scripts/block" "$d0/etc/xen/scripts/block"
+# ---- dom0 networking (issue 10): vif hotplug script, DHCP on xenbr0 (/init sets it up) ----
+install -m 755 "$here/dom0-scripts/vif-bridge" "$d0/etc/xen/scripts/vif-bridge"
+cat >"$d0/etc/udhcpd.conf" <<'UDHCPD'
+interface xenbr0
+start 10.99.0.100
+end 10.99.0.250
+max_leases 150
+lease_file /run/udhcpd.leases
+option subnet 255.255.255.0
+option lease 600
+UDHCPD
+# ---- end dom0 networking ----
 cp "$new/domu/vmlinux" "$new/domu/initrd.img" "$d0/domu/"
 
 cat >"$d0/init" <<'EOF'
@@ -327,6 +348,18 @@ done
 xen-init-dom0 >/dev/null || fail "xen-init-dom0"
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console ||
   fail "xenconsoled"
+# ---- dom0 networking (issue 10): the bridge xenbr0 of the domUs' vifs, with DHCP ----
+# 10.99.0.1/24 on dom0; udhcpd leases 10.99.0.100-250 to the domUs (their device report asks
+# for a lease on each NIC: a packet over the bridge both ways). STP off, no forward delay:
+# a vif forwards as soon as it is added.
+brctl addbr xenbr0 || fail "brctl addbr xenbr0"
+brctl stp xenbr0 off
+brctl setfd xenbr0 0
+ip addr add 10.99.0.1/24 dev xenbr0 || fail "address on xenbr0"
+ip link set xenbr0 up || fail "xenbr0 up"
+: > /run/udhcpd.leases
+udhcpd -S /etc/udhcpd.conf || fail "udhcpd"
+# ---- end dom0 networking ----
 echo "DOMKIT-XEN-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 # The payload command: one argument per line in /etc/domkit/cmd; NAME=VALUE lines in

@@ -3,7 +3,7 @@
 //! own, killing the backend domain out of band).
 
 use async_trait::async_trait;
-use domkit_core::{Boot, DomainConfig, Driver, LifecyclePolicies, ShutoffReason};
+use domkit_core::{Boot, DomainConfig, Driver, LifecyclePolicies, NicBackend, ShutoffReason};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -139,6 +139,26 @@ pub trait TestBackend: Send + Sync + 'static {
         &self,
         domain: &<Self::Driver as Driver>::Domain,
     ) -> Result<ShutoffReason, String>;
+
+    /// How the test guest's NICs reach a network with a DHCP server, for the device
+    /// scenarios (§14): QEMU user-mode networking (its built-in DHCP); on Xen the test dom0's
+    /// bridge `xenbr0` (udhcpd on it, `xen-host/build.sh`).
+    fn test_nic_backend(&self) -> NicBackend {
+        NicBackend::User
+    }
+
+    /// Whether the backend has CD-ROM drives (the device scenarios give their test guests
+    /// one when it has; libxl: no, they need the qdisk backend, §14.7).
+    fn has_cdrom(&self) -> bool {
+        true
+    }
+
+    /// Why this backend's test guest cannot refuse or ignore an unplug request, if it
+    /// cannot (`unplug_refused_by_guest`, `hotplug_killed`): the scenarios that need such a
+    /// guest are `unsupported` with this reason.
+    fn unplug_refusal_unsupported(&self) -> Option<&'static str> {
+        None
+    }
 
     /// A directory scenarios may write save files to.
     fn scratch_dir(&self) -> std::path::PathBuf;

@@ -8,7 +8,7 @@
 
 use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{Boot, DomainConfig, ShutoffReason, XenGuestType};
+use domkit_core::{Boot, DomainConfig, NicBackend, ShutoffReason, XenGuestType};
 use domkit_libxl::translate::{REASON_CRASH, REASON_POWEROFF, REASON_REBOOT};
 use domkit_libxl::{LibxlDomain, LibxlDriver, LibxlOptions};
 use std::path::{Path, PathBuf};
@@ -200,6 +200,23 @@ impl TestBackend for LibxlTestBackend {
         self.tool(&["xl", "destroy", &domid]).await?;
         // §10: a Xen domain dies without a shutdown reason only when destroyed.
         Ok(ShutoffReason::Destroyed)
+    }
+
+    /// The test dom0's bridge (`xen-host/build.sh`: 10.99.0.1/24, udhcpd).
+    fn test_nic_backend(&self) -> NicBackend {
+        NicBackend::Bridge("xenbr0".into())
+    }
+
+    fn has_cdrom(&self) -> bool {
+        false
+    }
+
+    fn unplug_refusal_unsupported(&self) -> Option<&'static str> {
+        Some(
+            "a Xen PV guest cannot hold an unplug off: libxl_device_*_remove asks the frontend, \
+             waits 10 s for the backend to close, then forces the removal (§14.7), so a refusal \
+             only delays the removal and the test domU has no way to keep a device",
+        )
     }
 
     fn scratch_dir(&self) -> PathBuf {

@@ -148,7 +148,8 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         watch!(stats_move, "cpu time (total, per vCPU) and disk read counters grow while the guest works; memory = config; shut off: state only; all_stats has it (§12.5)"),
         watch!(wait_for_event_timeout, "wait_for_event: typed timeout, nothing changes; by name, kind, predicate; a snapshot taken before the operation misses nothing (§12.3)"),
         // Devices (issue 10): proven in the guest, hotplug, unplug, bad input.
-        device!(boot_with_disks_and_nic, "raw, qcow2, read-only disks, a CD-ROM and two NICs at boot: the guest sees each (serial, size, ro, contents, a write; MACs, a DHCP lease) as devices() lists them (§14.1)"),
+        device!(boot_with_disks_and_nic, "raw disks (one read-only) and two NICs on the backend's test network at boot: the guest sees each (serial, size, ro, contents, a write reaching the image; MACs, a DHCP lease) as devices() lists them (§14.1)"),
+        device!(boot_with_qcow2_and_cdrom, "a qcow2 disk and a CD-ROM at boot: the guest sees the qcow2 contents at its virtual size and the medium read-only, as devices() lists them (§14.1)"),
         device!(hotplug_disk, "a disk attached live: device_added, in devices() and in the guest (size, write); a config-only attach changes the definition only (§14.2)"),
         device!(hotunplug_disk, "boot-time and hotplugged disks detached live: device_removed after the guest released them, gone in the guest and devices(); the id attaches again (§14.2)"),
         device!(hotplug_nic, "a NIC attached live: device_added, the guest has its MAC and a DHCP lease (§14.2)"),

@@ -14,9 +14,7 @@
 //! (`"type.pv": {}` in `b_info`; `"connection.socket": {"path": ..}` in a channel); enums are
 //! lower-case names; bitmaps are arrays of set-bit indices; uuids are strings.
 
-use domkit_core::{
-    Boot, ConsoleKind, DiskFormat, DomainConfig, LifecycleAction, NicBackend, XenGuestType,
-};
+use domkit_core::{Boot, ConsoleKind, DomainConfig, LifecycleAction, XenGuestType};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use uuid::Uuid;
@@ -142,43 +140,24 @@ pub fn domain_config_json(
 
     if let Some(i) = config.disks.iter().position(|d| d.cdrom) {
         return Err(MappingError(format!(
-            "disks[{i}]: CD-ROM drives are not supported by the libxl backend yet (a PV guest \
-             has no emulated CD-ROM; attach the image as a read-only disk)"
+            "disks[{i}]: CD-ROM drives are not supported by the libxl backend (a PV guest \
+             has no emulated CD-ROM, and a PV CD-ROM with media changes needs the qdisk \
+             backend, qemu-system-xen, which domkit does not use; attach the image as a \
+             read-only disk)"
         )));
     }
-    let disks: Vec<Value> = config
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            json!({
-                "pdev_path": d.path.to_string_lossy(),
-                "vdev": vdev_name(i),
-                "format": match d.format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
-                "readwrite": if d.readonly { 0 } else { 1 },
-            })
-        })
-        .collect();
-
+    // Ids, vdevs, devids and MACs as `devices()` lists them (§14.7).
+    let set = crate::devices::XenDeviceSet::from_config(config, uuid)
+        .map_err(|e| MappingError(e.to_string()))?;
+    let disks: Vec<Value> = set.disks.iter().map(crate::devices::disk_json).collect();
     let mut nics = Vec::new();
-    for (i, nic) in config.nics.iter().enumerate() {
-        let bridge = match &nic.backend {
-            NicBackend::Bridge(b) => b,
-            NicBackend::User => {
-                return Err(MappingError(format!(
-                    "nics[{i}]: user-mode networking is QEMU-only; on Xen use backend = \
-                     {{ bridge = \"<dom0 bridge>\" }}"
-                )))
-            }
-        };
-        let mut n = Map::new();
-        n.insert("devid".into(), json!(i));
-        n.insert("nictype".into(), json!("vif"));
-        n.insert("bridge".into(), json!(bridge));
-        if let Some(mac) = &nic.mac {
-            n.insert("mac".into(), json!(mac.to_ascii_lowercase()));
-        }
-        nics.push(Value::Object(n));
+    for (i, x) in set.nics.iter().enumerate() {
+        nics.push(crate::devices::nic_json(x).map_err(|_| {
+            MappingError(format!(
+                "nics[{i}]: user-mode networking is QEMU-only; on Xen use backend = \
+                 {{ bridge = \"<dom0 bridge>\" }}"
+            ))
+        })?);
     }
 
     let channels: Vec<Value> = config
@@ -222,7 +201,7 @@ pub fn domain_config_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domkit_core::{Channel, ChannelKind, Console, Disk, Nic};
+    use domkit_core::{Channel, ChannelKind, Console, Disk, DiskFormat, Nic, NicBackend};
     use std::path::PathBuf;
 
     fn base() -> DomainConfig {

@@ -634,6 +634,106 @@ impl Context {
         Ok(())
     }
 
+    /// Hot-add a disk to the running domain `domid` (`libxl_device_disk_add`, synchronous:
+    /// returns once the backend is connected and the hotplug script ran). `json`: one
+    /// `libxl_device_disk` as [`crate::devices::disk_json`] writes it.
+    pub fn disk_add(&self, domid: u32, json: &str) -> Result<(), LibxlError> {
+        self.device_call(
+            json,
+            DeviceCall {
+                name: "libxl_device_disk_add",
+                init: sys::libxl_device_disk_init,
+                from_json: sys::libxl_device_disk_from_json,
+                dispose: sys::libxl_device_disk_dispose,
+                call: sys::libxl_device_disk_add,
+            },
+            domid,
+        )
+    }
+
+    /// Remove a disk gracefully (`libxl_device_disk_remove`, synchronous): libxl asks the
+    /// frontend to close and waits for the backend to reach `Closed` (libxl's own 10 s
+    /// timeout, after which it forces the removal), then runs the hotplug script. `json`
+    /// names the disk by its `vdev`.
+    pub fn disk_remove(&self, domid: u32, json: &str) -> Result<(), LibxlError> {
+        self.device_call(
+            json,
+            DeviceCall {
+                name: "libxl_device_disk_remove",
+                init: sys::libxl_device_disk_init,
+                from_json: sys::libxl_device_disk_from_json,
+                dispose: sys::libxl_device_disk_dispose,
+                call: sys::libxl_device_disk_remove,
+            },
+            domid,
+        )
+    }
+
+    /// Hot-add a vif (`libxl_device_nic_add`, synchronous). `json`: one `libxl_device_nic`.
+    pub fn nic_add(&self, domid: u32, json: &str) -> Result<(), LibxlError> {
+        self.device_call(
+            json,
+            DeviceCall {
+                name: "libxl_device_nic_add",
+                init: sys::libxl_device_nic_init,
+                from_json: sys::libxl_device_nic_from_json,
+                dispose: sys::libxl_device_nic_dispose,
+                call: sys::libxl_device_nic_add,
+            },
+            domid,
+        )
+    }
+
+    /// Remove a vif gracefully (`libxl_device_nic_remove`, synchronous; as
+    /// [`Context::disk_remove`]). `json` names the vif by its `devid`.
+    pub fn nic_remove(&self, domid: u32, json: &str) -> Result<(), LibxlError> {
+        self.device_call(
+            json,
+            DeviceCall {
+                name: "libxl_device_nic_remove",
+                init: sys::libxl_device_nic_init,
+                from_json: sys::libxl_device_nic_from_json,
+                dispose: sys::libxl_device_nic_dispose,
+                call: sys::libxl_device_nic_remove,
+            },
+            domid,
+        )
+    }
+
+    /// One device call: an owned libxl device struct (init, filled from `json`, disposed
+    /// after the call on every path), passed to `call` with NULL ao_how (synchronous).
+    fn device_call<T>(&self, json: &str, f: DeviceCall<T>, domid: u32) -> Result<(), LibxlError> {
+        let mark = self.error_mark();
+        let c = CString::new(json).map_err(|_| LibxlError {
+            call: f.name,
+            code: sys::ERROR_INVAL,
+            detail: "the JSON device contains a NUL byte".into(),
+        })?;
+        let mut dev = Box::new(std::mem::MaybeUninit::<T>::uninit());
+        // SAFETY: `init` writes a valid empty value of T (libxl.h:684-691: every IDL type
+        // has init/dispose; dispose of an initialised value is always safe).
+        unsafe { (f.init)(dev.as_mut_ptr()) };
+        // SAFETY: valid ctx, initialised T, NUL-terminated JSON; libxl owns (and `dispose`
+        // frees) the strings it allocates into T.
+        let rc = unsafe { (f.from_json)(self.ptr(), dev.as_mut_ptr(), c.as_ptr()) };
+        let rc = if rc != 0 {
+            Err(self.error("libxl_device_*_from_json", rc, mark))
+        } else {
+            // SAFETY: valid ctx and an initialised device; NULL ao_how makes the call
+            // synchronous, so `dev` only needs to live for the call (libxl copies what it
+            // keeps into xenstore and its own JSON record).
+            let rc = unsafe { (f.call)(self.ptr(), domid, dev.as_mut_ptr(), ptr::null()) };
+            if rc != 0 {
+                Err(self.error(f.name, rc, mark))
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: initialised above, disposed exactly once, not used afterwards.
+        unsafe { (f.dispose)(dev.as_mut_ptr()) };
+        rc
+    }
+
     fn simple(
         &self,
         call: &'static str,
@@ -1022,6 +1122,20 @@ impl Drop for Shared {
             self.childproc_hooks,
         );
     }
+}
+
+/// The libxl functions of one device type, for [`Context::device_call`].
+struct DeviceCall<T> {
+    name: &'static str,
+    init: unsafe extern "C" fn(*mut T),
+    from_json: unsafe extern "C" fn(*mut sys::libxl_ctx, *mut T, *const c_char) -> c_int,
+    dispose: unsafe extern "C" fn(*mut T),
+    call: unsafe extern "C" fn(
+        *mut sys::libxl_ctx,
+        u32,
+        *mut T,
+        *const sys::libxl_asyncop_how,
+    ) -> c_int,
 }
 
 /// An owned `libxl_domain_config` (init on creation, dispose on drop).

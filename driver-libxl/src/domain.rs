@@ -25,6 +25,7 @@
 //!   interrupted and leaves no file).
 
 use crate::context::{Context, DeathWatch, DomInfo, LibxlError};
+use crate::devices::XenDeviceSet;
 use crate::driver::PersistedDomain;
 use crate::ephemeral::Reaper;
 use crate::observe::{self, ConsoleLink};
@@ -36,6 +37,7 @@ use crate::translate::{
     TraceInput, REASON_SUSPEND,
 };
 use async_trait::async_trait;
+use domkit_core::device::{DetachOptions, DeviceId, DeviceInfo, DeviceScope, DeviceSpec};
 use domkit_core::store::{InFlight, StoredStatus};
 use domkit_core::{
     ConsoleAccess, ConsoleStream, ControlState, Creation, Domain, DomainConfig, DomainId,
@@ -158,6 +160,13 @@ pub(crate) struct DomainInner {
     detached: AtomicBool,
     /// The console pump of the current run, made on its first `console()` (§12.4).
     console: tokio::sync::Mutex<Option<ConsoleLink>>,
+    /// The devices of the current Xen domain, hotplugged ones included (§14.7): set at
+    /// each create (the definition's; a restart's or restore's own), changed by attach and
+    /// detach. `None` before the first create.
+    live: Mutex<Option<XenDeviceSet>>,
+    /// The definition as it is now: `config` with the device changes of scope config since
+    /// (§14.2); what the next start creates.
+    defined: Mutex<DomainConfig>,
 }
 
 impl std::fmt::Debug for DomainInner {
@@ -256,6 +265,7 @@ impl DomainInner {
         persisted: Option<Arc<PersistedDomain>>,
         reaper: Option<Arc<Reaper>>,
     ) -> Arc<Self> {
+        let defined = Mutex::new(config.clone());
         Arc::new_cyclic(|me| DomainInner {
             me: me.clone(),
             id,
@@ -275,6 +285,8 @@ impl DomainInner {
             reaper,
             detached: AtomicBool::new(false),
             console: tokio::sync::Mutex::new(None),
+            live: Mutex::new(None),
+            defined,
         })
     }
 
@@ -302,6 +314,298 @@ impl DomainInner {
             current: self.cell.state(),
             operation,
         }
+    }
+
+    /// Make `set` the current instance's devices (and the persisted status's, §14.3).
+    fn set_live(&self, set: XenDeviceSet) {
+        if let Some(p) = &self.persisted {
+            p.set_devices(serde_json::to_value(&set).ok());
+        }
+        *lock(&self.live) = Some(set);
+    }
+
+    /// Change the current instance's devices with `f` (under the lock: a detach completing
+    /// in the background and an attach do not lose each other's change).
+    fn update_live(&self, f: impl FnOnce(&mut XenDeviceSet)) -> Result<()> {
+        let mut set = self.live_set()?;
+        {
+            let mut live = lock(&self.live);
+            if let Some(current) = live.as_ref() {
+                set = current.clone();
+            }
+            f(&mut set);
+            *live = Some(set.clone());
+        }
+        if let Some(p) = &self.persisted {
+            p.set_devices(serde_json::to_value(&set).ok());
+        }
+        Ok(())
+    }
+
+    fn emit_device(&self, kind: EventKind) {
+        self.cell.emit(|lc, at| lc.device_event(kind, at));
+    }
+
+    /// The running (or paused) Xen domain a live device change applies to.
+    fn live_domid(&self, operation: Operation) -> Result<u32> {
+        match self.domid() {
+            Some(domid) if self.cell.state().is_active() => Ok(domid),
+            _ => Err(self.invalid(operation)),
+        }
+    }
+
+    /// `attach_device`, live (§14.2, §14.7): plan against the current set (duplicate id,
+    /// MAC, free name or devid: nothing touched on failure), then `libxl_device_disk_add`
+    /// / `libxl_device_nic_add`; `device_added` once libxl returned.
+    fn attach_blocking(&self, spec: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
+        let operation = Operation::AttachDevice;
+        // Every check before anything changes (§14.4): against the definition (config)
+        // and the running instance (live).
+        let planned_id = if scope.config() {
+            let defined = self.defined_set()?;
+            match &spec {
+                DeviceSpec::Disk(d) => defined.plan_disk(d)?.disk.id,
+                DeviceSpec::Nic(n) => defined.plan_nic(n, self.id.uuid)?.nic.id,
+            }
+        } else {
+            None
+        };
+        if !scope.live() {
+            let id = planned_id.unwrap_or_else(|| DeviceId::default_disk(0));
+            self.change_definition(|c| {
+                match spec {
+                    DeviceSpec::Disk(mut d) => {
+                        d.id = Some(id);
+                        c.disks.push(d);
+                    }
+                    DeviceSpec::Nic(mut n) => {
+                        n.id = Some(id);
+                        c.nics.push(n);
+                    }
+                }
+                Ok(())
+            })?;
+            // Config only: nothing happened to a running domain, no event (§14.2).
+            return Ok(id);
+        }
+        let domid = self.live_domid(operation)?;
+        let set = self.live_set()?;
+        match &spec {
+            DeviceSpec::Disk(d) => drop(set.plan_disk(d)?),
+            DeviceSpec::Nic(n) => drop(set.plan_nic(n, self.id.uuid)?),
+        }
+        let for_config = spec.clone();
+        let id = match spec {
+            DeviceSpec::Disk(disk) => {
+                let plan = set.plan_disk(&disk)?;
+                let id = plan.disk.id.unwrap_or_else(|| DeviceId::default_disk(0));
+                let json = crate::devices::disk_json(&plan).to_string();
+                self.ctx.disk_add(domid, &json).map_err(|e| {
+                    backend_msg(format!("attach of disk {id} ({}): {e}", plan.vdev))
+                })?;
+                self.update_live(|s| s.disks.push(plan))?;
+                id
+            }
+            DeviceSpec::Nic(nic) => {
+                let plan = set.plan_nic(&nic, self.id.uuid)?;
+                let id = plan.nic.id.unwrap_or_else(|| DeviceId::default_nic(0));
+                let json = crate::devices::nic_json(&plan)
+                    .map_err(|e| Error::Unsupported {
+                        operation,
+                        backend: BACKEND.into(),
+                        reason: e.0,
+                    })?
+                    .to_string();
+                self.ctx.nic_add(domid, &json).map_err(|e| {
+                    backend_msg(format!(
+                        "attach of NIC {id} (vif devid {}): {e}",
+                        plan.devid
+                    ))
+                })?;
+                self.update_live(|s| s.nics.push(plan))?;
+                id
+            }
+        };
+        self.emit_device(EventKind::DeviceAdded(id));
+        if scope.config() {
+            // Both: live first, then the definition, with the id (and MAC) live got.
+            let live = self.live_set()?;
+            self.change_definition(|c| {
+                match for_config {
+                    DeviceSpec::Disk(mut d) => {
+                        d.id = Some(id);
+                        c.disks.push(d);
+                    }
+                    DeviceSpec::Nic(mut n) => {
+                        n.id = Some(id);
+                        n.mac = live.nic(id).and_then(|x| x.nic.mac.clone()).or(n.mac);
+                        c.nics.push(n);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(id)
+    }
+
+    /// `detach_device` (§14.2): live (see [`DomainInner::detach_live`]) then, for scope
+    /// config or both, the definition; a failed live detach changes nothing.
+    fn detach_blocking(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        if !options.scope.live() && !self.defined_set()?.has(id) {
+            return Err(self.device_not_found(id));
+        }
+        if options.scope.live() {
+            self.detach_live(id, options.timeout)?;
+        }
+        if options.scope.config() {
+            self.change_definition(|c| {
+                let before = c.disks.len() + c.nics.len();
+                c.disks.retain(|d| d.id != Some(id));
+                c.nics.retain(|n| n.id != Some(id));
+                if before == c.disks.len() + c.nics.len() {
+                    return Err(self.device_not_found(id));
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn device_not_found(&self, id: DeviceId) -> Error {
+        Error::NotFound {
+            what: format!("device {id:?} of domain {:?}", self.id.name),
+        }
+    }
+
+    /// `detach_device`, live (§14.2, §14.7): `libxl_device_disk_remove` /
+    /// `libxl_device_nic_remove` on a thread of its own, waited for up to `timeout`. libxl
+    /// asks the frontend to close, waits for the backend (its own 10 s), then forces the
+    /// removal; the device leaves the set with `device_removed` when the call returns, also
+    /// after the caller's timeout (then `device_removal_failed` and `timeout` first).
+    fn detach_live(&self, id: DeviceId, timeout: Duration) -> Result<()> {
+        let operation = Operation::DetachDevice;
+        let domid = self.live_domid(operation)?;
+        let set = self.live_set()?;
+        let (json, what) = if let Some(d) = set.disk(id) {
+            (
+                crate::devices::disk_remove_json(d),
+                format!("disk {id} ({})", d.vdev),
+            )
+        } else if let Some(n) = set.nic(id) {
+            let json = crate::devices::nic_json(n).map_err(|e| backend_msg(e.0))?;
+            (json, format!("NIC {id} (vif devid {})", n.devid))
+        } else {
+            return Err(self.device_not_found(id));
+        };
+        let is_disk = set.disk(id).is_some();
+        let json = json.to_string();
+        let Some(me) = self.me.upgrade() else {
+            return Err(backend_msg("the domain is being dropped".into()));
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("domkit-libxl-unplug".into())
+            .spawn(move || {
+                let r = if is_disk {
+                    me.ctx.disk_remove(domid, &json)
+                } else {
+                    me.ctx.nic_remove(domid, &json)
+                };
+                let done = match &r {
+                    // The same Xen domain still runs: the device is gone from it.
+                    Ok(()) if me.domid() == Some(domid) => {
+                        let _ = me.update_live(|s| {
+                            s.remove(id);
+                        });
+                        me.emit_device(EventKind::DeviceRemoved(id));
+                        Ok(())
+                    }
+                    Ok(()) => Err(backend_msg(format!(
+                        "detach of {id}: the domain ended during the unplug"
+                    ))),
+                    Err(e) => Err(backend_msg(format!(
+                        "detach of {id}: {e}; the device is still attached"
+                    ))),
+                };
+                let _ = tx.send(done);
+            })
+            .map_err(|e| backend_msg(format!("cannot start the unplug thread: {e}")))?;
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                if self.domid() == Some(domid) && self.cell.state().is_active() {
+                    self.emit_device(EventKind::DeviceRemovalFailed(id));
+                }
+                Err(e)
+            }
+            Err(_) => {
+                self.emit_device(EventKind::DeviceRemovalFailed(id));
+                Err(Error::Timeout {
+                    operation,
+                    after: timeout,
+                    hint: format!(
+                        "the guest did not release {what} in time: the device is still \
+                         attached; libxl forces its removal after its own 10 s, and \
+                         device_removed follows then"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The definition's devices.
+    fn defined_set(&self) -> Result<XenDeviceSet> {
+        Ok(XenDeviceSet::from_config(
+            &lock(&self.defined),
+            self.id.uuid,
+        )?)
+    }
+
+    /// The definition as it is now (device changes of scope config included).
+    pub(crate) fn definition(&self) -> DomainConfig {
+        lock(&self.defined).clone()
+    }
+
+    /// Change the definition with `f` (on a copy whose devices all have explicit ids, so
+    /// that removing one does not rename the others), check it, persist it (persistent
+    /// drivers, §11.2), then make it the definition.
+    fn change_definition(&self, f: impl FnOnce(&mut DomainConfig) -> Result<()>) -> Result<()> {
+        let mut defined = lock(&self.defined);
+        let mut next = defined.clone();
+        for (i, d) in next.disks.iter_mut().enumerate() {
+            d.id = Some(d.device_id(i));
+        }
+        for (i, n) in next.nics.iter_mut().enumerate() {
+            n.id = Some(n.device_id(i));
+        }
+        f(&mut next)?;
+        XenDeviceSet::from_config(&next, self.id.uuid)?;
+        if let Some(p) = &self.persisted {
+            p.save_definition(&next)
+                .map_err(|e| Error::io("persisting the changed definition", e))?;
+        }
+        *defined = next;
+        Ok(())
+    }
+
+    /// The devices of the current Xen domain (the definition's before any create).
+    fn live_set(&self) -> Result<XenDeviceSet> {
+        match lock(&self.live).clone() {
+            Some(set) => Ok(set),
+            None => self.defined_set(),
+        }
+    }
+
+    /// libxl's JSON config with `set`'s devices (the definition's JSON when they are the
+    /// definition's).
+    fn json_with(&self, set: &XenDeviceSet) -> Result<String> {
+        if *set == XenDeviceSet::from_config(&self.config, self.id.uuid)? {
+            return Ok(self.libxl_json.clone());
+        }
+        let def: serde_json::Value = serde_json::from_str(&self.libxl_json)
+            .map_err(|e| backend_msg(format!("the domain's libxl JSON: {e}")))?;
+        let v = set.apply_to_json(&def).map_err(|e| backend_msg(e.0))?;
+        Ok(v.to_string())
     }
 
     /// A `Destroy` of the API is stashed (in flight).
@@ -562,7 +866,11 @@ impl DomainInner {
             .spawn(move || {
                 let _op = me.ops.blocking_lock();
                 let Some(domid) = me.domid() else { return };
-                match me.ctx.soft_reset(&me.libxl_json, domid) {
+                let json = me
+                    .live_set()
+                    .and_then(|set| me.json_with(&set))
+                    .unwrap_or_else(|_| me.libxl_json.clone());
+                match me.ctx.soft_reset(&json, domid) {
                     Ok(()) => {
                         if let Err(e) = me.rearm(domid) {
                             tracing::error!(domain = %me.id.name, error = %e, "cannot watch the soft-reset domain");
@@ -718,7 +1026,12 @@ impl DomainInner {
             tracing::info!(domain = %self.id.name, "restart: a destroy is in progress: not creating the domain again");
             false
         } else {
-            match self.ctx.create_new(&self.libxl_json) {
+            // A reboot keeps the devices, hotplugged ones included (§14.3).
+            let json = self
+                .live_set()
+                .and_then(|set| self.json_with(&set))
+                .unwrap_or_else(|_| self.libxl_json.clone());
+            match self.ctx.create_new(&json) {
                 Ok(domid) => {
                     match self.arm_and_run(
                         &mut creating,
@@ -804,6 +1117,15 @@ impl DomainInner {
         let Some(status) = status else {
             return; // defined, never changed
         };
+        // The recorded instance's devices, hotplugged ones included (§14.3); unreadable or
+        // absent: the definition's.
+        if let Some(set) = status
+            .devices
+            .clone()
+            .and_then(|v| serde_json::from_value::<XenDeviceSet>(v).ok())
+        {
+            self.set_live(set);
+        }
         let save = status.in_flight.map(|in_flight| match in_flight {
             InFlight::Save {
                 target,
@@ -1010,9 +1332,13 @@ impl DomainInner {
             self.feed_fact(Fact::CreateFailed);
             return Err(e);
         }
+        // A new start has the definition's devices (§14.3).
+        let set = self.defined_set()?;
+        self.set_live(set.clone());
         let t0 = Instant::now();
+        let json = self.json_with(&set)?;
         let mut creating = self.begin_create();
-        let domid = match self.ctx.create_new(&self.libxl_json) {
+        let domid = match self.ctx.create_new(&json) {
             Ok(d) => d,
             Err(e) => {
                 drop(creating);
@@ -1212,6 +1538,10 @@ impl DomainInner {
                 was_paused,
                 domid,
                 saved_at_us: domkit_core::event::unix_micros(SystemTime::now()),
+                devices: self
+                    .live_set()
+                    .ok()
+                    .and_then(|set| serde_json::to_value(set).ok()),
             })
             .map_err(save_err)?;
         let _save = self.cell.intent(Intent::Save);
@@ -1431,9 +1761,32 @@ impl DomainInner {
             return Err(e);
         }
         let paused = options.paused.unwrap_or(header.was_paused);
+        // The saved instance's devices, hotplugged ones included (§14.3); a header without
+        // them: the definition's.
+        let set = match header.devices.clone() {
+            Some(v) => match serde_json::from_value::<XenDeviceSet>(v) {
+                Ok(set) => set,
+                Err(e) => {
+                    self.feed_fact(Fact::CreateFailed);
+                    return Err(backend_msg(format!(
+                        "restore: the device set in {} cannot be read: {e}",
+                        path.display()
+                    )));
+                }
+            },
+            None => self.defined_set()?,
+        };
+        let json = match self.json_with(&set) {
+            Ok(j) => j,
+            Err(e) => {
+                self.feed_fact(Fact::CreateFailed);
+                return Err(e);
+            }
+        };
         let t0 = Instant::now();
+        self.set_live(set);
         let mut creating = self.begin_create();
-        let domid = match self.ctx.create_restore(&self.libxl_json, file.as_raw_fd()) {
+        let domid = match self.ctx.create_restore(&json, file.as_raw_fd()) {
             Ok(d) => d,
             Err(e) => {
                 drop(creating);
@@ -1590,12 +1943,30 @@ impl LibxlDomain {
         self.inner.domid()
     }
 
-    /// The config this domain was defined with (its uuid filled in).
+    /// The config this domain was defined with (its uuid filled in); device changes of
+    /// scope config since are in [`LibxlDomain::definition`].
     pub fn config(&self) -> &DomainConfig {
         &self.inner.config
     }
 
-    /// libxl's JSON domain config the driver creates this domain from.
+    /// The definition as it is now, device changes of scope config included (what the next
+    /// start creates, and what a persistent driver has stored).
+    pub fn definition(&self) -> DomainConfig {
+        self.inner.definition()
+    }
+
+    /// The current devices (§14.1): the running instance's while active, hotplugged ones
+    /// included, else the definition's.
+    fn device_infos(&self) -> Result<Vec<DeviceInfo>> {
+        if self.inner.cell.state().is_active() {
+            return Ok(self.inner.live_set()?.infos());
+        }
+        Ok(self.inner.defined_set()?.infos())
+    }
+
+    /// libxl's JSON domain config of the config this domain was defined with; a create
+    /// replaces its `disks` and `nics` with the devices it is created with (the current
+    /// definition's, or a restart's / restore's own: [`crate::devices`], §14.7).
     pub fn libxl_json(&self) -> &str {
         &self.inner.libxl_json
     }
@@ -1851,9 +2222,45 @@ impl Domain for LibxlDomain {
             vcpus: self.inner.config.vcpus,
             memory_mib: self.inner.config.memory_mib,
             backend_handle: self.domid().map(|d| format!("domid {d}")),
-            // Device listing is not implemented on libxl yet (§14.7).
-            devices: Vec::new(),
+            devices: self.device_infos()?,
         })
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.device_infos()
+    }
+
+    /// The definition's devices, changes of scope config included (§14.2).
+    async fn defined_devices(&self) -> Result<Vec<DeviceInfo>> {
+        Ok(self.inner.defined_set()?.infos())
+    }
+
+    async fn attach_device(&self, device: DeviceSpec, scope: DeviceScope) -> Result<DeviceId> {
+        let operation = Operation::AttachDevice;
+        // Checks that touch nothing first: a bad device changes nothing (§14.4).
+        match &device {
+            DeviceSpec::Disk(d) => domkit_core::config::check_image("disk.path", &d.path)?,
+            DeviceSpec::Nic(n) => {
+                if let Some(mac) = &n.mac {
+                    if !domkit_core::config::is_valid_mac(mac) {
+                        return Err(Error::InvalidConfig(domkit_core::ConfigError::BadMac {
+                            index: 0,
+                            mac: mac.clone(),
+                        }));
+                    }
+                }
+                check_bridge(operation, n)?;
+            }
+        }
+        self.run_op(operation, move |d| d.attach_blocking(device, scope))
+            .await
+    }
+
+    async fn detach_device(&self, id: DeviceId, options: DetachOptions) -> Result<()> {
+        self.run_op(Operation::DetachDevice, move |d| {
+            d.detach_blocking(id, options)
+        })
+        .await
     }
 
     fn subscribe(&self) -> EventStream {
@@ -2073,5 +2480,34 @@ impl Domain for LibxlDomain {
 
     fn backend_name(&self) -> &'static str {
         BACKEND
+    }
+}
+
+/// A NIC to hot-add must name a bridge that exists in dom0 (`missing_bridge`); user-mode
+/// networking is QEMU-only (`unsupported`).
+fn check_bridge(operation: Operation, nic: &domkit_core::Nic) -> Result<()> {
+    match &nic.backend {
+        domkit_core::NicBackend::User => Err(Error::Unsupported {
+            operation,
+            backend: BACKEND.into(),
+            reason: "user-mode networking is QEMU-only; on Xen use backend = { bridge = \
+                     \"<dom0 bridge>\" }"
+                .into(),
+        }),
+        domkit_core::NicBackend::Bridge(br) => {
+            let safe = !br.is_empty()
+                && br.len() <= 15
+                && br
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                && br != "."
+                && br != "..";
+            if !safe || !Path::new("/sys/class/net").join(br).join("bridge").is_dir() {
+                return Err(Error::InvalidConfig(
+                    domkit_core::ConfigError::MissingBridge { bridge: br.clone() },
+                ));
+            }
+            Ok(())
+        }
     }
 }

@@ -676,6 +676,8 @@ pub(crate) struct PersistedDomain {
     store: DefinitionStore,
     uuid: Uuid,
     in_flight: Mutex<Option<InFlight>>,
+    /// The running instance's device set (§14.3), taken into the next status write.
+    devices: Mutex<Option<serde_json::Value>>,
     /// The driver detached: the next manager owns the record.
     detached: AtomicBool,
 }
@@ -686,6 +688,7 @@ impl PersistedDomain {
             store,
             uuid,
             in_flight: Mutex::new(None),
+            devices: Mutex::new(None),
             detached: AtomicBool::new(false),
         }
     }
@@ -693,6 +696,16 @@ impl PersistedDomain {
     /// Record the operation in flight (taken into the next status write).
     pub(crate) fn set_in_flight(&self, in_flight: Option<InFlight>) {
         *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = in_flight;
+    }
+
+    /// Persist a changed definition (device changes of scope config, §14.2).
+    pub(crate) fn save_definition(&self, config: &DomainConfig) -> std::io::Result<()> {
+        self.store.save_definition(config)
+    }
+
+    /// Record the running instance's device set (taken into the next status write).
+    pub(crate) fn set_devices(&self, devices: Option<serde_json::Value>) {
+        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = devices;
     }
 
     /// Never write again (the driver detached).
@@ -714,8 +727,11 @@ impl PersistedDomain {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             pending_end: lc.pending_end(),
-            // Device changes are not implemented on libxl yet (§14.7).
-            devices: None,
+            devices: self
+                .devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
         if let Err(e) = self.store.save_status(self.uuid, &status) {
             tracing::warn!(uuid = %self.uuid, error = %e, "cannot persist the domain status");

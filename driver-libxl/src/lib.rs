@@ -108,6 +108,7 @@
 
 pub mod config;
 pub mod context;
+pub mod devices;
 mod domain;
 mod driver;
 pub mod ephemeral;

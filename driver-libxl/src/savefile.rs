@@ -76,6 +76,11 @@ pub struct SaveHeader {
     pub domid: u32,
     /// When it was saved, microseconds since the Unix epoch.
     pub saved_at_us: u64,
+    /// The saved instance's devices ([`crate::devices::XenDeviceSet`], hotplugged ones
+    /// included): a restore creates the domain with them (§14.3). Absent in files of
+    /// drivers without device hotplug: the definition's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<serde_json::Value>,
 }
 
 /// What can be wrong with a save file.
@@ -489,6 +494,7 @@ mod tests {
             was_paused: true,
             domid: 7,
             saved_at_us: 1,
+            devices: None,
         }
     }
 

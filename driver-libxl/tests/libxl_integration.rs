@@ -994,6 +994,7 @@ async fn t15_unsupported_and_invalid() {
         was_paused: false,
         domid: 1,
         saved_at_us: 0,
+        devices: None,
     })
     .unwrap();
     t.persist().unwrap();

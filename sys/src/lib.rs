@@ -48,7 +48,10 @@
 //! `libxl_domain_info`, `libxl_list_domain`, `libxl_name_to_domid`,
 //! `libxl_domid_to_name`, `libxl_retrieve_domain_configuration`,
 //! `libxl_domain_config_{init,dispose,from_json,to_json}`,
-//! `libxl_domain_build_info_init_type`, `libxl_event_{check,wait,free,register_callbacks}`,
+//! `libxl_domain_build_info_init_type`,
+//! `libxl_device_{disk,nic}_{init,dispose,from_json,add,remove}` (device hotplug: the
+//! caller owns the struct, init before and dispose after the call; libxl copies what it
+//! keeps), `libxl_event_{check,wait,free,register_callbacks}`,
 //! `libxl_evenable_domain_death`/`libxl_evdisable_domain_death`,
 //! `libxl_osevent_{register_hooks,beforepoll,afterpoll,occurred_fd,occurred_timeout}`,
 //! `libxl_childproc_{setmode,reaped,sigchld_occurred}`, `libxl_ao_abort`,
