@@ -106,6 +106,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub(crate) mod agent;
 pub mod config;
 pub mod context;
 mod domain;
