@@ -1913,8 +1913,9 @@ impl LibxlDomain {
     }
 
     /// The request half of an agent-mode shutdown or reboot (§6.3, §13): `guest-shutdown`
-    /// (it sends no reply on success), with the PV request's state rules. A shutdown is acknowledged once the agent took it; a reboot
-    /// keeps `Reboot` stashed (handed to `hold`) until the guest rebooted.
+    /// (it sends no reply on success), with the PV request's state rules. A shutdown is
+    /// acknowledged once the agent took it; a reboot keeps `Reboot` stashed (handed to
+    /// `hold`) until the guest rebooted.
     async fn agent_request(
         &self,
         operation: Operation,
@@ -2044,13 +2045,14 @@ impl Domain for LibxlDomain {
         match requested {
             Ok(Ok(())) => {}
             Ok(Err(Error::Timeout { .. })) | Err(_) => {
-                return self
-                    .shutdown_timed_out(
-                        &options,
-                        "the guest did not acknowledge the PV shutdown request in time (libxl \
-                         keeps waiting for it for up to 60 s; operations queue behind that)",
-                    )
-                    .await
+                let what = if options.mode == ShutdownMode::Agent {
+                    "the guest agent did not take the shutdown request in time (is qemu-ga \
+                     running on the PV channel?)"
+                } else {
+                    "the guest did not acknowledge the PV shutdown request in time (libxl \
+                     keeps waiting for it for up to 60 s; operations queue behind that)"
+                };
+                return self.shutdown_timed_out(&options, what).await;
             }
             Ok(Err(e)) => return Err(e),
         }
@@ -2106,6 +2108,12 @@ impl Domain for LibxlDomain {
         };
         match requested {
             Ok(r) => r?,
+            Err(_) if mode == ShutdownMode::Agent => {
+                return Err(timed_out(
+                    "the guest agent did not take the reboot request in time (is qemu-ga \
+                     running on the PV channel?)",
+                ))
+            }
             Err(_) => {
                 return Err(timed_out(
                     "the guest did not acknowledge the PV reboot request in time (libxl keeps \
