@@ -51,6 +51,15 @@ fi
 kabi=${kpkg#linux-image-}
 
 pkgs=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils busybox-static "$kpkg")
+# ---- guest agent (issue 9): the Xen device model backing PV channels (dom0) ----
+# libxl starts /usr/libexec/xen-qemu-system-i386 (Debian's qemu-system-xen) for a PV domain
+# with channels: its console backend serves the channel, its chardev the dom0 socket.
+pkgs+=(qemu-system-xen)
+# qemu-ga for the domU comes from the host (package qemu-guest-agent, as for the QEMU test
+# guest of scripts/build-test-guest.sh).
+qga_bin=/usr/sbin/qemu-ga
+[ -x "$qga_bin" ] || die "missing host $qga_bin (qemu-guest-agent; run scripts/install-deps.sh)"
+# ---- end guest agent ----
 declare -A ver=()
 while read -r p v; do
   ver[$p]=$v
@@ -74,6 +83,7 @@ key=$( {
   for p in "${pkgs[@]}"; do echo "$p ${ver[$p]}"; done
   echo "$hostlibs"
   sha256sum "$here/build.sh" "$here"/domu/* "$here"/dom0-scripts/* | awk '{ print $1 }'
+  sha256sum "$qga_bin" | awk '{ print $1 }'   # guest agent (issue 9)
 } | sha256sum | awk '{ print $1 }')
 
 outputs=(xen.elf vmlinuz dom0-base.cpio domu/vmlinux domu/initrd.img dom0/init)
@@ -246,6 +256,37 @@ rm -f "$du/usr/sbin/poweroff" "$du/usr/sbin/reboot" "$du/usr/sbin/halt"
 ln -s domkit-poweroff "$du/usr/sbin/poweroff"
 ln -s domkit-poweroff "$du/usr/sbin/halt"
 ln -s domkit-reboot "$du/usr/sbin/reboot"
+# ---- guest agent (issue 9): qemu-ga and its helpers in the domU ----
+cp "$qga_bin" "$du/usr/sbin/qemu-ga"
+addlibs "$du" "$du/usr/sbin/qemu-ga"
+for s in agent-ctl shutdown chpasswd; do
+  install -m 755 "$here/domu/$s" "$du/usr/sbin/$s"
+done
+# guest-set-user-password (through /sbin/chpasswd) writes the hash here.
+printf 'root:*:19000:0:99999:7:::\n' >"$du/etc/shadow"
+chmod 0600 "$du/etc/shadow"
+# A loop device and ext4 for the fsfreeze/fstrim scenarios: modules in dependency order
+# (from .modinfo, as for dom0 below), loaded by domu/init from modules/agent-order.
+declare -A du_modpath=() du_done=()
+while IFS= read -r f; do
+  n=$(basename "$f" .ko); du_modpath[${n//-/_}]=$f
+done < <(find "$ex/lib/modules/$kabi/kernel" -name '*.ko')
+du_order=()
+du_addmod() {
+  local n=${1//-/_} f deps d
+  [ -n "${du_done[$n]:-}" ] && return 0
+  f=${du_modpath[$n]:-}
+  [ -n "$f" ] || return 0   # built in
+  objcopy -O binary --only-section=.modinfo "$f" "$tmp/modinfo"
+  deps=$(tr '\0' '\n' <"$tmp/modinfo" | sed -n 's/^depends=//p' | tr ',' ' ')
+  for d in $deps; do du_addmod "$d"; done
+  du_done[$n]=1
+  cp "$f" "$du/usr/lib/modules/$n.ko"
+  du_order+=("$n")
+}
+for m in loop crc32c_generic ext4; do du_addmod "$m"; done
+printf '%s\n' "${du_order[@]}" >"$du/usr/lib/modules/agent-order"
+# ---- end guest agent ----
 mkcpio "$du" "$tmp/domu.cpio"
 gzip -9n <"$tmp/domu.cpio" >"$new/domu/initrd.img"
 
@@ -265,6 +306,19 @@ for c in read write rm exists list ls watch chmod; do
   ln -sf xenstore "$d0/usr/bin/xenstore-$c"
 done
 addlibs "$d0" "${xbins[@]/#/$ex/$xb/}" "$ex/usr/bin/xenstore"
+# ---- guest agent (issue 9): QEMU as the device model of PV channels (dom0) ----
+dm=usr/libexec/xen-qemu-system-i386
+[ -f "$ex/$dm" ] || die "no /$dm in qemu-system-xen"
+mkdir -p "$d0/usr/libexec"
+cp "$ex/$dm" "$d0/$dm"
+addlibs "$d0" "$d0/$dm"
+# libxl passes `-vnc none`, for which QEMU still loads its default keymap (from the host's
+# qemu-system-data: the whole package is firmware we do not need).
+km=/usr/share/qemu/keymaps/en-us
+[ -f "$km" ] || die "missing host $km (qemu-system-data; run scripts/install-deps.sh)"
+mkdir -p "$d0/usr/share/qemu/keymaps"
+cp "$km" "$d0/$km"
+# ---- end guest agent ----
 addgccs "$d0"
 
 # kernel modules (and what they depend on, from .modinfo)

@@ -414,6 +414,17 @@ fn not_connected() -> AgentError {
     }
 }
 
+/// What a [`GuestAgent::probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A call holds the channel: nothing was sent, nothing is learnt.
+    Busy,
+    /// The agent answered.
+    Answered,
+    /// No agent answered; why.
+    Silent(String),
+}
+
 /// A client for the QEMU guest agent (qemu-ga), over any byte stream.
 ///
 /// On QEMU it connects to the host side of the agent's virtio-serial port, which QEMU serves
@@ -635,6 +646,40 @@ impl GuestAgent {
             ch.synced = true;
         }
         result
+    }
+
+    /// A liveness probe for drivers that cannot see the agent open its channel (Xen PV
+    /// channels, `docs/semantics.md` §13.4): `guest-ping`, resync included, all within
+    /// `within`. [`Probe::Busy`] without sending anything when a call holds the channel (the
+    /// channel is in use: nothing is learnt); [`Probe::Answered`] when the agent answered;
+    /// [`Probe::Silent`] with why when it did not (not connected, no answer in time, junk).
+    pub async fn probe(&self, within: Duration) -> Probe {
+        let Ok(mut ch) = self.channel.try_lock() else {
+            return Probe::Busy;
+        };
+        let exchange = async {
+            self.ready(&mut ch).await?;
+            let id = self.ids.next_command_id();
+            let bytes = encode_command("guest-ping", None, Some(id));
+            ch.synced = false;
+            ch.write(&bytes).await?;
+            let r = ch.read_reply("guest-ping", id).await;
+            if matches!(
+                r,
+                Ok(_) | Err(AgentError::CommandFailed { .. } | AgentError::Unsupported { .. })
+            ) {
+                ch.synced = true;
+            }
+            r
+        };
+        match tokio::time::timeout(within, exchange).await {
+            // An error reply is an answer too: an agent is there.
+            Ok(Ok(_) | Err(AgentError::CommandFailed { .. } | AgentError::Unsupported { .. })) => {
+                Probe::Answered
+            }
+            Ok(Err(e)) => Probe::Silent(e.to_string()),
+            Err(_) => Probe::Silent(format!("no answer within {within:?}")),
+        }
     }
 
     /// Runs a command and deserialises its `return` value.
@@ -1164,6 +1209,43 @@ mod tests {
                 return;
             }
         }
+    }
+
+    /// Test double: a probe is answered by a peer that answers the sync and the ping, is
+    /// `Silent` (bounded by its own timeout) when the peer reads and never answers, and
+    /// `Busy` without sending anything while a call holds the channel.
+    #[tokio::test]
+    async fn probe_answered_silent_and_busy() {
+        let (client_end, peer_end) = UnixStream::pair().expect("pair");
+        let (r, mut w) = peer_end.into_split();
+        let mut r = BufReader::new(r);
+        let agent = GuestAgent::from_stream(client_end, fast());
+        let (go_silent_tx, go_silent) = tokio::sync::oneshot::channel::<()>();
+        let peer = tokio::spawn(async move {
+            answer_sync(&mut r, &mut w).await;
+            let (_, ping) = read_request(&mut r).await;
+            assert_eq!(ping["execute"], "guest-ping");
+            let id = &ping["id"];
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+                .await
+                .expect("w");
+            let _ = go_silent.await;
+            // Silent from now on: read everything, answer nothing.
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut sink).await;
+        });
+        assert_eq!(agent.probe(Duration::from_secs(30)).await, Probe::Answered);
+        go_silent_tx.send(()).expect("peer");
+        match agent.probe(Duration::from_millis(300)).await {
+            Probe::Silent(why) => assert!(why.contains("no answer"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A call holds the channel: the probe sends nothing.
+        let held = agent.channel.lock().await;
+        assert_eq!(agent.probe(Duration::from_secs(1)).await, Probe::Busy);
+        drop(held);
+        drop(agent);
+        peer.abort();
     }
 
     /// Test double: a peer that floods a line without newline past the limit, then sends

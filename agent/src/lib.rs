@@ -17,6 +17,7 @@ pub mod types;
 
 pub use client::{
     AgentError, AgentStream, BoxedStream, ConnectFuture, Connector, GuestAgent, GuestAgentOptions,
+    Probe,
 };
 pub use types::{
     AgentCommandInfo, AgentInfo, FileHandle, FileOpenMode, FsFreezeStatus, GuestDiskAddress,

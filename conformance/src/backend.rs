@@ -205,6 +205,14 @@ pub trait TestBackend: Send + Sync + 'static {
         false
     }
 
+    /// Whether `agent_connected` / `agent_disconnected` follow a program opening and closing
+    /// the guest's end of the channel, whatever it is (QEMU: `VSERPORT_CHANGE`), rather than
+    /// a real agent answering (Xen: probes, `docs/semantics.md` §13.4). With probes, a
+    /// hostile program on the channel never makes it "connected".
+    fn agent_events_follow_the_port(&self) -> bool {
+        true
+    }
+
     // ---- durable domains (§11): the scenarios of `scenarios/durable.rs` ----
 
     /// The `--connect` URI of this backend for the `domkit` CLI (`qemu:///session`,

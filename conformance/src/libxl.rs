@@ -8,7 +8,9 @@
 
 use crate::backend::{AwayAction, DurableRoots, GuestAction, GuestOptions, TestBackend};
 use async_trait::async_trait;
-use domkit_core::{Boot, DomainConfig, NicBackend, ShutoffReason, XenGuestType};
+use domkit_core::{
+    Boot, Channel, ChannelKind, DomainConfig, NicBackend, ShutoffReason, XenGuestType,
+};
 use domkit_libxl::translate::{REASON_CRASH, REASON_POWEROFF, REASON_REBOOT};
 use domkit_libxl::{LibxlDomain, LibxlDriver, LibxlOptions};
 use std::path::{Path, PathBuf};
@@ -171,6 +173,14 @@ impl TestBackend for LibxlTestBackend {
         let mut config =
             options.guest_config(name, self.kernel.clone(), self.initrd.clone(), "hvc0");
         config.xen.guest_type = XenGuestType::Pv;
+        // The guest agent on its PV channel (the domU runs qemu-ga on it, xen-host/domu/init),
+        // as the QEMU test guest has it on virtio-serial.
+        if !options.no_agent {
+            config.channels.push(Channel {
+                kind: ChannelKind::GuestAgent,
+                name: None,
+            });
+        }
         config
     }
 
@@ -274,6 +284,10 @@ impl TestBackend for LibxlTestBackend {
 
     fn save_runs_a_paused_guest(&self) -> bool {
         true
+    }
+
+    fn agent_events_follow_the_port(&self) -> bool {
+        false
     }
 
     fn connect_uri(&self) -> &'static str {

@@ -128,7 +128,7 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         fault!(launch_failure_reason, "a backend launch failure (garbage kernel): the backend's reason in the error, shutoff(failed) + stopped(failed), every time (§2.3, §6.1)"),
         fault!(agent_absent, "agent-mode shutdown and agent pm_suspend without an agent channel: unsupported within 1 s, nothing changes (§6.3, §6.8)"),
         // The durable family (issue 12): managers that die, domains that stay.
-        durable!(reattach_running, "a running domain outlives its SIGKILLed manager; the next one: same uuid, same seq, running(booted), guest answers, graceful shutdown with seq+1.. (§11.3)"),
+        durable!(reattach_running, "a running domain outlives its SIGKILLed manager; the next one: same uuid, same seq, running(booted), guest and its agent answer, graceful shutdown with seq+1.. (§11.3)"),
         durable!(reattach_paused, "a paused domain outlives its manager; reattached paused(user), vCPUs stopped, resume and destroy continue the seq (§11.3)"),
         durable!(reattach_definitions, "shut-off definitions survive (never started, destroyed), already_exists for a persisted name, undefine is durable (§11.2)"),
         durable!(poweroff_while_away, "guest poweroff while no manager runs: reconciled events, then on_poweroff destroy / restart / preserve (§11.3)"),

@@ -166,8 +166,12 @@ pub fn domain_config_json(
         .enumerate()
         .map(|(i, ch)| {
             // A guest-agent channel is a plain PV channel named org.qemu.guest_agent.0 here.
+            // libxl makes channel i the PV console with the channel's devid (and the device
+            // model's chardev `libxl-channel<devid>`); console 0 is the primary console, so
+            // devid 0 fails the create ("Primary console has invalid configuration"):
+            // channels are consoles 1, 2, ... (`xenstore device/console/<devid>` in the guest).
             json!({
-                "devid": i,
+                "devid": i + 1,
                 "name": ch.port_name(),
                 "connection.socket": {
                     "path": channel_socket_path(runtime_dir, &config.name, ch.port_name()).to_string_lossy(),
@@ -332,9 +336,9 @@ mod tests {
         assert_eq!(
             v["channels"],
             json!([
-                {"devid": 0, "name": "org.qemu.guest_agent.0",
+                {"devid": 1, "name": "org.qemu.guest_agent.0",
                  "connection.socket": {"path": "/run/domkit/libxl/web1/org.qemu.guest_agent.0.sock"}},
-                {"devid": 1, "name": "org.example.log",
+                {"devid": 2, "name": "org.example.log",
                  "connection.socket": {"path": "/run/domkit/libxl/web1/org.example.log.sock"}},
             ])
         );

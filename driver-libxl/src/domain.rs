@@ -24,6 +24,7 @@
 //!   `saved`; the destroy only ends the suspended domain) or the destroy is (the save is
 //!   interrupted and leaves no file).
 
+use crate::agent::{self as xagent, AgentLink, Seen};
 use crate::context::{Context, DeathWatch, DomInfo, LibxlError};
 use crate::devices::XenDeviceSet;
 use crate::driver::PersistedDomain;
@@ -79,10 +80,10 @@ const SAVE_RETRY_PAUSE: Duration = Duration::from_millis(500);
 pub(crate) const UNSUPPORTED_ACPI: &str =
     "ACPI power button: Xen PV/PVH guests have no ACPI power button (libxl_send_trigger \
      POWER is HVM-only); use the default (paravirtual) mode";
-/// Why the agent mode is unsupported.
+/// Why the agent mode is unsupported for a domain without an agent channel.
 pub(crate) const UNSUPPORTED_AGENT: &str =
-    "guest agent: the libxl driver does not talk to a guest agent; use the default \
-     (paravirtual) mode";
+    "guest agent: the domain has no guest agent channel: add `[[channels]] kind = \
+     \"guest_agent\"` to its config, or use the default (paravirtual) mode";
 /// Why suspend to disk is unsupported.
 pub(crate) const UNSUPPORTED_S4: &str =
     "suspend to disk (S4): libxl has no guest hibernation request for PV/PVH guests; use \
@@ -119,7 +120,7 @@ impl Registry {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -167,6 +168,8 @@ pub(crate) struct DomainInner {
     /// The definition as it is now: `config` with the device changes of scope config since
     /// (§14.2); what the next start creates.
     defined: Mutex<DomainConfig>,
+    /// The guest agent over the PV channel, if the config has one (§13).
+    agent: Option<AgentLink>,
 }
 
 impl std::fmt::Debug for DomainInner {
@@ -266,7 +269,19 @@ impl DomainInner {
         reaper: Option<Arc<Reaper>>,
     ) -> Arc<Self> {
         let defined = Mutex::new(config.clone());
-        Arc::new_cyclic(|me| DomainInner {
+        let agent = config
+            .channels
+            .iter()
+            .find(|c| c.kind == domkit_core::ChannelKind::GuestAgent)
+            .map(|c| {
+                let root = runtime_dir.parent().unwrap_or(Path::new("/"));
+                AgentLink::new(crate::config::channel_socket_path(
+                    root,
+                    &id.name,
+                    c.port_name(),
+                ))
+            });
+        let inner = Arc::new_cyclic(|me| DomainInner {
             me: me.clone(),
             id,
             config,
@@ -287,7 +302,47 @@ impl DomainInner {
             console: tokio::sync::Mutex::new(None),
             live: Mutex::new(None),
             defined,
-        })
+            agent,
+        });
+        // The agent's presence (§13.4) is probed while the domain runs; without a runtime
+        // (a driver built outside tokio) there are no agent events, the client still works.
+        if inner.agent.is_some() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(xagent::probe_loop(Arc::downgrade(&inner)));
+                }
+                Err(_) => {
+                    tracing::warn!(domain = %inner.id.name, "no tokio runtime: the guest agent's presence is not probed (no agent events)")
+                }
+            }
+        }
+        inner
+    }
+
+    /// The guest agent link, if the config has an agent channel.
+    pub(crate) fn agent_link(&self) -> Option<&AgentLink> {
+        self.agent.as_ref()
+    }
+
+    /// The domain's name (logs).
+    pub(crate) fn name(&self) -> &str {
+        &self.id.name
+    }
+
+    /// Whether the driver detached (this handle controls nothing any more).
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::SeqCst)
+    }
+
+    /// Feed what the agent's probes (or the run's end) showed; emit the event it makes due,
+    /// under the presence lock so that a probe's late answer cannot overtake a run's end.
+    pub(crate) fn agent_seen(&self, seen: Seen) {
+        let Some(link) = &self.agent else { return };
+        let mut presence = lock(&link.presence);
+        if let Some(connected) = presence.feed(seen) {
+            tracing::info!(domain = %self.id.name, connected, "guest agent presence changed");
+            self.cell.emit(|lc, at| lc.agent_event(connected, at));
+        }
     }
 
     fn domid(&self) -> Option<u32> {
@@ -628,6 +683,9 @@ impl DomainInner {
         }
         let obs = translate_input(&entry)?;
         tracing::debug!(domain = %self.id.name, ?input, ?obs, "observation");
+        if xagent::ends_run(&obs) {
+            self.agent_seen(Seen::RunEnded);
+        }
         self.cell.observe(obs)
     }
 
@@ -1300,6 +1358,12 @@ impl DomainInner {
         }
         if let Some(p) = &self.persisted {
             p.detach();
+        }
+        // The agent channel serves one connection: leave it to the next manager now (the
+        // probe loop also stops at its next round).
+        if let (Some(link), Ok(rt)) = (&self.agent, tokio::runtime::Handle::try_current()) {
+            let client = link.client.clone();
+            rt.spawn(async move { client.disconnect().await });
         }
         let mut b = lock(&self.backend);
         if let Some(w) = b.watch.take() {
@@ -2190,9 +2254,85 @@ impl LibxlDomain {
         })
     }
 
+    /// The guest agent of the running domain (§13.1): one client over the PV channel
+    /// `org.qemu.guest_agent.0`, shared by every caller and by domkit's agent-mode shutdown
+    /// and reboot. Also [`Domain::guest_agent`].
+    pub async fn guest_agent(&self) -> Result<Arc<domkit_core::GuestAgent>> {
+        self.agent_for(Operation::GuestAgent)
+    }
+
+    /// The agent client for `operation`: the domain must be active and have the channel.
+    fn agent_for(&self, operation: Operation) -> Result<Arc<domkit_core::GuestAgent>> {
+        self.check_attached(operation)?;
+        let Some(link) = self.inner.agent.as_ref() else {
+            if operation == Operation::GuestAgent {
+                return Err(Error::NoGuestAgent {
+                    domain: self.inner.id.name.clone(),
+                    reason: String::new(),
+                });
+            }
+            return Err(Error::Unsupported {
+                operation,
+                backend: BACKEND.into(),
+                reason: UNSUPPORTED_AGENT.into(),
+            });
+        };
+        if !self.inner.cell.state().is_active() {
+            return Err(self.inner.invalid(operation));
+        }
+        Ok(link.client.clone())
+    }
+
+    /// The request half of an agent-mode shutdown or reboot (§6.3, §13): `guest-shutdown`
+    /// (it sends no reply on success), with the PV request's state rules. A shutdown is
+    /// acknowledged once the agent took it; a reboot keeps `Reboot` stashed (handed to
+    /// `hold`) until the guest rebooted.
+    async fn agent_request(
+        &self,
+        operation: Operation,
+        hold: Option<Box<dyn FnOnce(OwnedIntent, EventStream) + Send>>,
+    ) -> Result<()> {
+        let agent = self.agent_for(operation)?;
+        // Not under the operation lock: a hung agent must not hold up the domain's other
+        // operations (§13.5); the client serialises its own calls, the caller's deadline
+        // bounds this one.
+        match self.inner.cell.state() {
+            DomainState::Running(_)
+            | DomainState::Blocked(_)
+            | DomainState::ShuttingDown(ShuttingDownReason::User) => {}
+            _ => return Err(self.inner.invalid(operation)),
+        }
+        let mode = if hold.is_some() {
+            domkit_core::agent::ShutdownMode::Reboot
+        } else {
+            domkit_core::agent::ShutdownMode::Powerdown
+        };
+        match hold {
+            None => {
+                let _intent = self.inner.cell.intent(Intent::Shutdown);
+                agent
+                    .shutdown(mode)
+                    .await
+                    .map_err(|e| xagent::agent_to_core(operation, e))?;
+                self.inner.feed_fact(Fact::ShutdownAcknowledged);
+            }
+            Some(hold) => {
+                let events = self.inner.cell.subscribe();
+                let intent = OwnedIntent::push(self.inner.clone(), Intent::Reboot);
+                agent
+                    .shutdown(mode)
+                    .await
+                    .map_err(|e| xagent::agent_to_core(operation, e))?;
+                hold(intent, events);
+            }
+        }
+        Ok(())
+    }
+
     fn check_mode(&self, operation: Operation, mode: ShutdownMode) -> Result<()> {
         let reason = match mode {
             ShutdownMode::Default | ShutdownMode::Paravirt => return Ok(()),
+            ShutdownMode::Agent if self.inner.agent.is_some() => return Ok(()),
             ShutdownMode::Acpi => UNSUPPORTED_ACPI,
             ShutdownMode::Agent => UNSUPPORTED_AGENT,
         };
@@ -2300,21 +2440,26 @@ impl Domain for LibxlDomain {
         let deadline = tokio::time::Instant::now() + options.timeout;
         let epoch = self.inner.destroys.load(Ordering::SeqCst);
         let mut events = self.subscribe();
-        let requested = tokio::time::timeout_at(
-            deadline,
-            self.run_op(Operation::Shutdown, |d| d.shutdown_request_blocking()),
-        )
-        .await;
+        let requested = if options.mode == ShutdownMode::Agent {
+            tokio::time::timeout_at(deadline, self.agent_request(Operation::Shutdown, None)).await
+        } else {
+            tokio::time::timeout_at(
+                deadline,
+                self.run_op(Operation::Shutdown, |d| d.shutdown_request_blocking()),
+            )
+            .await
+        };
         match requested {
             Ok(Ok(())) => {}
             Ok(Err(Error::Timeout { .. })) | Err(_) => {
-                return self
-                    .shutdown_timed_out(
-                        &options,
-                        "the guest did not acknowledge the PV shutdown request in time (libxl \
-                         keeps waiting for it for up to 60 s; operations queue behind that)",
-                    )
-                    .await
+                let what = if options.mode == ShutdownMode::Agent {
+                    "the guest agent did not take the shutdown request in time (is qemu-ga \
+                     running on the PV channel?)"
+                } else {
+                    "the guest did not acknowledge the PV shutdown request in time (libxl \
+                     keeps waiting for it for up to 60 s; operations queue behind that)"
+                };
+                return self.shutdown_timed_out(&options, what).await;
             }
             Ok(Err(e)) => return Err(e),
         }
@@ -2350,11 +2495,19 @@ impl Domain for LibxlDomain {
                 let _ = tokio::time::timeout_at(deadline, next_end(&mut events)).await;
             });
         };
-        let requested = tokio::time::timeout_at(
-            deadline,
-            self.run_op(Operation::Reboot, move |d| d.reboot_request_blocking(hold)),
-        )
-        .await;
+        let requested = if mode == ShutdownMode::Agent {
+            tokio::time::timeout_at(
+                deadline,
+                self.agent_request(Operation::Reboot, Some(Box::new(hold))),
+            )
+            .await
+        } else {
+            tokio::time::timeout_at(
+                deadline,
+                self.run_op(Operation::Reboot, move |d| d.reboot_request_blocking(hold)),
+            )
+            .await
+        };
         let timed_out = |what: &str| Error::Timeout {
             operation: Operation::Reboot,
             after: timeout,
@@ -2362,6 +2515,12 @@ impl Domain for LibxlDomain {
         };
         match requested {
             Ok(r) => r?,
+            Err(_) if mode == ShutdownMode::Agent => {
+                return Err(timed_out(
+                    "the guest agent did not take the reboot request in time (is qemu-ga \
+                     running on the PV channel?)",
+                ))
+            }
             Err(_) => {
                 return Err(timed_out(
                     "the guest did not acknowledge the PV reboot request in time (libxl keeps \
@@ -2480,6 +2639,12 @@ impl Domain for LibxlDomain {
 
     fn backend_name(&self) -> &'static str {
         BACKEND
+    }
+
+    // The guest agent (§13): outside the operation queue, so a hung agent never holds up
+    // the domain's other operations.
+    async fn guest_agent(&self) -> Result<Arc<domkit_core::GuestAgent>> {
+        LibxlDomain::guest_agent(self).await
     }
 }
 

@@ -453,12 +453,10 @@ impl LibxlDriver {
     }
 
     /// The shutdown/reboot modes this backend does not support, with the reason (the core's
-    /// [`Capabilities`] can only list the supported ones).
+    /// [`Capabilities`] can only list the supported ones). The agent mode is supported for
+    /// domains with a guest agent channel (`unsupported` without one, per domain).
     pub fn unsupported_modes(&self) -> Vec<(ShutdownMode, &'static str)> {
-        vec![
-            (ShutdownMode::Acpi, crate::domain::UNSUPPORTED_ACPI),
-            (ShutdownMode::Agent, crate::domain::UNSUPPORTED_AGENT),
-        ]
+        vec![(ShutdownMode::Acpi, crate::domain::UNSUPPORTED_ACPI)]
     }
 
     /// A name or uuid taken on the host by a Xen domain that is not ours (left running by
@@ -510,18 +508,21 @@ impl Driver for LibxlDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        use crate::domain::{UNSUPPORTED_ACPI, UNSUPPORTED_AGENT, UNSUPPORTED_S4};
+        use crate::domain::{UNSUPPORTED_ACPI, UNSUPPORTED_S4};
         Capabilities {
             backend: BACKEND.into(),
             // Every operation exists; what does not is a mode or target of one, refused with
             // Error::Unsupported and the same reason.
             unsupported: BTreeMap::new(),
-            shutdown_modes: vec![ShutdownMode::Default, ShutdownMode::Paravirt],
+            // Agent: for domains with a guest agent channel (§13.6), as on QEMU.
+            shutdown_modes: vec![
+                ShutdownMode::Default,
+                ShutdownMode::Paravirt,
+                ShutdownMode::Agent,
+            ],
             unsupported_variants: [
                 ("shutdown:acpi", UNSUPPORTED_ACPI),
                 ("reboot:acpi", UNSUPPORTED_ACPI),
-                ("shutdown:agent", UNSUPPORTED_AGENT),
-                ("reboot:agent", UNSUPPORTED_AGENT),
                 ("pm_suspend:disk", UNSUPPORTED_S4),
             ]
             .into_iter()

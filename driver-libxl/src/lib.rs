@@ -99,13 +99,14 @@
 //! (`domkit_core::config::validate_name`: at most 64 bytes, no `/`), never through a shell.
 //!
 //! ## Unsupported
-//! ACPI and agent shutdown/reboot modes (PV/PVH guests have no ACPI power button; no agent
-//! client), `pm_suspend(disk)`, per-domain console log paths and more than one console
+//! ACPI shutdown/reboot modes (PV/PVH guests have no ACPI power button), the agent mode for a
+//! domain without a guest agent channel, `pm_suspend(disk)`, per-domain console log paths and more than one console
 //! (xenconsoled owns console 0), user-mode NICs, PVH on hosts without HVM capability,
 //! disk boot of PVH guests. Each returns `Error::Unsupported` with the reason.
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub(crate) mod agent;
 pub mod config;
 pub mod context;
 pub mod devices;
