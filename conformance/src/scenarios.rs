@@ -176,6 +176,9 @@ pub fn all<B: TestBackend>() -> Vec<Scenario<B>> {
         agent!(agent_shutdown_mode, "shutdown(mode agent, completed): guest-shutdown sends no reply; shutdown_requested(host), stopped(shutdown); guest_agent() then invalid_state (§6.3, §13.3)"),
         agent!(agent_reboot_mode, "reboot(mode agent): exactly one rebooted, a new boot id, the same client resyncs with the new agent (§6.4, §13.3)"),
         agent!(agent_lifecycle_events, "agent_connected at boot; agent stopped and started in the guest: agent_disconnected, agent_connected; calls meanwhile typed and bounded; destroy: agent_disconnected then stopped (§13.4)"),
+        agent!(agent_concurrent_calls, "8 callers at once on the one client: each gets its own guest-sync id and guest-exec output; pause/resume meanwhile not held up (§6.0, §13.5)"),
+        agent!(agent_cancelled_calls, "40 calls dropped at 0-2 ms: the next calls get their own replies, never a dropped one's; guest-exec works (§6.0, §13.5)"),
+        agent!(agent_backend_killed, "backend killed out of band during agent calls: each ends typed within its timeout, stopped with the §10 reason, guest_agent() then invalid_state (§10, §13.5)"),
         agent!(agent_hostile, "the guest's agent replaced by a flooding (garbage, 0xFF, fake replies, endless lines) and a silent program: every call typed within its timeout, memory bounded, pause/resume and another domain unaffected, resync after (§13.5)"),
     ]
 }

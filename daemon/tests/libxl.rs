@@ -3,8 +3,9 @@
 //! (run by `xen-host/run-daemon-tests.sh`), with the harness's PV domU (`xen-host/domu/init`).
 //! Ignored elsewhere: they need a Xen dom0 (`--ignored` runs them).
 //!
-//! - `libxl_every_verb`: define, list, start, domstate, dominfo, suspend, resume, save,
-//!   restore, reboot, shutdown, destroy, undefine and the event history, by the CLI; errors
+//! - `libxl_every_verb`: define, list, start (and `--paused`), domstate, dominfo, agent,
+//!   console, suspend, resume, save (with a second client answered meanwhile), restore,
+//!   reboot, shutdown, reset, destroy, undefine and the event history, by the CLI; errors
 //!   with their documented exit codes.
 //! - `libxl_daemon_killed_mid_save` / `_mid_shutdown`: domkitd SIGKILLed once the operation
 //!   is on record in the domain's durable status; the caller fails instead of hanging, the
@@ -151,7 +152,12 @@ fn libxl_every_verb() {
     assert!(err.contains("memory_mib = 1 is too small"), "{err}");
 
     let config = daemon.dirs.root.path().join("xd1.toml");
-    std::fs::write(&config, domu_toml("xd1")).unwrap();
+    // With the guest agent on its PV channel (qemu-ga in the domU, §13.6).
+    std::fs::write(
+        &config,
+        domu_toml("xd1") + "\n[[channels]]\nkind = \"guest_agent\"\n",
+    )
+    .unwrap();
     assert!(cli_ok(&sock, &["define", &config.display().to_string()]).contains("defined"));
     assert!(cli_ok(&sock, &["list", "--all"]).contains("xd1"));
     let (code, _, err) = cli(&sock, &["resume", "xd1"]);
@@ -169,6 +175,22 @@ fn libxl_every_verb() {
         serde_json::from_str(&cli_ok(&sock, &["dominfo", "xd1", "--json"])).unwrap();
     assert_eq!(info["backend"], "libxl", "{info}");
     let boot1 = guest_boot_id("xd1", BOOT);
+    // The guest agent passthrough (`virsh qemu-agent-command`): qemu-ga starts after the
+    // guest's report loop, so ask until it answers.
+    let ping = r#"{"execute":"guest-ping"}"#;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, out, err) = cli(&sock, &["agent", "xd1", ping, "--json", "--timeout", "10"]);
+        if code == 0 {
+            assert_eq!(out.trim(), r#"{"return":{}}"#);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the domU's agent never answered: {code} {out}{err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // The PV console (xenconsoled's pty, hvc0 in the guest, where a shell runs).
     common::console_runs_a_command(&sock, "xd1");
 

@@ -970,3 +970,141 @@ pub(super) async fn agent_hostile<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> S
     let _ = ctx.driver().list().await?;
     Ok(())
 }
+
+// ---- the agent under concurrency, cancellation and a killed backend (§6.0, §13.5) ----
+
+/// Eight callers at once on the domain's one client: each gets its own answer (the channel
+/// serves one command at a time; none takes another's reply), and the domain's own
+/// operations go on meanwhile.
+pub(super) async fn agent_concurrent_calls<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, _watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let agent = agent_of(&domain).await?;
+    until_answers(&agent, Duration::from_secs(60)).await?;
+    let calls = (0..8i64).map(|i| {
+        let agent = agent.clone();
+        async move {
+            let id = agent.guest_sync(4_000 + i).await;
+            let out = guest_ok(&agent, &format!("echo dk-caller-{i}")).await;
+            (i, id, out)
+        }
+    });
+    let (results, paused) = tokio::join!(futures::future::join_all(calls), async {
+        // A domain operation while the agent is busy: not held up by it (§13.5).
+        let r = domain.pause().await;
+        let r2 = domain.resume().await;
+        r.and(r2)
+    });
+    paused?;
+    for (i, id, out) in results {
+        let id = ag("guest-sync", id)?;
+        check(id == 4_000 + i, || {
+            format!("caller {i}'s guest-sync got {id}, another caller's reply")
+        })?;
+        let out = out?;
+        check(out.trim() == format!("dk-caller-{i}"), || {
+            format!("caller {i}'s guest-exec printed {out:?}")
+        })?;
+    }
+    domain.destroy().await?;
+    Ok(())
+}
+
+/// Calls dropped at every point of their exchange (futures cancelled after 0 to ~2 ms): the
+/// next call gets its own reply, never a dropped one's (§13.5: a resync after a cut call).
+pub(super) async fn agent_cancelled_calls<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, _watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let agent = agent_of(&domain).await?;
+    until_answers(&agent, Duration::from_secs(60)).await?;
+    let mut cut = 0;
+    for i in 0..40u64 {
+        let after = Duration::from_micros((i * 53) % 2_000);
+        if tokio::time::timeout(after, agent.guest_sync(10_000 + i as i64))
+            .await
+            .is_err()
+        {
+            cut += 1;
+        }
+    }
+    check(cut > 0, || {
+        "no call was cut: the scenario tested nothing".into()
+    })?;
+    for n in [777i64, 778] {
+        let id = ag("guest-sync after the cut calls", agent.guest_sync(n).await)?;
+        check(id == n, || {
+            format!("guest-sync({n}) got {id}: a dropped call's reply")
+        })?;
+    }
+    let out = guest_ok(&agent, "echo dk-$((6*7))").await?;
+    check(out.trim() == "dk-42", || {
+        format!("guest-exec printed {out:?}")
+    })?;
+    expect_exact_state(&domain, DomainState::Running(RunningReason::Booted))?;
+    domain.destroy().await?;
+    Ok(())
+}
+
+/// The backend killed behind the driver's back while agent calls are in flight: every call
+/// ends with a typed error within its timeout, the domain is shut off with the §10 reason,
+/// and `guest_agent()` is then `invalid_state`.
+pub(super) async fn agent_backend_killed<B: TestBackend>(ctx: &ScenarioCtx<'_, B>) -> Step {
+    let (domain, mut watch) = ctx.boot("a", GuestOptions::default()).await?;
+    let agent = agent_of(&domain).await?;
+    until_answers(&agent, Duration::from_secs(60)).await?;
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = agent.info().await {
+                        return e;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reason = hook(
+        "out-of-band kill",
+        ctx.backend.kill_out_of_band(&domain).await,
+    )?;
+    let bound = agent.options().command_timeout + Duration::from_secs(10);
+    for c in callers {
+        match tokio::time::timeout(bound, c).await {
+            Ok(Ok(
+                AgentError::Disconnected
+                | AgentError::NotConnected { .. }
+                | AgentError::Io(_)
+                | AgentError::Timeout { .. },
+            )) => {}
+            Ok(Ok(e)) => return fail(format!("a call cut by the kill: unexpected {e}")),
+            Ok(Err(e)) => return fail(format!("a caller task failed: {e}")),
+            Err(_) => {
+                return fail(format!(
+                    "a call cut by the kill still waits after {bound:?}"
+                ))
+            }
+        }
+    }
+    // The agent's leave may be reported before the stop (§13.4); nothing else.
+    let detail = domkit_core::lifecycle::stopped_detail(reason);
+    let got: Vec<EventKind> = watch
+        .collect_quiet(QUIET)
+        .await?
+        .into_iter()
+        .filter(|k| !matches!(k, E::AgentDisconnected))
+        .collect();
+    check(got == [E::Stopped(detail)], || {
+        format!(
+            "events after the kill: {}, want [{}]",
+            kinds_list(&got),
+            E::Stopped(detail)
+        )
+    })?;
+    match domain.guest_agent().await {
+        Err(Error::InvalidState { .. }) => Ok(()),
+        other => fail(format!(
+            "guest_agent() of the killed domain: want invalid_state, got {:?}",
+            other.map(|_| "a client")
+        )),
+    }
+}
