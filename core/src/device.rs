@@ -197,6 +197,19 @@ impl Default for DetachOptions {
     }
 }
 
+/// Three bytes of a hash (FNV-1a: stable across Rust versions, std's hasher is not) of a
+/// domain's uuid and a device id: the device part of a generated MAC, the same at every
+/// start and different between domains. Each backend puts its own prefix before it.
+pub fn stable_mac_suffix(uuid: uuid::Uuid, id: &DeviceId) -> [u8; 3] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in uuid.as_bytes().iter().chain(id.as_str().as_bytes()) {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [b[1], b[2], b[3]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,15 +50,9 @@ pub struct XenDeviceSet {
 /// MACs use) and three bytes of an FNV-1a hash of the domain's uuid and the device id, so
 /// that it is the same at every start and differs between domains.
 pub fn default_mac(uuid: Uuid, id: DeviceId) -> String {
-    // FNV-1a: stable across Rust versions (std's hasher is not).
-    let mut h: u32 = 0x811c_9dc5;
-    for b in uuid.as_bytes().iter().chain(id.as_str().as_bytes()) {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let b = h.to_be_bytes();
+    let b = domkit_core::device::stable_mac_suffix(uuid, &id);
     // The top bit of the fourth byte is cleared: libxl's random MACs keep it clear too.
-    format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[1] & 0x7f, b[2], b[3])
+    format!("00:16:3e:{:02x}:{:02x}:{:02x}", b[0] & 0x7f, b[1], b[2])
 }
 
 impl XenDeviceSet {

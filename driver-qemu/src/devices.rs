@@ -84,14 +84,8 @@ pub struct DeviceSet {
 /// the domain's uuid and the device id, so that it is stable across starts and differs
 /// between domains.
 pub fn default_mac(uuid: Uuid, id: DeviceId) -> String {
-    // FNV-1a: stable across Rust versions (std's hasher is not).
-    let mut h: u32 = 0x811c_9dc5;
-    for b in uuid.as_bytes().iter().chain(id.as_str().as_bytes()) {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let b = h.to_be_bytes();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+    let b = domkit_core::device::stable_mac_suffix(uuid, &id);
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
 impl DeviceSet {
