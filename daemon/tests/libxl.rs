@@ -340,13 +340,7 @@ fn killed_mid(mid: Mid) {
     let uuid = info["uuid"].as_str().expect("uuid").to_string();
     let s0 = info["seq"].as_u64().expect("seq");
     // A CLI client follows the domain's events across the kill (`event --loop`).
-    let opened = daemon.log_text().matches("event stream opened").count();
-    let mut follower = Follower::spawn(&sock, name, daemon.dirs.root.path());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while daemon.log_text().matches("event stream opened").count() <= opened {
-        assert!(Instant::now() < deadline, "the follower never subscribed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut follower = Follower::subscribed(&daemon, name, Duration::from_secs(60));
     let status = daemon
         .dirs
         .state()

@@ -146,16 +146,8 @@ async fn follow_across_kills(mid: Mid) {
     }
     let mut c = daemon.client().await;
     let s0 = seq_of(&mut c, "rs1").await;
-    // Each `domkit event` opens a stream, the replays above included: the follower's is
-    // the next one.
-    let opened = daemon.log_text().matches("event stream opened").count();
-    let mut follower = Follower::spawn(&sock, "rs1", daemon.dirs.root.path());
     // Subscribed (live: it takes the current seq first, then opens the stream).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while daemon.log_text().matches("event stream opened").count() <= opened {
-        assert!(Instant::now() < deadline, "the follower never subscribed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut follower = Follower::subscribed(&daemon, "rs1", Duration::from_secs(30));
 
     // Phase 1: a kill between operations. Nothing happens while no daemon runs: the
     // resumed stream has no gap.

@@ -435,6 +435,20 @@ impl Follower {
         Follower { child, out, err }
     }
 
+    /// [`Follower::spawn`] against `daemon`, returning once its live stream is open (each
+    /// `domkit event` opens one, earlier replays included: the follower's is the next one),
+    /// at most `within`.
+    pub fn subscribed(daemon: &Daemon, domain: &str, within: Duration) -> Follower {
+        let opened = daemon.log_text().matches("event stream opened").count();
+        let follower = Follower::spawn(&daemon.socket, domain, daemon.dirs.root.path());
+        let deadline = Instant::now() + within;
+        while daemon.log_text().matches("event stream opened").count() <= opened {
+            assert!(Instant::now() < deadline, "the follower never subscribed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        follower
+    }
+
     pub fn entries(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
