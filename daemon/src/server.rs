@@ -114,16 +114,14 @@ impl DaemonCore {
 /// oldest kept one when some are gone), without waiting for more.
 fn kept_events<D: Domain>(domain: &D, after: u64, upto: u64) -> Vec<DomainEvent> {
     let stream = match domain.subscribe_from(after) {
-        Ok(stream) => stream,
         Err(Error::EventsLost { resumed_at, .. }) => {
-            match domain.subscribe_from(resumed_at.saturating_sub(1)) {
-                Ok(stream) => stream,
-                Err(_) => return Vec::new(),
-            }
+            domain.subscribe_from(resumed_at.saturating_sub(1))
         }
-        Err(_) => return Vec::new(),
+        other => other,
     };
-    let mut stream = stream;
+    let Ok(mut stream) = stream else {
+        return Vec::new();
+    };
     let mut kept = Vec::new();
     while let Some(Some(ev)) = stream.next().now_or_never() {
         if ev.seq > upto {
